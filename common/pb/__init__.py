@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/llmcluster/v1 (see common/protogen.py)."""

@@ -1,0 +1,5 @@
+import sys
+
+from llmcluster.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""Validation of requests, shared by the router and the worker servicers.
+
+Converts protobuf to plain dataclasses and raises :class:`common.errors.InvalidArgument`
+with a message naming the offending field. The worker adds what needs the model
+(prompt length after tokenisation, model and adapter existence).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from common.errors import InvalidArgument
+from common.pb import generate_pb2
+
+DEFAULT_MAX_NEW_TOKENS = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 128
+MAX_REQUEST_ID_LENGTH = 128
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Names of adapters, models in the store, and fine-tune outputs: no path separators,
+# no "..", a fixed charset (the store builds folder names from them).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^(latest|[1-9][0-9]{0,8})$")
+
+
+def check_name(value: str, what: str) -> str:
+    """Raises InvalidArgument unless ``value`` is a safe store name."""
+    if not NAME_RE.match(value) or ".." in value:
+        raise InvalidArgument(
+            f"{what} {value!r} is not a valid name: use 1-64 of [A-Za-z0-9._-], "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+def parse_adapter_ref(ref: str) -> tuple[str, str]:
+    """Splits ``name`` / ``name@version`` / ``name@latest`` into (name, version)."""
+    name, _, version = ref.partition("@")
+    check_name(name, "adapter")
+    version = version or "latest"
+    if not VERSION_RE.match(version):
+        raise InvalidArgument(f"adapter version {version!r} must be a positive integer or 'latest'")
+    return name, version
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Server-side bounds a request is checked against."""
+
+    max_new_tokens_limit: int = 2048
+    max_context_tokens: int = 8192
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Plain, validated sampling parameters (the engine never sees protobuf)."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_pb(cls, pb: generate_pb2.SamplingParams, limits: GenerationLimits) -> SamplingParams:
+        """Validates and converts; raises InvalidArgument naming the field."""
+        if pb.HasField("max_new_tokens"):
+            max_new = pb.max_new_tokens
+        else:
+            max_new = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens_limit)
+        if max_new < 1 or max_new > limits.max_new_tokens_limit:
+            raise InvalidArgument(
+                f"params.max_new_tokens must be in [1, {limits.max_new_tokens_limit}], got {max_new}"
+            )
+        temperature = float(pb.temperature)
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument(f"params.temperature must be >= 0, got {temperature}")
+        top_p = float(pb.top_p) if pb.HasField("top_p") else 1.0
+        if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+            raise InvalidArgument(f"params.top_p must be in (0, 1], got {top_p}")
+        penalty = float(pb.repetition_penalty) if pb.HasField("repetition_penalty") else 1.0
+        if not math.isfinite(penalty) or penalty <= 0:
+            raise InvalidArgument(f"params.repetition_penalty must be > 0, got {penalty}")
+        if pb.logprobs > MAX_LOGPROBS:
+            raise InvalidArgument(
+                f"params.logprobs must be in [0, {MAX_LOGPROBS}], got {pb.logprobs}"
+            )
+        stops = tuple(pb.stop)
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidArgument(
+                f"params.stop has {len(stops)} strings; at most {MAX_STOP_STRINGS}"
+            )
+        for i, s in enumerate(stops):
+            if not s or len(s) > MAX_STOP_LENGTH:
+                raise InvalidArgument(
+                    f"params.stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters, got {len(s)}"
+                )
+        return cls(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=int(pb.top_k),
+            repetition_penalty=penalty,
+            seed=pb.seed if pb.HasField("seed") else None,
+            stop=stops,
+            logprobs=int(pb.logprobs),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A validated GenerateRequest in plain form."""
+
+    request_id: str
+    model: str
+    adapter: str  # "" = base model; else "name@version" / "name@latest"
+    prompt: str | None
+    messages: tuple[tuple[str, str], ...] = field(default=())
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+def generation_spec_from_pb(
+    req: generate_pb2.GenerateRequest, limits: GenerationLimits
+) -> GenerationSpec:
+    """Validates every field of a GenerateRequest that needs no model."""
+    if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
+    if req.prompt and len(req.messages):
+        raise InvalidArgument("set either prompt or messages, not both")
+    if not req.prompt and not len(req.messages):
+        raise InvalidArgument("prompt is empty: set prompt or messages")
+    messages: list[tuple[str, str]] = []
+    for i, m in enumerate(req.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role must be one of {CHAT_ROLES}, got {m.role!r}")
+        if not m.content:
+            raise InvalidArgument(f"messages[{i}].content is empty")
+        messages.append((m.role, m.content))
+    adapter = ""
+    if req.adapter:
+        name, version = parse_adapter_ref(req.adapter)
+        adapter = f"{name}@{version}"
+    return GenerationSpec(
+        request_id=req.request_id,
+        model=req.model,
+        adapter=adapter,
+        prompt=req.prompt or None,
+        messages=tuple(messages),
+        params=SamplingParams.from_pb(req.params, limits),
+    )

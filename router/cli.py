@@ -1,0 +1,38 @@
+"""``llmcluster router``: the public endpoint over a static list of workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from common.config import add_arguments, from_arguments
+from router.config import RouterConfig
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds the ``router`` subcommand (flags derived from RouterConfig)."""
+    parser = subparsers.add_parser(
+        "router",
+        help="run the router: load balancing and coalescing over workers",
+        description="Serve the public Generate API, balancing requests over workers "
+        "and coalescing them into batches on one link per worker.",
+    )
+    add_arguments(parser, RouterConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of the subcommand."""
+    try:
+        config = from_arguments(RouterConfig, args)
+    except ValueError as exc:
+        logger.error("invalid router configuration: %s", exc)
+        return 2
+    # Local import: keeps `llmcluster router --help` light.
+    from router.server import serve
+
+    asyncio.run(serve(config))
+    return 0

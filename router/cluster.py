@@ -1,0 +1,240 @@
+"""The router's view of the cluster: links to workers, admission, routing with failover.
+
+:class:`Cluster` keeps one :class:`~router.link.WorkerLink` per worker address
+(``set_workers`` may change the list at runtime: the static registry calls it once,
+a discovery watch calls it on every change), bounds the requests the router holds
+(``max_queue``), asks the policy for a worker and re-routes a request whose worker
+failed before it produced a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from common.errors import RequestError, ResourceExhausted, Unavailable
+from common.pb import generate_pb2
+from common.validation import GenerationLimits, generation_spec_from_pb
+from router.config import RouterConfig
+from router.link import Delta, Failed, Finished, LinkRequest, LinkStats, WorkerLink
+from router.policy import LeastOutstandingPolicy, Policy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterStats:
+    """Counters of the router: what it admitted, refused and sent over its links."""
+
+    admitted: int = 0
+    refused_queue_full: int = 0
+    rerouted: int = 0
+    in_flight: int = 0
+    batches_sent: int = 0
+    requests_sent: int = 0
+    links: dict[str, LinkStats] = field(default_factory=dict)
+
+
+@dataclass
+class Routed:
+    """Where the request currently is: the link and its id there (for metadata/tests)."""
+
+    link: WorkerLink | None = None
+    request: LinkRequest | None = None
+    attempts: int = 0
+
+
+class Cluster:
+    """Links, admission and routing (see module docstring)."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        policy: Policy | None = None,
+        on_health_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy or LeastOutstandingPolicy(seed=config.seed)
+        self.on_health_change = on_health_change
+        self.links: dict[str, WorkerLink] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._stats = RouterStats()
+        self._last_healthy: bool | None = None
+
+    # ---- discovery --------------------------------------------------------------------
+
+    def set_workers(self, addresses: Iterable[str]) -> None:
+        """Makes the set of workers exactly ``addresses``: new ones get a link, removed
+        ones stop taking requests and close once theirs finish (or after grace_s)."""
+        wanted = list(dict.fromkeys(a.strip() for a in addresses if a.strip()))
+        for address in wanted:
+            if address not in self.links:
+                link = WorkerLink(
+                    address,
+                    coalesce_window_s=self.config.coalesce_window_ms / 1000.0,
+                    max_batch=self.config.max_batch,
+                    reconnect_initial_s=self.config.reconnect_initial_s,
+                    reconnect_max_s=self.config.reconnect_max_s,
+                    connect_timeout_s=self.config.connect_timeout_s,
+                    on_change=self._health_changed,
+                )
+                self.links[address] = link
+                link.start()
+                logger.info("worker %s added", address)
+        for address in [a for a in self.links if a not in wanted]:
+            link = self.links.pop(address)
+            self._stats.links[address] = link.stats
+            task = asyncio.get_running_loop().create_task(link.close(self.config.grace_s))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+            logger.info("worker %s removed", address)
+        self._health_changed()
+
+    async def wait_ready(self, timeout_s: float, count: int = 1) -> bool:
+        """Waits until ``count`` workers are healthy (tests, start-up)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.healthy_count() >= count:
+                return True
+            await asyncio.sleep(0.05)
+        return self.healthy_count() >= count
+
+    def healthy_count(self) -> int:
+        return sum(1 for link in self.links.values() if link.healthy)
+
+    def healthy_links(self) -> list[WorkerLink]:
+        return [link for link in self.links.values() if link.healthy]
+
+    async def close(self) -> None:
+        """Closes every link after up to ``grace_s`` for running requests."""
+        links = list(self.links.values())
+        self.links.clear()
+        await asyncio.gather(*(link.close(self.config.grace_s) for link in links), *self._retired)
+
+    def stats(self) -> RouterStats:
+        """A snapshot of the counters (coalescing shows as batches_sent < requests_sent)."""
+        s = self._stats
+        links = {**s.links, **{a: link.stats for a, link in self.links.items()}}
+        return RouterStats(
+            admitted=s.admitted,
+            refused_queue_full=s.refused_queue_full,
+            rerouted=s.rerouted,
+            in_flight=self._in_flight,
+            batches_sent=sum(ls.batches_sent for ls in links.values()),
+            requests_sent=sum(ls.requests_sent for ls in links.values()),
+            links={a: LinkStats(**vars(ls)) for a, ls in links.items()},
+        )
+
+    def validate(self, request: generate_pb2.GenerateRequest) -> None:
+        """Cheap checks before routing (the worker re-checks with the model at hand);
+        raises InvalidArgument with the same messages a worker would give."""
+        infos = [link.info for link in self.links.values() if link.info is not None]
+        # Lenient bounds: the largest any worker accepts; the chosen worker has the
+        # final word (its Rejected status and message reach the client unchanged).
+        limits = GenerationLimits(
+            max_new_tokens_limit=max((i.max_new_tokens_limit for i in infos), default=0) or 1 << 30,
+            max_context_tokens=max((i.max_context_tokens for i in infos), default=0) or 1 << 30,
+        )
+        generation_spec_from_pb(request, limits)
+
+    def _health_changed(self) -> None:
+        healthy = self.healthy_count() > 0
+        if healthy != self._last_healthy:
+            self._last_healthy = healthy
+            logger.info("router health: %s", "SERVING" if healthy else "NOT_SERVING")
+            if self.on_health_change is not None:
+                self.on_health_change(healthy)
+
+    # ---- requests ---------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request: generate_pb2.GenerateRequest,
+        *,
+        deadline_unix_ms: int = 0,
+        trace_context: Mapping[str, str] | None = None,
+        routed: Routed | None = None,
+    ) -> AsyncGenerator[Delta | Finished, None]:
+        """Yields the request's deltas and then its Finished; raises RequestError.
+
+        Admission happens at the first ``__anext__``; close the generator (``aclosing``)
+        when the caller goes away so the worker gets a Cancel.
+        """
+        if self._in_flight >= self.config.max_queue:
+            self._stats.refused_queue_full += 1
+            raise ResourceExhausted(
+                f"router queue is full ({self._in_flight} requests, max_queue="
+                f"{self.config.max_queue}); retry later"
+            )
+        self._in_flight += 1
+        self._stats.admitted += 1
+        routed = routed if routed is not None else Routed()
+        tried: set[str] = set()
+        last_error: RequestError | None = None
+        lr: LinkRequest | None = None
+        link: WorkerLink | None = None
+        try:
+            while routed.attempts < self.config.max_attempts:
+                link = self._choose(request, tried, last_error)
+                tried.add(link.address)
+                routed.attempts += 1
+                if routed.attempts > 1:
+                    self._stats.rerouted += 1
+                try:
+                    lr = link.submit(
+                        request, deadline_unix_ms=deadline_unix_ms, trace_context=trace_context
+                    )
+                except Unavailable as exc:
+                    last_error = exc
+                    continue
+                routed.link, routed.request = link, lr
+                delivered = 0
+                while True:
+                    event = await lr.events.get()
+                    if isinstance(event, Delta):
+                        delivered += len(event.tokens)
+                        yield event
+                    elif isinstance(event, Finished):
+                        lr = None
+                        yield event
+                        return
+                    else:
+                        assert isinstance(event, Failed)
+                        lr = None
+                        if event.retryable and delivered == 0:
+                            logger.info(
+                                "re-routing request from %s: %s", link.address, event.message
+                            )
+                            last_error = RequestError(event.message, event.code)
+                            break
+                        message = event.message
+                        if event.code == grpc.StatusCode.UNAVAILABLE:
+                            message += f"; {delivered} tokens were delivered before it failed"
+                        raise RequestError(message, event.code)
+            assert last_error is not None
+            raise last_error
+        finally:
+            self._in_flight -= 1
+            if lr is not None and link is not None:
+                # The caller went away (cancel or deadline): free the worker's slot.
+                expired = deadline_unix_ms and time.time() * 1000 >= deadline_unix_ms
+                link.cancel(lr, "deadline exceeded" if expired else "client cancelled")
+
+    def _choose(
+        self,
+        request: generate_pb2.GenerateRequest,
+        tried: set[str],
+        last_error: RequestError | None,
+    ) -> WorkerLink:
+        candidates = [link.snapshot() for a, link in self.links.items() if a not in tried]
+        if tried and not any(w.healthy for w in candidates) and last_error is not None:
+            # Every worker that could take it has failed it: the client sees why.
+            raise last_error
+        chosen = self.policy.choose(request.model, request.adapter, candidates)
+        return self.links[chosen.address]

@@ -1,0 +1,59 @@
+"""Configuration of the router process; its CLI flags are derived from :class:`RouterConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import field
+
+
+@dataclass
+class RouterConfig:
+    """Settings of ``llmcluster router``: listen address, workers, coalescing, admission."""
+
+    host: str = field("0.0.0.0", help="address the public gRPC server binds")
+    port: int = field(50050, help="port of the public gRPC server")
+    workers: list[str] = field(
+        default_factory=list, help="worker addresses host:port (the static registry)"
+    )
+    coalesce_window_ms: float = field(
+        2.0,
+        help="requests bound for one worker within this window leave as one SubmitBatch "
+        "(0 sends whatever is queued at once)",
+    )
+    max_batch: int = field(64, help="most requests in one SubmitBatch")
+    max_queue: int = field(
+        1024,
+        help="most requests the router holds at once (waiting, queued or running on "
+        "workers); above it new requests get RESOURCE_EXHAUSTED at once",
+    )
+    max_attempts: int = field(
+        3, help="workers one request is offered to before its last error is returned"
+    )
+    reconnect_initial_s: float = field(0.1, help="first delay before reconnecting a broken link")
+    reconnect_max_s: float = field(5.0, help="longest delay between reconnect attempts")
+    connect_timeout_s: float = field(
+        5.0, help="bound on one health check / Info call while (re)connecting a worker"
+    )
+    grace_s: float = field(5.0, help="on SIGTERM, how long running streams may take to finish")
+    seed: int | None = field(None, help="seed of the balancing policy's RNG (tests)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.coalesce_window_ms < 0:
+            raise ValueError(f"coalesce_window_ms must be >= 0, got {self.coalesce_window_ms}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not 0 < self.reconnect_initial_s <= self.reconnect_max_s:
+            raise ValueError(
+                "need 0 < reconnect_initial_s <= reconnect_max_s, got "
+                f"{self.reconnect_initial_s} and {self.reconnect_max_s}"
+            )
+        for address in self.workers:
+            if ":" not in address:
+                raise ValueError(f"worker address must be host:port, got {address!r}")

@@ -1,0 +1,469 @@
+"""Training data: parse JSONL (or in-memory dicts), clean, split, tokenise, batch.
+
+Three row shapes are accepted, one per row:
+
+- ``{"prompt": ..., "completion": ...}``: the prompt is context (masked out of the loss),
+  the completion is learned, followed by the tokenizer's EOS so the model learns to stop;
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's
+  chat template; assistant turns are learned, everything else is masked;
+- ``{"text": ...}``: learned in full.
+
+Parsing needs no torch (the worker validates a dataset up front, before a job starts);
+only :func:`collate` imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of tokens that do not count in the loss (torch CE default)
+ROLES = ("system", "user", "assistant", "tool")
+_SHAPE_FIELDS = ("prompt", "completion", "messages", "text")
+
+
+class DatasetError(ValueError):
+    """A malformed or unusable dataset; the message names the line (or example) and field."""
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.line = line
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Example:
+    """One cleaned example. ``kind`` is "completion", "messages" or "text"."""
+
+    kind: str
+    prompt: str = ""
+    completion: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content)
+    text: str = ""
+    where: str = ""  # "line 3" / "example 3": where it came from, for error messages
+
+    def key(self) -> str:
+        """Identity used for de-duplication."""
+        return json.dumps([self.kind, self.prompt, self.completion, self.messages, self.text])
+
+    def learned_text(self) -> str:
+        """The part of the example the model learns."""
+        if self.kind == "completion":
+            return self.completion
+        if self.kind == "messages":
+            return "".join(c for r, c in self.messages if r == "assistant")
+        return self.text
+
+
+@dataclass
+class DataStats:
+    """What cleaning did, for the job's log and metadata."""
+
+    rows: int = 0
+    empty: int = 0
+    too_short: int = 0
+    duplicates: int = 0
+    truncated: int = 0
+    no_learned_tokens: int = 0
+    train: int = 0
+    eval: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.rows} rows: {self.train} train, {self.eval} eval; dropped {self.empty} empty, "
+            f"{self.too_short} too short, {self.duplicates} duplicates, "
+            f"{self.no_learned_tokens} with nothing left to learn after truncation; "
+            f"{self.truncated} truncated"
+        )
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids and labels (IGNORE_INDEX where masked) of equal length."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def learned_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class PreparedData:
+    """Tokenised train and eval splits plus cleaning statistics."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    stats: DataStats = field(default_factory=DataStats)
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenised splits: a resumed run refuses different data."""
+        h = hashlib.sha256()
+        for split in (self.train, self.eval):
+            for ex in split:
+                h.update(json.dumps([ex.input_ids, ex.labels]).encode())
+            h.update(b"|")
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _where(index: int, source: str) -> str:
+    return f"{source} {index}"
+
+
+def _string_field(row: Mapping[str, Any], name: str, where: str, index: int) -> str:
+    value = row.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DatasetError(
+            f"{where}: field '{name}' must be a string, got {type(value).__name__}",
+            line=index,
+            field=name,
+        )
+    return value
+
+
+def _parse_messages(value: Any, where: str, index: int) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list):
+        raise DatasetError(
+            f"{where}: field 'messages' must be a list of {{role, content}} objects, "
+            f"got {type(value).__name__}",
+            line=index,
+            field="messages",
+        )
+    out = []
+    for i, msg in enumerate(value):
+        name = f"messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise DatasetError(
+                f"{where}: field '{name}' must be an object with 'role' and 'content'",
+                line=index,
+                field=name,
+            )
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise DatasetError(
+                f"{where}: field '{name}.role' must be one of {', '.join(ROLES)}, got {role!r}",
+                line=index,
+                field=f"{name}.role",
+            )
+        if not isinstance(content, str):
+            raise DatasetError(
+                f"{where}: field '{name}.content' must be a string, got {type(content).__name__}",
+                line=index,
+                field=f"{name}.content",
+            )
+        # Surrounding whitespace of a turn is noise: the chat template adds the separators.
+        out.append((role, content.strip()))
+    if out and not any(r == "assistant" for r, _ in out):
+        raise DatasetError(
+            f"{where}: field 'messages' has no assistant turn to learn",
+            line=index,
+            field="messages",
+        )
+    return tuple(out)
+
+
+def parse_row(row: Any, index: int, source: str = "line") -> Example | None:
+    """Validates one row; returns None for a row with nothing in it (dropped as empty).
+
+    Empty strings and lists count as unset, so rows converted from protobuf (where every
+    field is present) are read by the fields that carry something.
+    """
+    where = _where(index, source)
+    if not isinstance(row, Mapping):
+        raise DatasetError(
+            f"{where}: expected a JSON object, got {type(row).__name__}", line=index, field=None
+        )
+    if not any(k in row for k in _SHAPE_FIELDS):
+        raise DatasetError(
+            f"{where}: needs 'prompt' and 'completion', 'messages', or 'text' "
+            f"(found {', '.join(sorted(map(str, row))) or 'no fields'})",
+            line=index,
+            field=None,
+        )
+    # Whitespace: leading space of a prompt and trailing space of a completion are noise;
+    # the prompt's trailing separator ("A:" vs "A:\n") and the completion's leading space
+    # are what the model sees at inference, so they are kept.
+    prompt = _string_field(row, "prompt", where, index).lstrip()
+    completion = _string_field(row, "completion", where, index).rstrip()
+    text = _string_field(row, "text", where, index).strip()
+    raw_messages = row.get("messages")
+    messages = () if raw_messages in (None, []) else _parse_messages(raw_messages, where, index)
+
+    shapes = [
+        name
+        for name, present in (
+            ("prompt/completion", bool(prompt.strip() or completion.strip())),
+            ("messages", bool(messages)),
+            ("text", bool(text)),
+        )
+        if present
+    ]
+    if len(shapes) > 1:
+        raise DatasetError(
+            f"{where}: fields of more than one shape are set ({' and '.join(shapes)}); "
+            "use exactly one",
+            line=index,
+            field=shapes[1].split("/")[0],
+        )
+    if not shapes:
+        return None
+    if shapes[0] == "messages":
+        return Example("messages", messages=messages, where=where)
+    if shapes[0] == "text":
+        return Example("text", text=text, where=where)
+    return Example("completion", prompt=prompt, completion=completion, where=where)
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; invalid JSON raises DatasetError."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DatasetError(
+                    f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})",
+                    line=number,
+                    field=None,
+                ) from None
+    return rows
+
+
+def parse_jsonl_text(text: str) -> list[tuple[int, Any]]:
+    """Like :func:`read_jsonl` for a dataset passed inline as a string."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(
+                f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})",
+                line=number,
+                field=None,
+            ) from None
+    return rows
+
+
+def load_examples(
+    source: str | Path | Sequence[Mapping[str, Any]],
+    *,
+    min_chars: int = 1,
+    stats: DataStats | None = None,
+) -> list[Example]:
+    """Parses and cleans a dataset: a JSONL path or a list of dicts (inline examples).
+
+    Cleaning drops rows whose learned part is empty or shorter than ``min_chars``
+    characters, and exact duplicates (the first copy is kept). Errors name the line
+    (JSONL) or the 1-based example index (lists). Raises DatasetError if nothing is left.
+    """
+    stats = stats if stats is not None else DataStats()
+    if isinstance(source, (str, Path)):
+        rows = read_jsonl(source)
+        label = "line"
+    else:
+        rows = list(enumerate(source, start=1))
+        label = "example"
+    stats.rows = len(rows)
+    seen: set[str] = set()
+    examples: list[Example] = []
+    for index, row in rows:
+        example = parse_row(row, index, label)
+        if example is None or not example.learned_text().strip():
+            stats.empty += 1
+            continue
+        if len(example.learned_text().strip()) < min_chars:
+            stats.too_short += 1
+            continue
+        key = example.key()
+        if key in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(key)
+        examples.append(example)
+    if not examples:
+        raise DatasetError(f"dataset is empty after cleaning ({stats.rows} rows read)")
+    return examples
+
+
+def split_examples(
+    examples: Sequence[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Shuffles with ``seed`` and holds out ``eval_fraction`` (at least one example when the
+    fraction is > 0 and two or more examples exist; the train split is never empty)."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(order) * eval_fraction)
+    if eval_fraction > 0 and len(order) >= 2:
+        n_eval = max(1, n_eval)
+    n_eval = min(n_eval, len(order) - 1)
+    return order[n_eval:], order[:n_eval]
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _render(tokenizer: Any, messages: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages],
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+    )
+
+
+def _chat_segments(tokenizer: Any, example: Example) -> list[tuple[str, bool]]:
+    """Splits the rendered conversation into (text, learned) segments.
+
+    Each assistant turn is the difference between the conversation rendered up to it
+    with the generation prompt and rendered including it — exactly the tokens the model
+    produces when serving ``messages``. Templates whose renderings are not prefixes of
+    each other cannot be split this way and are refused.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DatasetError(
+            f"{example.where}: field 'messages' needs a tokenizer with a chat template",
+            field="messages",
+        )
+    msgs = example.messages
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, (role, _) in enumerate(msgs):
+        if role != "assistant":
+            continue
+        before = _render(tokenizer, msgs[:i], True)
+        upto = _render(tokenizer, msgs[: i + 1], False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise DatasetError(
+                f"{example.where}: the chat template does not render conversations "
+                "incrementally, so assistant turns cannot be masked",
+                field="messages",
+            )
+        segments.append((before[len(done) :], False))
+        segments.append((upto[len(before) :], True))
+        done = upto
+    full = _render(tokenizer, msgs, False)
+    if full.startswith(done) and len(full) > len(done):
+        segments.append((full[len(done) :], False))
+    return segments
+
+
+def tokenize_example(tokenizer: Any, example: Example, max_seq_length: int) -> TokenizedExample:
+    """Token ids and labels with everything but the learned part masked, truncated on the
+    right to ``max_seq_length``.
+
+    Prompt and completion are tokenised separately, as at inference time, where the
+    prompt is encoded alone and the completion is generated token by token.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    eos = tokenizer.eos_token_id
+    if example.kind == "messages":
+        # The template carries its own special tokens and end-of-turn markers.
+        for text, learned in _chat_segments(tokenizer, example):
+            seg = _encode(tokenizer, text, special=False)
+            ids += seg
+            labels += seg if learned else [IGNORE_INDEX] * len(seg)
+    elif example.kind == "completion":
+        prompt = _encode(tokenizer, example.prompt, special=True)
+        completion = _encode(tokenizer, example.completion, special=not prompt)
+        if eos is not None:
+            completion.append(eos)
+        ids = prompt + completion
+        labels = [IGNORE_INDEX] * len(prompt) + completion
+    else:
+        seg = _encode(tokenizer, example.text, special=True)
+        if eos is not None:
+            seg.append(eos)
+        ids, labels = seg, list(seg)
+    return TokenizedExample(ids[:max_seq_length], labels[:max_seq_length])
+
+
+def tokenize_examples(
+    tokenizer: Any,
+    examples: Iterable[Example],
+    max_seq_length: int,
+    stats: DataStats | None = None,
+) -> list[TokenizedExample]:
+    """Tokenises examples; drops those left with no learned token after truncation
+    (a prompt longer than ``max_seq_length``)."""
+    stats = stats if stats is not None else DataStats()
+    out = []
+    for example in examples:
+        full = tokenize_example(tokenizer, example, 1 << 30)
+        if len(full.input_ids) > max_seq_length:
+            stats.truncated += 1
+        tok = TokenizedExample(full.input_ids[:max_seq_length], full.labels[:max_seq_length])
+        # A label at position 0 predicts nothing (the loss is over shifted positions).
+        if sum(1 for x in tok.labels[1:] if x != IGNORE_INDEX) == 0:
+            stats.no_learned_tokens += 1
+            continue
+        out.append(tok)
+    return out
+
+
+def prepare_data(
+    source: str | Path | Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    max_seq_length: int,
+    eval_fraction: float,
+    seed: int,
+    min_chars: int = 1,
+) -> PreparedData:
+    """Load, clean, split with ``seed`` and tokenise: the whole data phase of a job."""
+    stats = DataStats()
+    examples = load_examples(source, min_chars=min_chars, stats=stats)
+    train_ex, eval_ex = split_examples(examples, eval_fraction, seed)
+    train = tokenize_examples(tokenizer, train_ex, max_seq_length, stats)
+    evals = tokenize_examples(tokenizer, eval_ex, max_seq_length, stats)
+    if not train:
+        raise DatasetError(
+            f"no training example has a learned token within max_seq_length={max_seq_length}"
+        )
+    stats.train, stats.eval = len(train), len(evals)
+    logger.info("prepared data: %s", stats.summary())
+    return PreparedData(train, evals, stats)
+
+
+def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, Any]:
+    """Right-pads a micro-batch: input_ids, attention_mask and labels (padding = ignored).
+
+    Padding is recognised by the attention mask, never by token id: the pad token is
+    often the EOS token, which the model must still learn at the end of a completion.
+    """
+    import torch
+
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[i, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[i, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

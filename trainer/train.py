@@ -1,0 +1,505 @@
+"""The training loop: LoRA, full fine-tuning and prompt tuning in plain torch.
+
+One function, :func:`train`, runs a whole job: data preparation, model loading, the
+evaluation before, the optimizer loop with warmup and schedule, checkpoints, the
+evaluation after and the export. It reports through ``on_event`` (dataclasses from
+:mod:`trainer.events`), polls ``should_cancel`` between optimizer steps and can resume
+from a checkpoint to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from common.models import ModelSource, load_model, load_tokenizer, resolve_device, resolve_model
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig
+from trainer.data import IGNORE_INDEX, PreparedData, TokenizedExample, collate, prepare_data
+from trainer.events import (
+    CheckpointEvent,
+    DoneEvent,
+    EvalEvent,
+    LogEvent,
+    MetricsEvent,
+    PhaseEvent,
+    TrainEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_DIR = "artifact"
+CHECKPOINT_DIR = "checkpoints"
+
+# LoRA targets per architecture (config.model_type): every linear layer of attention and
+# MLP, which QLoRA (Dettmers et al. 2023) found needed to match full fine-tuning.
+LORA_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "olmo"),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+class TrainingCancelled(Exception):
+    """Raised by :func:`train` when ``should_cancel`` returned True; nothing is exported."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training cancelled after step {step}")
+        self.step = step
+
+
+def lora_target_modules(model_type: str, requested: Sequence[str] = ()) -> list[str] | str:
+    """The requested modules, else the table's entry, else peft's "all-linear"."""
+    if requested:
+        return list(requested)
+    return list(LORA_TARGETS.get(model_type, [])) or "all-linear"
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> float:
+    """Multiplier of the peak rate for 0-based optimizer ``step``: linear warmup reaching
+    the peak on the last warmup step, then linear/cosine decay toward 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+@dataclasses.dataclass
+class _Plan:
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def _plan(config: TrainConfig, n_train: int) -> _Plan:
+    micro = math.ceil(n_train / config.batch_size)
+    per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
+    total = per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    return _Plan(micro, per_epoch, total, math.ceil(config.warmup_ratio * total))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Example order of one epoch: a function of (seed, epoch) only, so a resumed run
+    sees the same order without saving it."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _step_micro_batches(
+    data: Sequence[TokenizedExample], config: TrainConfig, plan: _Plan, step: int
+) -> list[list[TokenizedExample]]:
+    """The micro-batches of 0-based optimizer ``step``."""
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    order = epoch_order(len(data), config.seed, epoch)
+    first = in_epoch * config.gradient_accumulation_steps
+    last = min(first + config.gradient_accumulation_steps, plan.micro_batches_per_epoch)
+    bs = config.batch_size
+    return [[data[i] for i in order[m * bs : (m + 1) * bs]] for m in range(first, last)]
+
+
+class _Precision:
+    """Autocast (bf16, else fp16 with loss scaling) on CUDA; exact float32 elsewhere."""
+
+    def __init__(self, device: str) -> None:
+        self.device_type = torch.device(device).type
+        self.dtype: torch.dtype | None = None
+        if self.device_type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions, and their count."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"]
+    # Prompt tuning prepends virtual tokens: the real positions are the last ones.
+    logits = out.logits[:, -labels.shape[1] :, :]
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    data: Sequence[TokenizedExample],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: str,
+    precision: _Precision | None = None,
+) -> tuple[float, int]:
+    """Mean token cross-entropy over ``data`` (learned tokens only) and the token count."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    precision = precision or _Precision(device)
+    try:
+        for i in range(0, len(data), batch_size):
+            batch = _to(collate(data[i : i + batch_size], pad_token_id), device)
+            with precision.autocast():
+                loss, n = _token_loss_sum(model, batch)
+            total += float(loss)
+            count += n
+    finally:
+        model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def _eval_event(stage: str, loss: float, tokens: int, step: int) -> EvalEvent:
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    return EvalEvent(stage=stage, eval_loss=loss, perplexity=ppl, step=step, eval_tokens=tokens)
+
+
+def _apply_method(model: Any, config: TrainConfig) -> Any:
+    """Wraps the model for the method and leaves exactly the trained weights trainable."""
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    if config.method == "lora":
+        targets = lora_target_modules(model.config.model_type, config.lora_target_modules)
+        peft_config: Any = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,
+        )
+    else:
+        # Initialising from real token embeddings trains far faster than N(0, 1) noise,
+        # whose scale is far from the embeddings' (Lester et al. 2021, section 3.2).
+        peft_config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=config.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+        )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        # peft names the missing module; surface it as a bad hyperparameter.
+        raise ValueError(f"lora_target_modules: {exc}") from exc
+
+
+def _trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _export(
+    model: Any, tokenizer: Any, config: TrainConfig, source: ModelSource, folder: Path
+) -> None:
+    """Writes the artifact atomically: PEFT format for adapters, an HF folder for full."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if config.method == "full":
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+        else:
+            # save_embedding_layers=False: embeddings never train here, and "auto" makes
+            # peft look the base model up on the hub.
+            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+            # Clients know the base model by its name, not this machine's cache path.
+            config_file = tmp / "adapter_config.json"
+            adapter_config = json.loads(config_file.read_text())
+            adapter_config["base_model_name_or_path"] = source.name
+            config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _model_dtype(requested: str, method: str, device: str) -> str:
+    """Weights dtype: frozen LoRA bases can live in half precision on CUDA (peft keeps the
+    adapter in float32); anything that trains keeps float32 master weights."""
+    if requested != "auto":
+        return requested
+    if method == "lora" and device.startswith("cuda"):
+        return "auto"  # common.models: bf16 (or fp16) on CUDA
+    return "float32"
+
+
+def train(
+    config: TrainConfig,
+    base_model: ModelSource | str | None,
+    dataset: str | Path | Sequence[Mapping[str, Any]] | PreparedData,
+    output_dir: str | Path,
+    *,
+    on_event: Callable[[TrainEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    resume_from: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> DoneEvent:
+    """Runs a fine-tuning job and returns its DoneEvent (also sent to ``on_event``).
+
+    ``dataset`` is a JSONL path, a list of row dicts, or already prepared data. The
+    artifact is written to ``output_dir/artifact`` (PEFT folder, or HF model folder for
+    ``full``) and checkpoints to ``output_dir/checkpoints/step-N``. ``resume_from`` is a
+    checkpoint folder of a run with the same config and data. Raises DatasetError /
+    ValueError for bad input and TrainingCancelled when ``should_cancel()`` turns True.
+    """
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    emit = on_event or (lambda event: None)
+    cancelled = should_cancel or (lambda: False)
+    source = base_model if isinstance(base_model, ModelSource) else resolve_model(base_model)
+    dev = resolve_device(device)
+    precision = _Precision(dev)
+
+    emit(PhaseEvent("data", "preparing data"))
+    tokenizer = load_tokenizer(source)
+    if isinstance(dataset, PreparedData):
+        data = dataset
+    else:
+        data = prepare_data(
+            dataset,
+            tokenizer,
+            max_seq_length=config.max_seq_length,
+            eval_fraction=config.eval_fraction,
+            seed=config.seed,
+        )
+    emit(LogEvent(f"data: {data.stats.summary()}"))
+    plan = _plan(config, len(data.train))
+    fingerprint = data.fingerprint()
+
+    resume = ckpt.load_checkpoint(resume_from) if resume_from else None
+    if resume is not None:
+        saved = resume["state"]
+        if saved.get("config") != config.to_dict():
+            raise ValueError(
+                f"checkpoint {resume_from} was made with different hyperparameters: "
+                f"{saved.get('config')} != {config.to_dict()}"
+            )
+        if saved.get("data_fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {resume_from} was made with a different dataset")
+
+    emit(PhaseEvent("load_model", f"loading {source.name} on {dev}"))
+    torch.manual_seed(config.seed)
+    model, _ = load_model(source, dtype=_model_dtype(dtype, config.method, dev), device=dev)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    eval_before: EvalEvent | None = None
+    if resume is not None:
+        if resume["state"].get("eval_before"):
+            eval_before = EvalEvent(**resume["state"]["eval_before"])
+    elif data.eval:
+        emit(PhaseEvent("evaluate", "evaluating the base model"))
+        loss, tokens = evaluate(
+            model,
+            data.eval,
+            batch_size=config.batch_size,
+            pad_token_id=pad_id,
+            device=dev,
+            precision=precision,
+        )
+        eval_before = _eval_event("before", loss, tokens, 0)
+        emit(eval_before)
+
+    # Seed again so adapter initialisation does not depend on whether eval ran.
+    torch.manual_seed(config.seed)
+    model = _apply_method(model, config)
+    model.to(dev)
+    model.train()
+    params = _trainable(model)
+    n_trainable = sum(p.numel() for p in params.values())
+    n_total = sum(p.numel() for p in model.parameters())
+    emit(
+        LogEvent(
+            f"{config.method}: {n_trainable:,} trainable parameters of {n_total:,}; "
+            f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch)"
+        )
+    )
+    # No weight decay on biases and norms (standard AdamW practice since BERT).
+    decay = [p for n, p in params.items() if p.ndim >= 2]
+    no_decay = [p for n, p in params.items() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    assert config.learning_rate is not None  # set by TrainConfig.__post_init__
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+
+    step = 0
+    if resume is not None:
+        missing = set(params) - set(resume["trainable"])
+        if missing:
+            raise ValueError(f"checkpoint {resume_from} lacks weights: {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(resume["trainable"][name].to(p.device, p.dtype))
+        optimizer.load_state_dict(resume["optimizer"])
+        state = resume["state"]
+        step = int(state["step"])
+        if precision.scaler is not None and state.get("grad_scaler"):
+            precision.scaler.load_state_dict(state["grad_scaler"])
+        ckpt.set_rng_state(resume["rng"])
+        emit(LogEvent(f"resumed from {resume_from} at step {step}/{plan.total_steps}"))
+
+    checkpoint_root = output_dir / CHECKPOINT_DIR
+    last_loss = float("nan")
+    emit(PhaseEvent("train", f"training {plan.total_steps} steps"))
+    while step < plan.total_steps:
+        if cancelled():
+            emit(LogEvent(f"cancelled before step {step + 1}"))
+            raise TrainingCancelled(step)
+        t0 = time.perf_counter()
+        lr = config.learning_rate * lr_factor(
+            step, plan.total_steps, plan.warmup_steps, config.lr_scheduler
+        )
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        micro = [
+            _to(collate(mb, pad_id), dev)
+            for mb in _step_micro_batches(data.train, config, plan, step)
+        ]
+        # Normalise by the step's learned tokens, not per micro-batch, so accumulation
+        # gives the same gradient as one big batch.
+        n_learned = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        total_loss = 0.0
+        for batch in micro:
+            with precision.autocast():
+                loss_sum, _ = _token_loss_sum(model, batch)
+            loss = loss_sum / max(1, n_learned)
+            if precision.scaler is not None:
+                precision.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total_loss += float(loss_sum)
+        if precision.scaler is not None:
+            precision.scaler.unscale_(optimizer)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        if precision.scaler is not None:
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = total_loss / max(1, n_learned)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(
+                f"training diverged at step {step} (loss {last_loss}); lower the learning_rate"
+            )
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        elapsed = time.perf_counter() - t0
+        emit(
+            MetricsEvent(
+                step=step,
+                total_steps=plan.total_steps,
+                epoch=step / plan.steps_per_epoch,
+                loss=last_loss,
+                learning_rate=lr,
+                tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0,
+            )
+        )
+        every = config.checkpoint_every_steps or plan.steps_per_epoch
+        if step % every == 0 and step < plan.total_steps:
+            path = ckpt.save_checkpoint(
+                checkpoint_root,
+                step,
+                trainable=params,
+                optimizer=optimizer,
+                state={
+                    "config": config.to_dict(),
+                    "data_fingerprint": fingerprint,
+                    "eval_before": dataclasses.asdict(eval_before) if eval_before else None,
+                    "grad_scaler": precision.scaler.state_dict() if precision.scaler else None,
+                    "train_loss": last_loss,
+                },
+            )
+            emit(CheckpointEvent(step=step, path=str(path)))
+
+    eval_after: EvalEvent | None = None
+    if data.eval:
+        emit(PhaseEvent("evaluate", "evaluating the trained model"))
+        loss, tokens = evaluate(
+            model,
+            data.eval,
+            batch_size=config.batch_size,
+            pad_token_id=pad_id,
+            device=dev,
+            precision=precision,
+        )
+        eval_after = _eval_event("after", loss, tokens, step)
+        emit(eval_after)
+
+    emit(PhaseEvent("export", "saving the artifact"))
+    artifact = output_dir / ARTIFACT_DIR
+    _export(model, tokenizer, config, source, artifact)
+    seconds = time.monotonic() - started
+    metrics: dict[str, Any] = {"steps": step, "train_loss": last_loss, "train_seconds": seconds}
+    for ev in (eval_before, eval_after):
+        if ev is not None:
+            metrics[f"eval_loss_{ev.stage}"] = ev.eval_loss
+            metrics[f"perplexity_{ev.stage}"] = ev.perplexity
+    done = DoneEvent(
+        artifact_dir=str(artifact),
+        steps=step,
+        train_loss=last_loss,
+        eval_before=eval_before,
+        eval_after=eval_after,
+        seconds=seconds,
+        metadata={
+            "base_model": source.name,
+            "method": config.method,
+            "hyperparameters": config.to_dict(),
+            "metrics": metrics,
+            "data": dataclasses.asdict(data.stats),
+            "data_fingerprint": fingerprint,
+            "trainable_parameters": n_trainable,
+        },
+    )
+    emit(done)
+    return done

@@ -60,7 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         if tp is bool:
             parser.add_argument(
-                name, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                name,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
             )
         elif typing.get_origin(tp) in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str

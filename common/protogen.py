@@ -49,7 +49,9 @@ def generate_stubs(out_dir: Path) -> list[Path]:
             dst.write_text(text)
             written.append(dst)
     init = out_dir / "__init__.py"
-    init.write_text('"""Generated gRPC stubs of protos/llmcluster/v1 (see common/protogen.py)."""\n')
+    init.write_text(
+        '"""Generated gRPC stubs of protos/llmcluster/v1 (see common/protogen.py)."""\n'
+    )
     return [init, *written]
 
 

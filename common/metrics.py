@@ -1,0 +1,343 @@
+"""Prometheus metrics for router and worker processes, each on its own registry.
+
+One object per process, made in ``main`` and handed to whoever records::
+
+    metrics = WorkerMetrics()
+    port = start_metrics_server(cfg.metrics_port, metrics.registry)
+    ...
+    metrics.observe_ttft(0.042)                  # hot path: plain method calls
+    metrics.queue_depth.set(len(waiting))        # or the prometheus objects themselves
+
+Names follow Prometheus conventions (``llmcluster_`` prefix, base units in the name,
+``_total`` on counters). Latency buckets follow vLLM's, extended downwards for small
+models on CPU, so TTFT and inter-token percentiles are resolvable from 1 ms to minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+ROLE_ROUTER = "router"
+ROLE_WORKER = "worker"
+
+# Buckets: seconds. TTFT includes queueing, so it reaches into minutes under overload.
+TTFT_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)  # fmt: skip
+INTER_TOKEN_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+E2E_BUCKETS_S = (
+    0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+    40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0,
+)  # fmt: skip
+QUEUE_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def status_code_name(code: Any) -> str:
+    """``grpc.StatusCode.OK`` / ``"OK"`` / ``0`` → ``"OK"`` (the ``code`` label value)."""
+    if code is None:
+        return "OK"
+    name = getattr(code, "name", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(code, int):
+        import grpc  # local: status-code ints are rare, keep import cost off the hot path
+
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return str(code).upper()
+
+
+class _ServingMetrics:
+    """Metrics every serving role exposes (the ``role`` label tells router from worker)."""
+
+    def __init__(self, role: str, registry: CollectorRegistry | None = None) -> None:
+        self.role = role
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests_total = Counter(
+            "llmcluster_requests_total",
+            "Finished RPCs by method and gRPC status code.",
+            ["role", "method", "code"],
+            registry=r,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "llmcluster_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.inter_token_latency_seconds = Histogram(
+            "llmcluster_inter_token_latency_seconds",
+            "Time between consecutive tokens of one sequence.",
+            buckets=INTER_TOKEN_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e_request_latency_seconds = Histogram(
+            "llmcluster_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_time_seconds = Histogram(
+            "llmcluster_queue_time_seconds",
+            "Time a request waited before it was scheduled (worker: admitted to the engine; "
+            "router: sent to a worker).",
+            buckets=QUEUE_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "llmcluster_queue_depth",
+            "Requests waiting (worker: not yet admitted to the engine; router: not yet sent).",
+            registry=r,
+        )
+        self.prompt_tokens_total = Counter(
+            "llmcluster_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r
+        )
+        self.generation_tokens_total = Counter(
+            "llmcluster_generation_tokens_total", "Generated (completion) tokens.", registry=r
+        )
+        self.request_prompt_tokens = Histogram(
+            "llmcluster_request_prompt_tokens",
+            "Prompt length per request.",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            "llmcluster_request_generation_tokens",
+            "Generated tokens per request.",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "llmcluster_build_info", "Always 1; labels say what runs.", ["role", "version"],
+            registry=r,
+        )  # fmt: skip
+        from common.tracing import package_version
+
+        self.build_info.labels(role=role, version=package_version()).set(1)
+
+    # -- hot-path helpers -------------------------------------------------------------------
+    def record_request(self, method: str, code: Any = "OK") -> None:
+        """Counts one finished RPC; ``code`` is a ``grpc.StatusCode`` or its name."""
+        self.requests_total.labels(self.role, method, status_code_name(code)).inc()
+
+    def observe_ttft(self, seconds: float) -> None:
+        """Time to first token of one request."""
+        self.time_to_first_token_seconds.observe(seconds)
+
+    def observe_inter_token(self, seconds: float, count: int = 1) -> None:
+        """Gap between tokens; ``count`` > 1 spreads one gap over tokens emitted together."""
+        per_token = seconds / count if count > 1 else seconds
+        for _ in range(max(count, 1)):
+            self.inter_token_latency_seconds.observe(per_token)
+
+    def observe_queue_time(self, seconds: float) -> None:
+        """Time one request waited before being scheduled."""
+        self.queue_time_seconds.observe(seconds)
+
+    def observe_request_done(
+        self, *, e2e_s: float, prompt_tokens: int, generation_tokens: int
+    ) -> None:
+        """A finished request: end-to-end latency and token counts."""
+        self.e2e_request_latency_seconds.observe(e2e_s)
+        self.prompt_tokens_total.inc(prompt_tokens)
+        self.generation_tokens_total.inc(generation_tokens)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generation_tokens)
+
+
+class WorkerMetrics(_ServingMetrics):
+    """A worker's metrics: engine, KV cache, adapters, fine-tune jobs, self-tests."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(ROLE_WORKER, registry)
+        r = self.registry
+        self.running_sequences = Gauge(
+            "llmcluster_running_sequences", "Sequences in the running batch.", registry=r
+        )
+        self.batch_size = Histogram(
+            "llmcluster_batch_size",
+            "Sequences per engine iteration.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.engine_steps_total = Counter(
+            "llmcluster_engine_steps_total", "Engine iterations (forward passes).", registry=r
+        )
+        self.kv_cache_usage_ratio = Gauge(
+            "llmcluster_kv_cache_usage_ratio", "Used / capacity KV-cache tokens (0..1).", registry=r
+        )
+        self.kv_cache_used_tokens = Gauge(
+            "llmcluster_kv_cache_used_tokens", "KV-cache tokens in use.", registry=r
+        )
+        self.kv_cache_capacity_tokens = Gauge(
+            "llmcluster_kv_cache_capacity_tokens", "KV-cache capacity in tokens.", registry=r
+        )
+        self.loaded_adapters = Gauge(
+            "llmcluster_loaded_adapters", "Adapters loaded in memory.", registry=r
+        )
+        self.preemptions_total = Counter(
+            "llmcluster_preemptions_total",
+            "Sequences evicted from the running batch for lack of KV cache.",
+            registry=r,
+        )
+        self.cancellations_total = Counter(
+            "llmcluster_cancellations_total",
+            "Sequences aborted by cancel or deadline before finishing.",
+            registry=r,
+        )
+        self.finetune_jobs = Gauge(
+            "llmcluster_finetune_jobs", "Fine-tune jobs by state.", ["state"], registry=r
+        )
+        self.training_loss = Gauge(
+            "llmcluster_training_loss", "Last reported training loss per job.", ["job"], registry=r
+        )
+        self.self_tests_total = Counter(
+            "llmcluster_self_tests_total", "Self-test runs by result.", ["result"], registry=r
+        )
+        self.healthy = Gauge(
+            "llmcluster_healthy", "1 while the health service reports SERVING.", registry=r
+        )
+        for state in JOB_STATES:  # export zeros so dashboards show every state from start
+            self.finetune_jobs.labels(state)
+        for result in ("pass", "fail"):
+            self.self_tests_total.labels(result)
+
+    def observe_step(self, batch_size: int) -> None:
+        """One engine iteration over ``batch_size`` sequences."""
+        self.engine_steps_total.inc()
+        self.batch_size.observe(batch_size)
+
+    def set_engine_state(
+        self,
+        *,
+        waiting: int,
+        running: int,
+        kv_used_tokens: int | None = None,
+        kv_capacity_tokens: int | None = None,
+    ) -> None:
+        """Queue depth, running sequences and KV-cache use after an iteration."""
+        self.queue_depth.set(waiting)
+        self.running_sequences.set(running)
+        if kv_capacity_tokens is not None:
+            self.kv_cache_capacity_tokens.set(kv_capacity_tokens)
+        if kv_used_tokens is not None:
+            self.kv_cache_used_tokens.set(kv_used_tokens)
+            if kv_capacity_tokens:
+                self.kv_cache_usage_ratio.set(kv_used_tokens / kv_capacity_tokens)
+
+    def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
+        """Sets the job gauge for every state (states absent from ``counts`` read 0)."""
+        for state in {*JOB_STATES, *counts}:
+            self.finetune_jobs.labels(state).set(counts.get(state, 0))
+
+    def set_training_loss(self, job_id: str, loss: float) -> None:
+        """Latest training loss of a running job."""
+        self.training_loss.labels(job_id).set(loss)
+
+    def clear_job(self, job_id: str) -> None:
+        """Drops a finished job's series so old jobs do not pile up."""
+        try:
+            self.training_loss.remove(job_id)
+        except KeyError:
+            pass
+
+    def record_self_test(self, passed: bool) -> None:
+        """One self-test run."""
+        self.self_tests_total.labels("pass" if passed else "fail").inc()
+
+
+class RouterMetrics(_ServingMetrics):
+    """A router's metrics: coalescing, discovery, routing."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(ROLE_ROUTER, registry)
+        r = self.registry
+        self.submit_batches_total = Counter(
+            "llmcluster_router_submit_batches_total",
+            "SubmitBatch messages sent to workers.",
+            registry=r,
+        )
+        self.batched_requests_total = Counter(
+            "llmcluster_router_batched_requests_total",
+            "Requests sent inside SubmitBatch messages.",
+            registry=r,
+        )
+        self.requests_per_batch = Histogram(
+            "llmcluster_router_requests_per_batch",
+            "Requests coalesced into one SubmitBatch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.healthy_workers = Gauge(
+            "llmcluster_router_healthy_workers", "Workers the registry reports passing.", registry=r
+        )
+        self.registry_up = Gauge(
+            "llmcluster_router_registry_up",
+            "1 if the last registry (discovery) query succeeded.",
+            registry=r,
+        )
+        self.discovery_failures_total = Counter(
+            "llmcluster_router_discovery_failures_total",
+            "Failed registry (discovery) queries.",
+            registry=r,
+        )
+        self.retries_total = Counter(
+            "llmcluster_router_retries_total",
+            "Requests re-sent to another worker (failover).",
+            registry=r,
+        )
+        self.outstanding_requests = Gauge(
+            "llmcluster_router_outstanding_requests",
+            "Requests sent to workers and not yet finished.",
+            registry=r,
+        )
+
+    def observe_submit_batch(self, size: int) -> None:
+        """One SubmitBatch of ``size`` requests sent on a link."""
+        self.submit_batches_total.inc()
+        self.batched_requests_total.inc(size)
+        self.requests_per_batch.observe(size)
+
+    def set_discovery(self, *, ok: bool, healthy_workers: int | None = None) -> None:
+        """Outcome of one registry query (counts failures, keeps the up gauge)."""
+        self.registry_up.set(1 if ok else 0)
+        if not ok:
+            self.discovery_failures_total.inc()
+        if healthy_workers is not None:
+            self.healthy_workers.set(healthy_workers)
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> int:
+    """Serves ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    ``port`` 0 picks a free port; returns the bound port. The server lives as long as the
+    process (daemon thread), which is what a scrape target wants.
+    """
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound = int(server.server_port)
+    logger.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
+
+
+def metric_names(registry: CollectorRegistry) -> Iterable[str]:
+    """Names of the metric families in ``registry`` (for tests and docs)."""
+    return [m.name for m in registry.collect()]

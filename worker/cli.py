@@ -1,0 +1,20 @@
+"""``llmcluster worker``."""
+
+from __future__ import annotations
+
+import argparse
+
+from common.config import add_arguments, from_arguments
+from worker.config import WorkerConfig
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.server import run_worker
+
+    return run_worker(from_arguments(WorkerConfig, args))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("worker", help="run a worker: model, engine, Generate/Worker/FineTune")
+    add_arguments(parser, WorkerConfig)
+    parser.set_defaults(func=_run)

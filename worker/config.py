@@ -1,0 +1,57 @@
+"""Configuration of a worker process (CLI flags derive from it)."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass
+
+from common.config import field
+from common.models import DTYPES
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class WorkerConfig:
+    """Settings of ``llmcluster worker``."""
+
+    port: int = field(50061, help="gRPC port to listen on (0 = pick a free one)")
+    host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 to accept remote routers")
+    model: str = field(
+        "", help="base model: empty = the offline default, or an HF folder / hub name"
+    )
+    dtype: str = field(
+        "auto", help=f"model dtype, one of {DTYPES}; auto = bf16 on CUDA, fp32 on CPU"
+    )
+    device: str = field("auto", help="torch device; auto = cuda when present, else cpu")
+    worker_id: str = field(
+        "", help="unique id reported in usage and registration (default: host-random)"
+    )
+    max_running: int = field(32, help="most sequences decoded together")
+    max_kv_tokens: int = field(
+        65536, help="KV-cache budget in tokens (prompt + max_new_tokens reserved)"
+    )
+    max_queue: int = field(
+        256, help="most requests waiting for admission; more get RESOURCE_EXHAUSTED"
+    )
+    max_new_tokens_limit: int = field(2048, help="upper bound of a request's max_new_tokens")
+    max_context_tokens: int = field(0, help="context length; 0 = the model's own limit")
+    load_interval_ms: int = field(200, help="period of Load reports on router links")
+    warmup: bool = field(True, help="run a short generation before reporting SERVING")
+    grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_running", "max_kv_tokens", "max_queue", "max_new_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_context_tokens < 0:
+            raise ValueError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.worker_id:
+            self.worker_id = default_worker_id()

@@ -1,0 +1,213 @@
+"""The worker side of the router link: ``Worker.Serve`` and ``Worker.Info``.
+
+One Serve stream per router. Incoming SubmitBatch items become engine requests whose
+sink is the link; every engine iteration produces one StepEvents for the link (all of
+its sequences' deltas), followed by Finished / Rejected for sequences that ended. A
+Load report goes out right away and then periodically. When the stream ends, every
+sequence of the link is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from common import __version__
+from common.errors import RequestError, status_of
+from common.pb import worker_pb2, worker_pb2_grpc
+from common.validation import generation_spec_from_pb
+from worker.convert import FINISH_REASON_PB, token_to_pb, usage_to_pb
+from worker.engine import SeqOutput
+from worker.runtime import WorkerState
+
+logger = logging.getLogger(__name__)
+
+
+class _LinkSink:
+    """Engine outputs of one link → WorkerMessages on the link's outbound queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker_id: str) -> None:
+        self._loop = loop
+        self._worker_id = worker_id
+        self.outbound: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
+        self.link_ids: dict[int, str] = {}  # engine key → link_request_id (event loop only)
+
+    def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._publish, step, outputs)
+
+    def _publish(self, step: int, outputs: list[SeqOutput]) -> None:
+        deltas = []
+        endings = []
+        for out in outputs:
+            link_id = self.link_ids.pop(out.key, None) if out.done else self.link_ids.get(out.key)
+            if link_id is None:
+                continue
+            if out.tokens or out.text:
+                deltas.append(
+                    worker_pb2.SequenceDelta(
+                        link_request_id=link_id,
+                        tokens=[token_to_pb(t) for t in out.tokens],
+                        text=out.text,
+                    )
+                )
+            if out.error is not None:
+                code, message = status_of(out.error)
+                endings.append(
+                    worker_pb2.WorkerMessage(
+                        rejected=worker_pb2.Rejected(
+                            link_request_id=link_id, code=code.value[0], message=message
+                        )
+                    )
+                )
+            elif out.finish_reason is not None and out.usage is not None:
+                endings.append(
+                    worker_pb2.WorkerMessage(
+                        finished=worker_pb2.Finished(
+                            link_request_id=link_id,
+                            finish_reason=FINISH_REASON_PB[out.finish_reason],
+                            usage=usage_to_pb(out.usage, self._worker_id),
+                        )
+                    )
+                )
+        if deltas:
+            self.outbound.put_nowait(
+                worker_pb2.WorkerMessage(
+                    step_events=worker_pb2.StepEvents(step=step, deltas=deltas)
+                )
+            )
+        for msg in endings:
+            self.outbound.put_nowait(msg)
+
+
+def _deadline_monotonic(deadline_unix_ms: int) -> float | None:
+    if deadline_unix_ms <= 0:
+        return None
+    return time.monotonic() + (deadline_unix_ms / 1000.0 - time.time())
+
+
+class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
+    """Serve and Info."""
+
+    def __init__(self, state: WorkerState, load_interval_s: float) -> None:
+        self._state = state
+        self._load_interval_s = load_interval_s
+        self.batches_received = 0
+        self.requests_received = 0
+
+    def load(self) -> worker_pb2.Load:
+        s = self._state.runtime.engine.stats()
+        return worker_pb2.Load(
+            queued=s["queued"],
+            running=s["running"],
+            free_kv_tokens=s["free_kv_tokens"],
+            max_kv_tokens=s["max_kv_tokens"],
+            queued_tokens=s["queued_tokens"],
+            running_tokens=s["running_tokens"],
+            finished_total=s["finished_total"],
+            generated_tokens_total=s["generated_tokens_total"],
+            steps_total=s["steps_total"],
+            draining=not self._state.accepting.is_set(),
+            batches_received=self.batches_received,
+            requests_received=self.requests_received,
+            loaded_adapters=self._state.runtime.loaded_adapters(),
+        )
+
+    def _reject(self, sink: _LinkSink, link_id: str, exc: BaseException, retryable: bool) -> None:
+        code, message = status_of(exc)
+        sink.outbound.put_nowait(
+            worker_pb2.WorkerMessage(
+                rejected=worker_pb2.Rejected(
+                    link_request_id=link_id,
+                    code=code.value[0],
+                    message=message,
+                    retryable=retryable,
+                )
+            )
+        )
+
+    def _submit(self, sink: _LinkSink, item: worker_pb2.WorkItem) -> None:
+        link_id = item.link_request_id
+        if not self._state.accepting.is_set():
+            self._reject(
+                sink, link_id, RequestError("worker is draining", grpc.StatusCode.UNAVAILABLE), True
+            )
+            return
+        try:
+            spec = generation_spec_from_pb(item.request, self._state.runtime.limits)
+            req = self._state.runtime.build_request(
+                spec, sink, _deadline_monotonic(item.deadline_unix_ms)
+            )
+            key = self._state.runtime.engine.submit(req)
+        except Exception as exc:
+            code, _ = status_of(exc)
+            retryable = code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+            self._reject(sink, link_id, exc, retryable)
+            return
+        sink.link_ids[key] = link_id
+
+    async def _read(
+        self,
+        request_iterator: AsyncIterator[worker_pb2.RouterMessage],
+        sink: _LinkSink,
+        keys_by_link_id: dict[str, int],
+    ) -> None:
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("kind")
+            if kind == "submit_batch":
+                self.batches_received += 1
+                for item in msg.submit_batch.items:
+                    self.requests_received += 1
+                    self._submit(sink, item)
+            elif kind == "cancel":
+                wanted = set(msg.cancel.link_request_ids)
+                for key, link_id in list(sink.link_ids.items()):
+                    if link_id in wanted:
+                        self._state.runtime.engine.cancel(
+                            key, msg.cancel.reason or "router cancelled"
+                        )
+
+    async def Serve(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        sink = _LinkSink(asyncio.get_running_loop(), self._state.worker_id)
+        reader = asyncio.create_task(self._read(request_iterator, sink, {}))
+        next_load = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_load:
+                    yield worker_pb2.WorkerMessage(load=self.load())
+                    next_load = now + self._load_interval_s
+                if reader.done():
+                    reader.result()  # re-raise a reader failure
+                    if not sink.link_ids and sink.outbound.empty():
+                        return  # router closed its side and nothing is left to send
+                try:
+                    msg = await asyncio.wait_for(
+                        sink.outbound.get(), timeout=max(0.0, next_load - time.monotonic())
+                    )
+                except TimeoutError:
+                    continue
+                yield msg
+        finally:
+            reader.cancel()
+            for key in list(sink.link_ids):  # link gone: free every sequence it owned
+                self._state.runtime.engine.cancel(key, "router link closed")
+
+    async def Info(self, request, context):  # noqa: N802 - gRPC method name
+        return worker_pb2.WorkerInfo(
+            worker_id=self._state.worker_id,
+            models=self._state.runtime.model_names,
+            adapters=self._state.runtime.loaded_adapters(),
+            max_running=self._state.runtime.config.max_running,
+            max_kv_tokens=self._state.runtime.config.max_kv_tokens,
+            max_queue=self._state.runtime.config.max_queue,
+            device=self._state.runtime.device,
+            dtype=self._state.runtime.dtype,
+            version=__version__,
+            max_context_tokens=self._state.runtime.limits.max_context_tokens,
+            max_new_tokens_limit=self._state.runtime.limits.max_new_tokens_limit,
+            load=self.load(),
+        )

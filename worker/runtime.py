@@ -1,0 +1,143 @@
+"""The worker's model runtime: loads the model, owns the engine, turns validated specs
+into engine requests (chat template, tokenisation, context checks), and bridges engine
+outputs into asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from common.errors import InvalidArgument, NotFound, Unavailable
+from common.models import ModelSource, load_model, resolve_model
+from common.validation import GenerationLimits, GenerationSpec, SamplingParams
+from worker.config import WorkerConfig
+from worker.engine import Engine, EngineConfig, EngineRequest, SeqOutput
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncQueueSink:
+    """Delivers engine outputs (engine thread) into an asyncio.Queue (event loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.queue: asyncio.Queue[tuple[int, list[SeqOutput]]] = asyncio.Queue()
+
+    def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, (step, outputs))
+
+
+class ModelRuntime:
+    """One base model and its engine."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.source: ModelSource = resolve_model(config.model or None)
+        self.model, self.tokenizer = load_model(self.source, config.dtype, config.device)
+        self.device = str(next(self.model.parameters()).device)
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        model_limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 8192
+        context = config.max_context_tokens or model_limit
+        self.limits = GenerationLimits(
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            max_context_tokens=min(context, model_limit),
+        )
+        self.engine = self._new_engine()
+
+    def _new_engine(self) -> Engine:
+        return Engine(
+            self.model,
+            self.tokenizer,
+            EngineConfig(
+                max_running=self.config.max_running,
+                max_kv_tokens=self.config.max_kv_tokens,
+                max_queue=self.config.max_queue,
+                max_context_tokens=self.limits.max_context_tokens,
+            ),
+        )
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.source.name]
+
+    def check_model(self, requested: str) -> None:
+        """Raises NotFound unless ``requested`` (empty = default) is this worker's model."""
+        if requested and requested not in (self.source.name, self.source.path):
+            raise NotFound(f"model {requested!r} is not served here (serving {self.source.name!r})")
+
+    def prompt_ids(self, spec: GenerationSpec) -> list[int]:
+        if spec.prompt is not None:
+            return list(self.tokenizer(spec.prompt, add_special_tokens=True)["input_ids"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument(f"model {self.source.name!r} has no chat template: send a prompt")
+        messages = [{"role": r, "content": c} for r, c in spec.messages]
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    def build_request(
+        self,
+        spec: GenerationSpec,
+        sink: Any,
+        deadline_monotonic: float | None,
+        on_admitted: Callable[[], None] | None = None,
+    ) -> EngineRequest:
+        """Checks what needs the model and returns a request ready for submit()."""
+        self.check_model(spec.model)
+        if spec.adapter:
+            raise NotFound(f"adapter {spec.adapter!r} not found (no adapters are registered)")
+        ids = self.prompt_ids(spec)
+        context = self.limits.max_context_tokens
+        if len(ids) >= context:
+            raise InvalidArgument(f"prompt has {len(ids)} tokens; the model's context is {context}")
+        params = spec.params
+        room = context - len(ids)
+        if params.max_new_tokens > room:  # the context ends first: finish with LENGTH there
+            params = SamplingParams(**{**params.__dict__, "max_new_tokens": room})
+        return EngineRequest(
+            prompt_ids=ids,
+            params=params,
+            sink=sink,
+            deadline_monotonic=deadline_monotonic,
+            arrival_monotonic=time.monotonic(),
+            on_admitted=on_admitted,
+        )
+
+    def list_models(self) -> list[Any]:
+        from common.pb import generate_pb2
+
+        return [
+            generate_pb2.ModelEntry(
+                name=self.source.name,
+                kind=generate_pb2.BASE,
+                is_default=True,
+                max_context_tokens=self.limits.max_context_tokens,
+            )
+        ]
+
+    def loaded_adapters(self) -> list[str]:
+        return []
+
+
+class WorkerState:
+    """What the servicers share: the runtime once loaded, whether new work is accepted
+    (cleared while loading, draining or after a failed self-test), and the worker id."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.accepting = asyncio.Event()
+        self._runtime: ModelRuntime | None = None
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        if self._runtime is None:
+            raise Unavailable("worker is still loading its model")
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, value: ModelRuntime) -> None:
+        self._runtime = value

@@ -1,0 +1,163 @@
+"""The worker process: gRPC server (Generate, Worker, Health, reflection), model loading
+off the event loop, warm-up, and graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.validation import SamplingParams
+from worker.config import WorkerConfig
+from worker.engine import EngineRequest, SeqOutput
+from worker.link import WorkerLinkServicer
+from worker.runtime import ModelRuntime, WorkerState
+from worker.service import GenerateServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+    finetune_pb2.DESCRIPTOR.services_by_name["FineTune"].full_name,
+)
+
+
+def run_engine_probe(
+    runtime: ModelRuntime, max_new_tokens: int = 4, timeout_s: float = 60.0
+) -> None:
+    """Runs a few greedy tokens through the real engine (warm-up and self-test); raises
+    if the engine does not answer in time."""
+    done = threading.Event()
+    result: list[SeqOutput] = []
+
+    class _Sink:
+        def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:
+            result.extend(outputs)
+            if any(o.done for o in outputs):
+                done.set()
+
+    ids = runtime.tokenizer("Hello", add_special_tokens=True)["input_ids"]
+    key = runtime.engine.submit(
+        EngineRequest(
+            prompt_ids=list(ids), params=SamplingParams(max_new_tokens=max_new_tokens), sink=_Sink()
+        )
+    )
+    if not done.wait(timeout_s):
+        runtime.engine.cancel(key, "probe timed out")
+        raise TimeoutError(f"engine produced no result within {timeout_s}s")
+    errors = [o.error for o in result if o.error is not None]
+    if errors:
+        raise RuntimeError(f"engine probe failed: {errors[0]}")
+
+
+class WorkerServer:
+    """Owns the gRPC server and the worker's life cycle."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.state = WorkerState(config.worker_id)
+        self.health = health_aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(self.state), self.server)
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            WorkerLinkServicer(self.state, self.config.load_interval_ms / 1000.0), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        await self._set_health(False)  # NOT_SERVING until the model is loaded and warmed
+        await self.server.start()
+        logger.info(
+            "worker %s listening on %s:%d (loading model)",
+            self.config.worker_id,
+            self.config.host,
+            self.port,
+        )
+        runtime = await asyncio.to_thread(ModelRuntime, self.config)
+        runtime.engine.start()
+        if self.config.warmup:
+            await asyncio.to_thread(run_engine_probe, runtime)
+        self.state.runtime = runtime
+        self.state.accepting.set()
+        await self._set_health(True)
+        logger.info(
+            "worker %s SERVING model %s on %s (%s)",
+            self.config.worker_id,
+            runtime.source.name,
+            runtime.device,
+            runtime.dtype,
+        )
+        print(
+            f"worker {self.config.worker_id} serving on {self.config.host}:{self.port}", flush=True
+        )
+
+    async def drain_and_stop(self) -> None:
+        """Stop taking new work, let running requests finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.state.accepting.clear()
+        await self._set_health(False)
+        logger.info("draining (grace %.0fs)", self.config.grace_period_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.grace_period_s
+        try:
+            runtime = self.state.runtime
+        except Exception:
+            runtime = None
+        while runtime is not None and loop.time() < deadline:
+            s = runtime.engine.stats()
+            if s["running"] == 0 and s["queued"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        await self.server.stop(grace=2.0)
+        if runtime is not None:
+            runtime.engine.stop()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain_and_stop()))
+        await self.start()
+        await self.server.wait_for_termination()
+
+
+def run_worker(config: WorkerConfig) -> int:
+    async def main() -> None:
+        # The aio server must be created inside the running loop.
+        await WorkerServer(config).serve_forever()
+
+    asyncio.run(main())
+    return 0

@@ -209,7 +209,7 @@ def _apply_method(model: Any, config: TrainConfig) -> Any:
         peft_config: Any = LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=config.lora_r,
-            lora_alpha=config.lora_alpha,
+            lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft accepts floats
             lora_dropout=config.lora_dropout,
             target_modules=targets,
         )
@@ -410,11 +410,11 @@ def train(
         for batch in micro:
             with precision.autocast():
                 loss_sum, _ = _token_loss_sum(model, batch)
-            loss = loss_sum / max(1, n_learned)
+            step_loss = loss_sum / max(1, n_learned)
             if precision.scaler is not None:
-                precision.scaler.scale(loss).backward()
+                precision.scaler.scale(step_loss).backward()
             else:
-                loss.backward()
+                step_loss.backward()
             total_loss += float(loss_sum)
         if precision.scaler is not None:
             precision.scaler.unscale_(optimizer)

@@ -853,3 +853,70 @@ class ConsulDevAgent:
         c = consul.Consul(host=self.host, port=self.port, connections_timeout=timeout_s)
         c.token = token
         return c
+
+
+# -- test support shared by the test modules ------------------------------------
+
+
+class HealthServer:
+    """A tiny gRPC server serving only ``grpc.health.v1`` on a free loopback port."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        from grpc_health.v1 import health
+
+        self._servicer = health.HealthServicer()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.address = "127.0.0.1"
+        self._server.start()
+        self.set_serving(True)
+
+    def set_serving(self, serving: bool) -> None:
+        """Sets the whole server's status ("" service), which Consul's check reads."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._servicer.set("", status)
+
+    def stop(self) -> None:
+        self._server.stop(0)
+
+
+AGENT_KINDS = ("standin", "consul")
+NO_CONSUL_REASON = "no consul binary on PATH (real-agent variant of this test)"
+
+
+def make_agent(kind: str) -> ConsulStandin | ConsulDevAgent:
+    """A started agent of ``kind``; the stand-in reaps fast so tests stay short."""
+    if kind == "consul":
+        return ConsulDevAgent().start()
+    return ConsulStandin(check_reap_interval_s=0.1, check_deregister_interval_min_s=0).start()
+
+
+def agent_params() -> list[Any]:
+    """pytest params for an agent fixture: the stand-in, and a real agent when available."""
+    import pytest
+
+    return [
+        "standin",
+        pytest.param(
+            "consul",
+            marks=pytest.mark.skipif(shutil.which("consul") is None, reason=NO_CONSUL_REASON),
+        ),
+    ]
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.02) -> float:
+    """Polls ``predicate`` until truthy; returns the monotonic time it became so."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(poll_s)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import consul
+from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ClientError
 
 from common.registry.config import RegistryConfig
 from common.registry.interface import (
@@ -51,10 +52,7 @@ def go_duration(seconds: float) -> str:
 
 def _retryable(exc: BaseException) -> bool:
     """False for answers that retrying cannot change (4xx: bad request, ACL denied)."""
-    return not isinstance(
-        exc,
-        consul.ACLPermissionDenied | consul.ACLDisabled | consul.BadRequest | consul.ClientError,
-    )
+    return not isinstance(exc, ACLPermissionDenied | ACLDisabled | BadRequest | ClientError)
 
 
 def instance_from_health_entry(entry: dict[str, Any]) -> ServiceInstance:

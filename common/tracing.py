@@ -256,7 +256,7 @@ def _parse_resource_attributes(raw: str | None) -> dict[str, str]:
 
 
 class HealthAwareSampler(Sampler):
-    """Samples root spans marked ``llmcluster.health_check=True`` at ``health_ratio``.
+    """Keeps spans marked ``llmcluster.health_check=True`` at most at ``health_ratio``.
 
     Consul polls every worker every few seconds; keeping all of those spans drowns real
     traffic, keeping none hides a flapping worker. Other spans go to ``base``. The mark
@@ -278,8 +278,17 @@ class HealthAwareSampler(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: Any = None,
     ) -> SamplingResult:
-        sampler = self._health if attributes and attributes.get(ATTR_HEALTH_CHECK) else self._base
-        return sampler.should_sample(
+        result = self._base.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+        if (
+            not (attributes and attributes.get(ATTR_HEALTH_CHECK))
+            or not result.decision.is_sampled()
+        ):
+            return result
+        # Health spans also pass the health ratio: always_off still means off, and both
+        # ratio samplers hash the same trace id, so the effective ratio is the smaller one.
+        return self._health.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
 

@@ -1,0 +1,136 @@
+"""``llmcluster up``: the embedded local cluster (a router and N workers over the static
+registry), in the foreground until Ctrl-C, shutting every process down cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.pb import generate_pb2, generate_pb2_grpc
+
+DEMO_QUESTION = "In two sentences, what is continuous batching in LLM serving?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    # Own process group: Ctrl-C reaches us once, and we stop children in order.
+    return subprocess.Popen([sys.executable, "-m", "llmcluster", *args], start_new_session=True)
+
+
+def _wait_serving(address: str, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a cluster process exited with code {dead[0].returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f}s")
+
+
+def _demo(address: str) -> None:
+    request = generate_pb2.GenerateRequest(
+        messages=[generate_pb2.ChatMessage(role="user", content=DEMO_QUESTION)],
+        params=generate_pb2.SamplingParams(max_new_tokens=64),
+    )
+    print(f"\n> {DEMO_QUESTION}\n", flush=True)
+    with grpc.insecure_channel(address) as channel:
+        for msg in generate_pb2_grpc.GenerateStub(channel).GenerateStream(request, timeout=300):
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            if msg.HasField("usage"):
+                u = msg.usage
+                print(
+                    f"\n\n[{generate_pb2.FinishReason.Name(msg.finish_reason)}: "
+                    f"{u.completion_tokens} tokens, first token after "
+                    f"{u.time_to_first_token_ms:.0f} ms, served by {u.worker_id}]",
+                    flush=True,
+                )
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 15.0) -> None:
+    for p in procs:  # router first (list order), then workers drain
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        print("--workers must be >= 1", file=sys.stderr)
+        return 2
+    worker_addresses = []
+    workers = []
+    for i in range(args.workers):
+        port = _free_port()
+        worker_addresses.append(f"127.0.0.1:{port}")
+        cmd = ["worker", "--port", str(port), "--worker-id", f"local-{i}", "--dtype", args.dtype]
+        if args.model:
+            cmd += ["--model", args.model]
+        workers.append(_spawn(cmd))
+    router = _spawn(["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)])
+    procs = [router, *workers]
+    address = f"127.0.0.1:{args.port}"
+    stop = {"now": False}
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        print(f"starting router on {address} and {args.workers} worker(s)...", flush=True)
+        _wait_serving(address, procs, args.start_timeout_s)
+        print(f"router listening on {address}", flush=True)
+        print(f'try: llmcluster generate --chat "Hello!" --target {address}', flush=True)
+        if args.demo:
+            _demo(address)
+        print("cluster running; Ctrl-C to stop", flush=True)
+        while not stop["now"]:
+            if any(p.poll() is not None for p in procs):
+                print("a cluster process exited; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("stopping cluster...", flush=True)
+        _stop_all(procs)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start a local cluster: router + workers + the default model")
+    up.add_argument("--workers", type=int, default=1, help="number of workers (default: 1)")
+    up.add_argument("--port", type=int, default=50051, help="router port (default: 50051)")
+    up.add_argument("--model", default="", help="base model (default: the offline default)")
+    up.add_argument("--dtype", default="auto", help="worker dtype (default: auto)")
+    up.add_argument("--demo", action="store_true", help="stream a sample answer once healthy")
+    up.add_argument(
+        "--start-timeout-s", type=float, default=600.0, help="wait for health (default: 600)"
+    )
+    up.set_defaults(func=_run)

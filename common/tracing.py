@@ -34,6 +34,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -104,6 +106,8 @@ ATTR_EPOCH = "llmcluster.train.epoch"
 ATTR_LOSS = "llmcluster.train.loss"
 ATTR_LINK_KIND = "llmcluster.link.kind"  # on span links: "batch" | "training_job"
 ATTR_HEALTH_CHECK = "llmcluster.health_check"  # bool; marks spans sampled by health ratio
+ATTR_HEALTH_SERVICE = "llmcluster.health.service"  # the checked service name ("" = server)
+ATTR_HEALTH_STATUS = "llmcluster.health.status"  # SERVING / NOT_SERVING / ...
 ATTR_ERROR_TYPE = "error.type"
 ATTR_RPC_SYSTEM = "rpc.system"
 ATTR_RPC_SERVICE = "rpc.service"
@@ -612,3 +616,37 @@ def server_span(
             else:
                 record_error(span, exc)
             raise
+
+
+class TracedHealthServicer(health_aio.HealthServicer):
+    """``grpc.health.v1.Health`` (asyncio) whose ``Check`` produces a span.
+
+    A drop-in for ``grpc_health.v1.health.aio.HealthServicer``: Consul's gRPC checks (and
+    Kubernetes probes) each become a root span, kept at ``health_span_ratio``. A check
+    answered with anything but SERVING, or NOT_FOUND, is marked as an error so that a
+    flapping worker stands out in Jaeger. ``Watch`` is left untraced (long-lived).
+    """
+
+    def __init__(self, tracer: trace.Tracer | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._tracer = tracer
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:  # noqa: N802
+        tracer = self._tracer or get_tracer(__name__)
+        attrs = health_span_attributes(
+            **{
+                ATTR_RPC_SYSTEM: "grpc",
+                ATTR_RPC_SERVICE: "grpc.health.v1.Health",
+                ATTR_RPC_METHOD: "Check",
+                ATTR_HEALTH_SERVICE: request.service,
+            }
+        )
+        with server_span(
+            tracer, "grpc.health.v1.Health/Check", context.invocation_metadata(), attributes=attrs
+        ) as span:
+            response = await super().Check(request, context)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            span.set_attribute(ATTR_HEALTH_STATUS, status)
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                span.set_status(Status(StatusCode.ERROR, status))
+            return response

@@ -352,3 +352,47 @@ def test_config_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_common_does_not_import_torch() -> None:
     code = "import sys, common.tracing, common.metrics; print('torch' in sys.modules)"
     assert _run(code, _clean_env()).strip() == "False"
+
+
+def test_traced_health_servicer_spans_every_check(local_tracer) -> None:
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    tracer, exporter = local_tracer
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def scenario() -> list[int]:
+        servicer = t.TracedHealthServicer(tracer=tracer)
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes = []
+        try:
+            await servicer.set("", serving)
+            await servicer.set("llmcluster.v1.Generate", health_pb2.HealthCheckResponse.NOT_SERVING)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                for service in ("", "llmcluster.v1.Generate", "nope"):
+                    try:
+                        await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code())
+        finally:
+            await server.stop(None)
+        return codes
+
+    codes = asyncio.run(scenario())
+    assert codes == [grpc.StatusCode.OK, grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND]
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["grpc.health.v1.Health/Check"] * 3
+    by_service = {s.attributes[t.ATTR_HEALTH_SERVICE]: s for s in spans}
+    assert all(s.attributes[t.ATTR_HEALTH_CHECK] for s in spans)
+    assert by_service[""].attributes[t.ATTR_HEALTH_STATUS] == "SERVING"
+    assert by_service[""].status.status_code == StatusCode.UNSET
+    down = by_service["llmcluster.v1.Generate"]
+    assert down.attributes[t.ATTR_HEALTH_STATUS] == "NOT_SERVING"
+    assert down.status.status_code == StatusCode.ERROR
+    assert by_service["nope"].status.status_code == StatusCode.ERROR

@@ -396,3 +396,20 @@ def test_traced_health_servicer_spans_every_check(local_tracer) -> None:
     assert down.attributes[t.ATTR_HEALTH_STATUS] == "NOT_SERVING"
     assert down.status.status_code == StatusCode.ERROR
     assert by_service["nope"].status.status_code == StatusCode.ERROR
+
+
+def test_setup_is_idempotent_and_shutdown_is_safe_twice() -> None:
+    code = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from common import tracing as t
+        p1 = t.setup_tracing(t.SERVICE_ROUTER, t.TracingConfig(trace_exporter="none"))
+        p2 = t.setup_tracing(t.SERVICE_WORKER)
+        assert p1 is p2 is trace.get_tracer_provider()
+        assert p1.resource.attributes["service.name"] == "llmcluster-router"
+        t.shutdown_tracing()
+        t.shutdown_tracing()
+        print("ok")
+        """
+    )
+    assert _run(code, _clean_env()).strip() == "ok"

@@ -1,0 +1,217 @@
+"""The continuous-batching engine in-process, on the real default model (fp32) and on a
+tiny random model for mechanics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from common.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from common.validation import SamplingParams
+from tests.engine_helpers import CollectingSink
+from worker.engine import Engine, EngineConfig, EngineRequest
+
+PROMPTS = [
+    "What is the capital of France?",
+    "写一首关于春天的短诗。",
+    "def fibonacci(n):\n    ",
+    "Tell me a joke with emojis 😀🎉",
+    "Hi",
+    "Explain gravity to a child in one long paragraph, with an example from daily life.",
+    "1, 2, 3, 4,",
+    "東京はどんな都市ですか？絵文字🗼も使って。",
+    "SELECT name FROM users WHERE",
+]
+MAX_NEW = 24
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def references(default_model):
+    """model.generate(do_sample=False) for each prompt alone: the ground truth."""
+    model, tokenizer = default_model
+    refs = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = chat_ids(tokenizer, prompt)
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+            )
+            refs.append(out[0, len(ids) :].tolist())
+    return refs
+
+
+@pytest.fixture
+def engine(default_model):
+    model, tokenizer = default_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=16))
+    batch_sizes: list[int] = []
+    eng.on_step = lambda batch, new: batch_sizes.append(batch)
+    eng.batch_sizes = batch_sizes  # type: ignore[attr-defined]
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def submit(engine, sink, ids, **params) -> int:
+    return engine.submit(EngineRequest(ids, SamplingParams(**params), sink))
+
+
+def test_greedy_matches_generate_when_joining_a_running_batch(engine, default_model, references):
+    _, tokenizer = default_model
+    sink = CollectingSink()
+    keys = []
+    for prompt in PROMPTS:
+        key = submit(engine, sink, chat_ids(tokenizer, prompt), max_new_tokens=MAX_NEW)
+        keys.append(key)
+        sink.min_tokens[key] = 2
+        # Gate on the previous request decoding, so the next joins a running batch.
+        assert sink.token_events[key].wait(120)
+    sink.wait_done(keys)
+    assert max(engine.batch_sizes) >= 4, "requests never ran together"
+    for prompt, key, ref in zip(PROMPTS, keys, references, strict=True):
+        assert sink.tokens[key] == ref, f"divergence for {prompt!r}"
+        final = sink.final[key]
+        # A sequence cut by LENGTH inside a multi-byte character ends before it.
+        expected_text = tokenizer.decode(ref, skip_special_tokens=True).rstrip("\ufffd")
+        assert sink.text[key] == expected_text
+        assert final.finish_reason in ("EOS", "LENGTH")
+        assert final.usage.completion_tokens == len(ref)
+
+
+def test_cancel_one_of_eight_frees_its_slot_and_others_are_unchanged(
+    engine, default_model, references
+):
+    _, tokenizer = default_model
+    sink = CollectingSink()
+    keys = [
+        submit(engine, sink, chat_ids(tokenizer, p), max_new_tokens=MAX_NEW) for p in PROMPTS[:8]
+    ]
+    victim = keys[5]  # its reference runs to LENGTH, so it is still running when cancelled
+    sink.min_tokens[victim] = 3
+    assert sink.token_events[victim].wait(120)
+    running_before = engine.stats()["running"]
+    engine.cancel(victim, "test")
+    assert sink.done_events[victim].wait(30)
+    assert isinstance(sink.final[victim].error, Cancelled)
+    # The slot is free as soon as the cancel is delivered (same iteration).
+    still_running = sum(1 for k in keys if k not in sink.final)
+    assert engine.stats()["running"] <= still_running < running_before
+    sink.wait_done(keys)
+    for key, ref in zip(keys, references[:8], strict=True):
+        if key != victim:
+            assert sink.tokens[key] == ref
+    assert len(sink.tokens[victim]) < MAX_NEW
+
+
+def test_stop_string_across_token_boundaries(engine, default_model, references):
+    _, tokenizer = default_model
+    ref_text = tokenizer.decode(references[5], skip_special_tokens=True)
+    stop = ref_text[10:17]  # a stop that starts and ends inside tokens, most likely
+    sink = CollectingSink()
+    key = submit(
+        engine, sink, chat_ids(tokenizer, PROMPTS[5]), max_new_tokens=MAX_NEW, stop=(stop,)
+    )
+    sink.wait_done([key])
+    assert sink.final[key].finish_reason == "STOP"
+    assert sink.text[key] == ref_text[: ref_text.index(stop)]
+
+
+def test_seed_gives_same_output_alone_and_in_a_batch(engine, default_model):
+    _, tokenizer = default_model
+    ids = chat_ids(tokenizer, "Write a tiny story about a cat.")
+    alone = CollectingSink()
+    key = submit(engine, alone, ids, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)
+    alone.wait_done([key])
+    crowd = CollectingSink()
+    others = [submit(engine, crowd, chat_ids(tokenizer, p), max_new_tokens=16) for p in PROMPTS[:4]]
+    again = submit(engine, crowd, ids, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)
+    other_seed = submit(engine, crowd, ids, max_new_tokens=16, temperature=0.9, top_p=0.95, seed=8)
+    crowd.wait_done([*others, again, other_seed])
+    assert crowd.tokens[again] == alone.tokens[key]
+    assert crowd.tokens[other_seed] != alone.tokens[key]
+
+
+def test_logprobs_and_alternatives(engine, default_model, references):
+    _, tokenizer = default_model
+    seen = []
+
+    class Sink(CollectingSink):
+        def on_outputs(self, step, outputs):
+            for out in outputs:
+                seen.extend(out.tokens)
+            super().on_outputs(step, outputs)
+
+    sink = Sink()
+    key = submit(engine, sink, chat_ids(tokenizer, PROMPTS[0]), max_new_tokens=5, logprobs=3)
+    sink.wait_done([key])
+    assert len(seen) == 5
+    for token in seen:
+        assert len(token.top) == 3
+        assert token.top[0][0] == token.token_id  # greedy: the chosen token is the top one
+        assert token.logprob == pytest.approx(token.top[0][2])
+        assert token.top[0][2] >= token.top[1][2] >= token.top[2][2]
+        assert token.logprob <= 0
+
+
+def test_deadline_and_budgets(default_model):
+    model, tokenizer = default_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=1, max_queue=2, max_kv_tokens=300))
+    sink = CollectingSink()
+    ids = chat_ids(tokenizer, "Hello")
+    # Not started yet: nothing drains the queue, so the bound is observable.
+    eng.submit(EngineRequest(ids, SamplingParams(max_new_tokens=4), sink))
+    past = eng.submit(
+        EngineRequest(
+            ids, SamplingParams(max_new_tokens=4), sink, deadline_monotonic=time.monotonic()
+        )
+    )
+    with pytest.raises(ResourceExhausted):
+        eng.submit(EngineRequest(ids, SamplingParams(max_new_tokens=4), sink))
+    with pytest.raises(InvalidArgument, match="KV budget"):
+        eng.submit(EngineRequest(ids, SamplingParams(max_new_tokens=400), sink))
+    eng.start()
+    try:
+        sink.wait_done([past])
+        assert isinstance(sink.final[past].error, DeadlineExceeded)
+    finally:
+        eng.stop()
+
+
+def test_kv_budget_makes_requests_wait_not_fail(tiny_model):
+    model, tokenizer = tiny_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=8, max_kv_tokens=120))
+    eng.eos_ids = set()  # a random model may say EOS at any time; lengths must be exact
+    sink = CollectingSink()
+    ids = list(range(100, 140))  # 40 prompt tokens + 20 new = 60 reserved each
+    peak = []
+    eng.on_step = lambda batch, new: peak.append(batch)
+    eng.start()
+    try:
+        keys = [
+            eng.submit(EngineRequest(ids, SamplingParams(max_new_tokens=20), sink))
+            for _ in range(5)
+        ]
+        sink.wait_done(keys)
+    finally:
+        eng.stop()
+    assert max(peak) == 2  # 120 KV tokens hold two sequences at a time
+    assert all(len(sink.tokens[k]) == 20 for k in keys)
+    assert all(sink.final[k].finish_reason == "LENGTH" for k in keys)
+    # Same prompt, greedy: identical outputs whichever batch they ran in.
+    assert all(sink.tokens[k] == sink.tokens[keys[0]] for k in keys)

@@ -51,12 +51,14 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import consul
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -898,17 +900,26 @@ def make_agent(kind: str) -> ConsulStandin | ConsulDevAgent:
     return ConsulStandin(check_reap_interval_s=0.1, check_deregister_interval_min_s=0).start()
 
 
-def agent_params() -> list[Any]:
-    """pytest params for an agent fixture: the stand-in, and a real agent when available."""
-    import pytest
-
-    return [
+@pytest.fixture(
+    params=[
         "standin",
         pytest.param(
             "consul",
             marks=pytest.mark.skipif(shutil.which("consul") is None, reason=NO_CONSUL_REASON),
         ),
     ]
+)
+def consul_agent(request: pytest.FixtureRequest) -> Iterator[ConsulStandin | ConsulDevAgent]:
+    """A started agent: the stand-in, and a real ``consul agent -dev`` when on PATH.
+
+    Import it into a test module to use it; a test can narrow or mark the kinds with
+    ``@pytest.mark.parametrize("consul_agent", [...], indirect=True)``.
+    """
+    agent = make_agent(request.param)
+    try:
+        yield agent
+    finally:
+        agent.close()
 
 
 def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.02) -> float:

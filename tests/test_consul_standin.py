@@ -15,26 +15,19 @@ import consul
 import pytest
 from consul.exceptions import BadRequest
 
+from tests import consul_standin
 from tests.consul_standin import (
     ConsulDevAgent,
     ConsulStandin,
     HealthServer,
-    agent_params,
-    make_agent,
     parse_go_duration,
     wait_for,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture(params=agent_params())
-def agent(request: pytest.FixtureRequest) -> Iterator[ConsulStandin | ConsulDevAgent]:
-    a = make_agent(request.param)
-    try:
-        yield a
-    finally:
-        a.close()
+# The shared agent fixture (stand-in, plus a real agent when on PATH).
+consul_agent = consul_standin.consul_agent
 
 
 @pytest.fixture
@@ -60,8 +53,8 @@ def _passing_ids(client: consul.Consul, name: str) -> list[str]:
     return sorted(e["Service"]["ID"] for e in entries)
 
 
-def test_register_and_deregister(agent: ConsulStandin | ConsulDevAgent) -> None:
-    client = agent.client()
+def test_register_and_deregister(consul_agent: ConsulStandin | ConsulDevAgent) -> None:
+    client = consul_agent.client()
     assert client.agent.service.register(
         "svc",
         service_id="svc-1",
@@ -97,9 +90,9 @@ def test_register_and_deregister(agent: ConsulStandin | ConsulDevAgent) -> None:
 
 
 def test_grpc_check_follows_health_server(
-    agent: ConsulStandin | ConsulDevAgent, health_server: HealthServer
+    consul_agent: ConsulStandin | ConsulDevAgent, health_server: HealthServer
 ) -> None:
-    client = agent.client()
+    client = consul_agent.client()
     check = consul.Check.grpc(
         f"127.0.0.1:{health_server.port}", "200ms", use_tls=False, timeout="1s"
     )
@@ -123,8 +116,8 @@ def test_grpc_check_follows_health_server(
     assert _passing_ids(client, "w") == []
 
 
-def test_grpc_check_starts_critical(agent: ConsulStandin | ConsulDevAgent) -> None:
-    client = agent.client()
+def test_grpc_check_starts_critical(consul_agent: ConsulStandin | ConsulDevAgent) -> None:
+    client = consul_agent.client()
     # A long interval: the first probe comes after a random stagger within it, so
     # the status read right after registration is the initial one.
     check = consul.Check.grpc("127.0.0.1:9", "30s", use_tls=False)
@@ -133,8 +126,8 @@ def test_grpc_check_starts_critical(agent: ConsulStandin | ConsulDevAgent) -> No
     assert _passing_ids(client, "w") == []
 
 
-def test_ttl_check(agent: ConsulStandin | ConsulDevAgent) -> None:
-    client = agent.client()
+def test_ttl_check(consul_agent: ConsulStandin | ConsulDevAgent) -> None:
+    client = consul_agent.client()
     assert client.agent.service.register(
         "t", service_id="t-1", port=1234, check=consul.Check.ttl("600ms")
     )
@@ -162,10 +155,10 @@ def test_ttl_check(agent: ConsulStandin | ConsulDevAgent) -> None:
 
 
 def test_blocking_query_returns_on_change_and_waits_otherwise(
-    agent: ConsulStandin | ConsulDevAgent,
+    consul_agent: ConsulStandin | ConsulDevAgent,
 ) -> None:
-    client = agent.client()
-    other = agent.client()
+    client = consul_agent.client()
+    other = consul_agent.client()
     index, entries = client.health.service("b", passing=True)
     assert entries == []
 
@@ -193,12 +186,12 @@ def test_blocking_query_returns_on_change_and_waits_otherwise(
 
 
 @pytest.mark.parametrize(
-    "agent",
+    "consul_agent",
     ["standin", pytest.param("consul", marks=pytest.mark.slow)],
     indirect=True,
 )
-def test_deregister_critical_service_after(agent: ConsulStandin | ConsulDevAgent) -> None:
-    client = agent.client()
+def test_deregister_critical_service_after(consul_agent: ConsulStandin | ConsulDevAgent) -> None:
+    client = consul_agent.client()
     # Nothing listens on port 9: the check stays critical from registration on.
     check = consul.Check.grpc("127.0.0.1:9", "200ms", use_tls=False, deregister="1s")
     assert client.agent.service.register("d", service_id="d-1", port=9, check=check)
@@ -208,7 +201,7 @@ def test_deregister_critical_service_after(agent: ConsulStandin | ConsulDevAgent
 
     registered_at = time.monotonic()
     # Consul itself floors the timeout at 1 min and reaps every 30 s.
-    limit_s = agent.check_deregister_interval_min_s + agent.check_reap_interval_s + 10
+    limit_s = consul_agent.check_deregister_interval_min_s + consul_agent.check_reap_interval_s + 10
     gone_at = wait_for(
         lambda: "d-1" not in client.agent.services(), limit_s, "critical service reaped"
     )
@@ -216,8 +209,8 @@ def test_deregister_critical_service_after(agent: ConsulStandin | ConsulDevAgent
     assert "d-keep" in client.agent.services()  # passing services stay
 
 
-def test_reregistration_replaces_checks(agent: ConsulStandin | ConsulDevAgent) -> None:
-    client = agent.client()
+def test_reregistration_replaces_checks(consul_agent: ConsulStandin | ConsulDevAgent) -> None:
+    client = consul_agent.client()
     ttl = consul.Check.ttl("1h")
     assert client.agent.service.register("r", service_id="r-1", port=1, check=ttl)
     assert client.agent.check.ttl_pass("service:r-1")

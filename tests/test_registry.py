@@ -28,16 +28,18 @@ from common.registry import (
     parse_endpoint,
 )
 from common.registry.consul import ConsulRegistry, go_duration
+from tests import consul_standin
 from tests.consul_standin import (
     ConsulDevAgent,
     ConsulStandin,
     HealthServer,
-    agent_params,
-    make_agent,
     wait_for,
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+# The shared agent fixture (stand-in, plus a real agent when on PATH).
+consul_agent = consul_standin.consul_agent
 
 CONSUL_ENV = (
     "CONSUL_HTTP_ADDR",
@@ -192,15 +194,6 @@ def test_make_registry_consul() -> None:
 # -- the Consul backend -----------------------------------------------------------
 
 
-@pytest.fixture(params=agent_params())
-def agent(request: pytest.FixtureRequest) -> Iterator[ConsulStandin | ConsulDevAgent]:
-    a = make_agent(request.param)
-    try:
-        yield a
-    finally:
-        a.close()
-
-
 @pytest.fixture
 def standin() -> Iterator[ConsulStandin]:
     with ConsulStandin(check_reap_interval_s=0.1, check_deregister_interval_min_s=0) as s:
@@ -284,10 +277,10 @@ def _check_passing(client: object, check_id: str) -> bool:
 
 
 def test_consul_registry_watch_follows_checks(
-    agent: ConsulStandin | ConsulDevAgent, health_servers: list[HealthServer]
+    consul_agent: ConsulStandin | ConsulDevAgent, health_servers: list[HealthServer]
 ) -> None:
-    registry = ConsulRegistry(_config(agent))
-    client = agent.client()
+    registry = ConsulRegistry(_config(consul_agent))
+    client = consul_agent.client()
     recorder = Recorder()
     watch = registry.watch(WORKER_SERVICE, recorder.on_change, recorder.on_status)
     try:

@@ -1,0 +1,247 @@
+"""A real ``llmcluster worker`` process, called as a client would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def channel(worker_proc):
+    with grpc.insecure_channel(worker_proc.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return generate_pb2_grpc.GenerateStub(channel)
+
+
+def running(channel) -> int:
+    info = worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+    return info.load.running
+
+
+def chat(text: str, **params) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        messages=[generate_pb2.ChatMessage(role="user", content=text)],
+        params=generate_pb2.SamplingParams(**params),
+    )
+
+
+def test_stream_yields_deltas_then_finish_and_usage(stub):
+    msgs = list(stub.GenerateStream(chat("Name three colors.", max_new_tokens=12), timeout=120))
+    assert len(msgs) >= 3
+    *body, last = msgs
+    assert all(m.finish_reason == generate_pb2.FINISH_REASON_UNSPECIFIED for m in body)
+    assert all(not m.HasField("usage") for m in body)
+    assert last.finish_reason in (generate_pb2.LENGTH, generate_pb2.EOS)
+    u = last.usage
+    assert u.prompt_tokens > 5 and 1 <= u.completion_tokens <= 12
+    assert u.worker_id == "test-worker"
+    assert 0 <= u.queue_ms <= u.time_to_first_token_ms <= u.total_ms
+    assert sum(len(m.tokens) for m in msgs) == u.completion_tokens
+    assert "".join(m.text for m in msgs).strip()
+
+
+def test_unary_generate_matches_stream_and_echoes_request_id(stub):
+    req = chat("Count to five.", max_new_tokens=10, logprobs=2)
+    req.request_id = "req-123"
+    streamed = list(stub.GenerateStream(req, timeout=120))
+    unary = stub.Generate(req, timeout=120)
+    assert unary.request_id == "req-123" and streamed[0].request_id == "req-123"
+    assert unary.text == "".join(m.text for m in streamed)
+    assert [t.id for t in unary.tokens] == [t.id for m in streamed for t in m.tokens]
+    assert all(len(t.top_logprobs) == 2 for t in unary.tokens)
+
+
+def test_list_models_and_health(stub, channel):
+    models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=10).models
+    assert [m.name for m in models] == ["SmolLM2-135M-Instruct"]
+    assert models[0].is_default and models[0].kind == generate_pb2.BASE
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+BAD_REQUESTS = [
+    (generate_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+    (
+        generate_pb2.GenerateRequest(
+            prompt="x", messages=[generate_pb2.ChatMessage(role="user", content="y")]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not both",
+    ),
+    (
+        generate_pb2.GenerateRequest(
+            prompt="x", params=generate_pb2.SamplingParams(max_new_tokens=0)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens",
+    ),
+    (
+        generate_pb2.GenerateRequest(
+            prompt="x", params=generate_pb2.SamplingParams(max_new_tokens=100000)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_new_tokens",
+    ),
+    (
+        generate_pb2.GenerateRequest(
+            prompt="x", params=generate_pb2.SamplingParams(temperature=-1)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    (
+        generate_pb2.GenerateRequest(prompt="x", params=generate_pb2.SamplingParams(top_p=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    (
+        generate_pb2.GenerateRequest(prompt="x", params=generate_pb2.SamplingParams(top_p=1.5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    (
+        generate_pb2.GenerateRequest(prompt="x", params=generate_pb2.SamplingParams(logprobs=99)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "logprobs",
+    ),
+    (
+        generate_pb2.GenerateRequest(prompt="x " * 9000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "context",
+    ),
+    (
+        generate_pb2.GenerateRequest(
+            messages=[generate_pb2.ChatMessage(role="robot", content="hi")]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "role",
+    ),
+    (generate_pb2.GenerateRequest(prompt="x", model="gpt-9"), grpc.StatusCode.NOT_FOUND, "gpt-9"),
+    (
+        generate_pb2.GenerateRequest(prompt="x", adapter="no-such-adapter"),
+        grpc.StatusCode.NOT_FOUND,
+        "no-such-adapter",
+    ),
+    (
+        generate_pb2.GenerateRequest(prompt="x", adapter="../etc"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not a valid name",
+    ),
+]
+
+
+@pytest.mark.parametrize("request_pb,code,fragment", BAD_REQUESTS)
+def test_bad_input_gets_status_and_message(stub, request_pb, code, fragment):
+    for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(request_pb, timeout=30)
+        assert err.value.code() == code
+        assert fragment in err.value.details()
+
+
+def test_worker_still_serves_after_bad_input(stub):
+    reply = stub.Generate(chat("Say yes.", max_new_tokens=3), timeout=60)
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_cancel_one_of_eight_streams(stub, channel):
+    prompts = [f"Write a long story about planet number {i}." for i in range(8)]
+    results: dict[int, list] = {}
+    errors: dict[int, grpc.RpcError] = {}
+    started = threading.Event()
+    calls = [stub.GenerateStream(chat(p, max_new_tokens=40), timeout=300) for p in prompts]
+
+    def consume(i):
+        try:
+            results[i] = []
+            for msg in calls[i]:
+                results[i].append(msg)
+                if i == 3 and len(results[i]) >= 3:
+                    started.set()
+        except grpc.RpcError as exc:
+            errors[i] = exc
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    assert started.wait(120)
+    before = running(channel)
+    calls[3].cancel()
+    deadline = time.monotonic() + 10
+    while running(channel) >= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running(channel) < before, "cancelled stream still holds its slot"
+    for t in threads:
+        t.join(300)
+    assert errors[3].code() == grpc.StatusCode.CANCELLED
+    for i in range(8):
+        if i != 3:
+            assert i not in errors
+            assert results[i][-1].HasField("usage")
+
+
+def test_deadline_frees_the_sequence(stub, channel):
+    call = stub.GenerateStream(
+        chat("Tell me everything about the ocean.", max_new_tokens=400), timeout=1.5
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in call:
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while running(channel) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running(channel) == 0
+
+
+def test_cli_generate_streams_to_stdout(worker_proc):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmcluster",
+            "generate",
+            "--chat",
+            "Say hello.",
+            "--max-new-tokens",
+            "8",
+            "--target",
+            worker_proc.address,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) >= 2 and '"finishReason"' in lines[-1]
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmcluster",
+            "generate",
+            "x",
+            "--top-p",
+            "2",
+            "--target",
+            worker_proc.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr

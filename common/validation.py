@@ -67,6 +67,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int = 0
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -115,6 +116,7 @@ class SamplingParams:
             seed=pb.seed if pb.HasField("seed") else None,
             stop=stops,
             logprobs=int(pb.logprobs),
+            ignore_eos=bool(pb.ignore_eos),
         )
 
 

@@ -477,7 +477,7 @@ class Engine:
             tuple((i, decode([i]), lp) for i, lp in choice.top),
         )
         finish: str | None = None
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not seq.req.params.ignore_eos:
             finish = FINISH_EOS
             text = seq.detok.flush()
         else:

@@ -40,6 +40,11 @@ class WorkerConfig:
     max_new_tokens_limit: int = field(2048, help="upper bound of a request's max_new_tokens")
     max_context_tokens: int = field(0, help="context length; 0 = the model's own limit")
     load_interval_ms: int = field(200, help="period of Load reports on router links")
+    engine: str = field(
+        "model",
+        help="model = the real engine; null = emit tokens without a model (router+gRPC ceiling benchmarks)",
+    )
+    null_step_ms: float = field(5.0, help="with --engine null: time one iteration takes")
     warmup: bool = field(True, help="run a short generation before reporting SERVING")
     grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")
 
@@ -49,6 +54,8 @@ class WorkerConfig:
         for name in ("max_running", "max_kv_tokens", "max_queue", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.engine not in ("model", "null"):
+            raise ValueError(f"engine must be 'model' or 'null', got {self.engine!r}")
         if self.max_context_tokens < 0:
             raise ValueError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
         if not 0 <= self.port <= 65535:

@@ -160,7 +160,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.device = next(model.parameters()).device
+        self.device = self._init_device(model)
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._keys = itertools.count(1)
@@ -183,6 +183,9 @@ class Engine:
         self.fatal_error: BaseException | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
         self.on_step: Callable[[int, int], None] | None = None  # (batch size, new tokens)
+
+    def _init_device(self, model: Any) -> torch.device:
+        return next(model.parameters()).device
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -454,6 +457,15 @@ class Engine:
             [s.generator for s in rows],
             [s.seen for s in rows],
         )
+        self._emit_choices(rows, choices, outputs, sinks)
+
+    def _emit_choices(
+        self,
+        rows: list[_Sequence],
+        choices: list[TokenChoice],
+        outputs: dict[int, SeqOutput],
+        sinks: dict[int, OutputSink],
+    ) -> None:
         now = time.monotonic()
         for seq, choice in zip(rows, choices, strict=True):
             outputs[seq.req.key] = self._advance(seq, choice, now)

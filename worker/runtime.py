@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.errors import InvalidArgument, NotFound, Unavailable
-from common.models import ModelSource, load_model, resolve_model
+from common.models import ModelSource, load_model, load_tokenizer, resolve_model
 from common.validation import GenerationLimits, GenerationSpec, SamplingParams
 from worker.config import WorkerConfig
 from worker.engine import Engine, EngineConfig, EngineRequest, SeqOutput
@@ -36,10 +36,14 @@ class ModelRuntime:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.source: ModelSource = resolve_model(config.model or None)
-        self.model, self.tokenizer = load_model(self.source, config.dtype, config.device)
-        self.device = str(next(self.model.parameters()).device)
-        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        model_limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 8192
+        if config.engine == "null":
+            self.model, self.tokenizer = None, load_tokenizer(self.source)
+            self.device, self.dtype, model_limit = "none", "none", 8192
+        else:
+            self.model, self.tokenizer = load_model(self.source, config.dtype, config.device)
+            self.device = str(next(self.model.parameters()).device)
+            self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+            model_limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 8192
         context = config.max_context_tokens or model_limit
         self.limits = GenerationLimits(
             max_new_tokens_limit=config.max_new_tokens_limit,
@@ -48,16 +52,17 @@ class ModelRuntime:
         self.engine = self._new_engine()
 
     def _new_engine(self) -> Engine:
-        return Engine(
-            self.model,
-            self.tokenizer,
-            EngineConfig(
-                max_running=self.config.max_running,
-                max_kv_tokens=self.config.max_kv_tokens,
-                max_queue=self.config.max_queue,
-                max_context_tokens=self.limits.max_context_tokens,
-            ),
+        config = EngineConfig(
+            max_running=self.config.max_running,
+            max_kv_tokens=self.config.max_kv_tokens,
+            max_queue=self.config.max_queue,
+            max_context_tokens=self.limits.max_context_tokens,
         )
+        if self.model is None:
+            from worker.null_engine import NullEngine
+
+            return NullEngine(self.tokenizer, config, step_s=self.config.null_step_ms / 1000.0)
+        return Engine(self.model, self.tokenizer, config)
 
     @property
     def model_names(self) -> list[str]:

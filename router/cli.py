@@ -7,6 +7,13 @@ import asyncio
 import logging
 
 from common.config import add_arguments, from_arguments
+from common.tracing import (
+    SERVICE_ROUTER,
+    TracingConfig,
+    add_tracing_arguments,
+    setup_tracing,
+    shutdown_tracing,
+)
 from router.config import RouterConfig
 
 logger = logging.getLogger(__name__)
@@ -21,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and coalescing them into batches on one link per worker.",
     )
     add_arguments(parser, RouterConfig)
+    add_tracing_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -28,11 +36,16 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of the subcommand."""
     try:
         config = from_arguments(RouterConfig, args)
+        tracing_config = TracingConfig.from_args(args)
     except ValueError as exc:
         logger.error("invalid router configuration: %s", exc)
         return 2
     # Local import: keeps `llmcluster router --help` light.
     from router.server import serve
 
-    asyncio.run(serve(config))
+    setup_tracing(SERVICE_ROUTER, tracing_config)
+    try:
+        asyncio.run(serve(config))
+    finally:
+        shutdown_tracing()
     return 0

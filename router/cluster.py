@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from common import tracing
 from common.errors import RequestError, ResourceExhausted, Unavailable
+from common.metrics import RouterMetrics
 from common.pb import generate_pb2
 from common.validation import GenerationLimits, generation_spec_from_pb
 from router.config import RouterConfig
@@ -57,10 +59,20 @@ class Cluster:
         config: RouterConfig,
         policy: Policy | None = None,
         on_health_change: Callable[[bool], None] | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.config = config
         self.policy = policy or LeastOutstandingPolicy(seed=config.seed)
         self.on_health_change = on_health_change
+        self.metrics = metrics
+        self._tracer = tracing.get_tracer(__name__)
+        if metrics is not None:
+            # Read at scrape time (from the exporter's thread: plain int/len reads).
+            metrics.outstanding_requests.set_function(lambda: self._in_flight)
+            metrics.queue_depth.set_function(
+                lambda: sum(link.unsent for link in list(self.links.values()))
+            )
+            metrics.healthy_workers.set_function(self.healthy_count)
         self.links: dict[str, WorkerLink] = {}
         self._retired: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -83,6 +95,7 @@ class Cluster:
                     reconnect_max_s=self.config.reconnect_max_s,
                     connect_timeout_s=self.config.connect_timeout_s,
                     on_change=self._health_changed,
+                    on_batch=self.metrics.observe_submit_batch if self.metrics else None,
                 )
                 self.links[address] = link
                 link.start()
@@ -106,7 +119,7 @@ class Cluster:
         return self.healthy_count() >= count
 
     def healthy_count(self) -> int:
-        return sum(1 for link in self.links.values() if link.healthy)
+        return sum(1 for link in list(self.links.values()) if link.healthy)
 
     def healthy_links(self) -> list[WorkerLink]:
         return [link for link in self.links.values() if link.healthy]
@@ -181,18 +194,32 @@ class Cluster:
         link: WorkerLink | None = None
         try:
             while routed.attempts < self.config.max_attempts:
-                link = self._choose(request, tried, last_error)
-                tried.add(link.address)
-                routed.attempts += 1
-                if routed.attempts > 1:
-                    self._stats.rerouted += 1
-                try:
-                    lr = link.submit(
-                        request, deadline_unix_ms=deadline_unix_ms, trace_context=trace_context
-                    )
-                except Unavailable as exc:
-                    last_error = exc
-                    continue
+                # The route span is closed before streaming: it parents the worker's spans
+                # through WorkItem.trace_context, and never spans an async-generator yield.
+                with self._tracer.start_as_current_span("route") as span:
+                    link = self._choose(request, tried, last_error)
+                    tried.add(link.address)
+                    routed.attempts += 1
+                    span.set_attribute("llmcluster.attempt", routed.attempts)
+                    if routed.attempts > 1:
+                        self._stats.rerouted += 1
+                        if self.metrics is not None:
+                            self.metrics.retries_total.inc()
+                        if last_error is not None:
+                            span.add_event(tracing.EVENT_FAILOVER, {"reason": last_error.message})
+                    span.set_attribute("server.address", link.address)
+                    try:
+                        lr = link.submit(
+                            request,
+                            deadline_unix_ms=deadline_unix_ms,
+                            trace_context={**(trace_context or {}), **tracing.inject_to_dict()},
+                        )
+                    except Unavailable as exc:
+                        last_error = exc
+                        continue
+                    span.set_attribute(tracing.ATTR_LINK_REQUEST_ID, lr.link_request_id)
+                    if link.info is not None:
+                        span.set_attribute(tracing.ATTR_WORKER_ID, link.info.worker_id)
                 routed.link, routed.request = link, lr
                 delivered = 0
                 while True:

@@ -36,6 +36,9 @@ class RouterConfig:
         5.0, help="bound on one health check / Info call while (re)connecting a worker"
     )
     grace_s: float = field(5.0, help="on SIGTERM, how long running streams may take to finish")
+    metrics_port: int | None = field(
+        None, help="port of the Prometheus /metrics endpoint (0 = any free port; unset = none)"
+    )
     seed: int | None = field(None, help="seed of the balancing policy's RNG (tests)")
 
     def __post_init__(self) -> None:

@@ -134,6 +134,7 @@ class WorkerLink:
         connect_timeout_s: float = 5.0,
         idle_timeout_s: float = 10.0,
         on_change: Callable[[], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.address = address
         self.coalesce_window_s = coalesce_window_s
@@ -145,6 +146,7 @@ class WorkerLink:
         # the peer is gone even if TCP has not noticed yet.
         self.idle_timeout_s = idle_timeout_s
         self.on_change = on_change
+        self.on_batch = on_batch  # called with each SubmitBatch's size (metrics)
         self.stats = LinkStats()
         self.info: worker_pb2.WorkerInfo | None = None
         self.load = worker_pb2.Load()
@@ -192,6 +194,11 @@ class WorkerLink:
     def healthy(self) -> bool:
         """Routable: stream open, health SERVING, not draining, not closing."""
         return self.connected and self.serving and not self.load.draining and not self._closing
+
+    @property
+    def unsent(self) -> int:
+        """Requests waiting in the outbox for the next SubmitBatch."""
+        return len(self._outbox)
 
     @property
     def outstanding(self) -> int:
@@ -316,7 +323,7 @@ class WorkerLink:
             while True:
                 try:
                     msg = await asyncio.wait_for(call.read(), self.idle_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     reason = f"no message from the worker for {self.idle_timeout_s:g}s"
                     break
                 except grpc.aio.AioRpcError as exc:
@@ -404,6 +411,8 @@ class WorkerLink:
         self.stats.batches_sent += 1
         self.stats.requests_sent += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
 
     def _handle(self, msg: worker_pb2.WorkerMessage) -> None:
         kind = msg.WhichOneof("kind")

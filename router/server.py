@@ -12,14 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from common.pb import generate_pb2, generate_pb2_grpc
+from common.metrics import RouterMetrics, start_metrics_server
+from common.pb import generate_pb2_grpc
 from router.cluster import Cluster
 from router.config import RouterConfig
-from router.service import GenerateService
+from router.service import GENERATE_SERVICE, GenerateService
 
 logger = logging.getLogger(__name__)
-
-GENERATE_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
 
 
 @dataclass
@@ -30,6 +29,8 @@ class RouterServer:
     cluster: Cluster
     health: HealthServicer
     port: int
+    metrics: RouterMetrics
+    metrics_port: int | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops taking calls, lets running ones finish within grace, closes links."""
@@ -70,10 +71,14 @@ async def start_router(config: RouterConfig) -> RouterServer:
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    cluster = Cluster(config, on_health_change=on_health_change)
+    metrics = RouterMetrics()
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = start_metrics_server(config.metrics_port, metrics.registry, config.host)
+    cluster = Cluster(config, on_health_change=on_health_change, metrics=metrics)
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(GENERATE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(cluster), server)
+    generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(cluster, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # The FineTune proxy registers here once it exists (fine-tuning issue).
     reflection.enable_server_reflection(
@@ -96,7 +101,7 @@ async def start_router(config: RouterConfig) -> RouterServer:
         len(config.workers),
         ",".join(config.workers),
     )
-    return RouterServer(server, cluster, health, port)
+    return RouterServer(server, cluster, health, port, metrics, metrics_port)
 
 
 async def serve(config: RouterConfig) -> None:

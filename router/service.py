@@ -14,16 +14,18 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
+from common import tracing
 from common.errors import RequestError, Unavailable, abort_with
+from common.metrics import RouterMetrics
 from common.pb import generate_pb2, generate_pb2_grpc
 from router.cluster import Cluster, Routed
-from router.link import Delta
+from router.link import Delta, Finished
 
 logger = logging.getLogger(__name__)
 
-# W3C trace context headers forwarded to the worker in WorkItem.trace_context.
-_TRACE_HEADERS = ("traceparent", "tracestate")
+GENERATE_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
 LIST_MODELS_TIMEOUT_S = 5.0
 
 
@@ -34,11 +36,6 @@ def _deadline_unix_ms(context: grpc.aio.ServicerContext) -> int:
     return int((time.time() + remaining) * 1000)
 
 
-def _trace_context(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    metadata = context.invocation_metadata() or ()
-    return {k: str(v) for k, v in metadata if k in _TRACE_HEADERS}
-
-
 def _with_request_id(request: generate_pb2.GenerateRequest) -> generate_pb2.GenerateRequest:
     if request.request_id:
         return request
@@ -46,6 +43,17 @@ def _with_request_id(request: generate_pb2.GenerateRequest) -> generate_pb2.Gene
     copy.CopyFrom(request)
     copy.request_id = uuid.uuid4().hex
     return copy
+
+
+def _set_usage(span: trace.Span, event: Finished) -> None:
+    span.set_attributes(
+        tracing.genai_usage_attributes(
+            input_tokens=event.usage.prompt_tokens,
+            output_tokens=event.usage.completion_tokens,
+            finish_reason=generate_pb2.FinishReason.Name(event.finish_reason),
+        )
+    )
+    span.set_attribute(tracing.ATTR_WORKER_ID, event.usage.worker_id)
 
 
 def _routing_metadata(routed: Routed) -> tuple[tuple[str, str], ...]:
@@ -60,77 +68,140 @@ def _routing_metadata(routed: Routed) -> tuple[tuple[str, str], ...]:
     )
 
 
+class _Observation:
+    """Metrics of one request as the client sees it (TTFT, inter-token gaps, status)."""
+
+    def __init__(self, metrics: RouterMetrics | None, method: str) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.start = time.monotonic()
+        self.last: float | None = None
+        self.code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # until proven otherwise
+
+    def delta(self, event: Delta) -> None:
+        if self.metrics is None or not event.tokens:
+            return
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.observe_ttft(now - self.start)
+        else:
+            self.metrics.observe_inter_token(now - self.last, len(event.tokens))
+        self.last = now
+
+    def finished(self, event: Finished) -> None:
+        self.code = grpc.StatusCode.OK
+        if self.metrics is not None:
+            self.metrics.observe_request_done(
+                e2e_s=time.monotonic() - self.start,
+                prompt_tokens=event.usage.prompt_tokens,
+                generation_tokens=event.usage.completion_tokens,
+            )
+
+    def done(self) -> None:
+        if self.metrics is not None:
+            self.metrics.record_request(self.method, self.code)
+
+
 class GenerateService(generate_pb2_grpc.GenerateServicer):
     """Public Generate API of the router."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, metrics: RouterMetrics | None = None) -> None:
         self.cluster = cluster
+        self.metrics = metrics
+        self._tracer = tracing.get_tracer(__name__)
+
+    def _span(self, name: str, request: generate_pb2.GenerateRequest, context):
+        p = request.params
+        attributes = tracing.genai_request_attributes(
+            model=request.model,
+            operation=tracing.GEN_AI_OPERATION_CHAT
+            if len(request.messages)
+            else tracing.GEN_AI_OPERATION_TEXT_COMPLETION,
+            max_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
+            temperature=p.temperature,
+            seed=p.seed if p.HasField("seed") else None,
+            adapter=request.adapter,
+            request_id=request.request_id,
+        )
+        attributes[tracing.ATTR_RPC_SERVICE] = GENERATE_SERVICE
+        attributes[tracing.ATTR_RPC_METHOD] = name
+        return tracing.server_span(
+            self._tracer, "router request", context.invocation_metadata(), attributes=attributes
+        )
 
     async def GenerateStream(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         request = _with_request_id(request)
         routed = Routed()
+        obs = _Observation(self.metrics, "GenerateStream")
         try:
-            self.cluster.validate(request)
+            with self._span("GenerateStream", request, context) as span:
+                self.cluster.validate(request)
+                events = self.cluster.generate(
+                    request, deadline_unix_ms=_deadline_unix_ms(context), routed=routed
+                )
+                # aclosing: on client cancel / deadline the generator's finally sends Cancel.
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            if obs.last is None and event.tokens:
+                                span.add_event(tracing.EVENT_FIRST_TOKEN)
+                            obs.delta(event)
+                            yield generate_pb2.GenerateStreamResponse(
+                                request_id=request.request_id,
+                                tokens=event.tokens,
+                                text=event.text,
+                            )
+                        else:
+                            obs.finished(event)
+                            _set_usage(span, event)
+                            context.set_trailing_metadata(_routing_metadata(routed))
+                            yield generate_pb2.GenerateStreamResponse(
+                                request_id=request.request_id,
+                                finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                                usage=event.usage,
+                            )
         except RequestError as exc:
-            await abort_with(context, exc)
-        events = self.cluster.generate(
-            request,
-            deadline_unix_ms=_deadline_unix_ms(context),
-            trace_context=_trace_context(context),
-            routed=routed,
-        )
-        try:
-            # aclosing: on client cancel / deadline the generator's finally sends Cancel.
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if isinstance(event, Delta):
-                        yield generate_pb2.GenerateStreamResponse(
-                            request_id=request.request_id, tokens=event.tokens, text=event.text
-                        )
-                    else:
-                        context.set_trailing_metadata(_routing_metadata(routed))
-                        yield generate_pb2.GenerateStreamResponse(
-                            request_id=request.request_id,
-                            finish_reason=event.finish_reason,  # type: ignore[arg-type]
-                            usage=event.usage,
-                        )
-        except RequestError as exc:
+            obs.code = exc.code
             context.set_trailing_metadata(_routing_metadata(routed))
             await abort_with(context, exc)
+        finally:
+            obs.done()
 
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
         request = _with_request_id(request)
         routed = Routed()
-        try:
-            self.cluster.validate(request)
-        except RequestError as exc:
-            await abort_with(context, exc)
+        obs = _Observation(self.metrics, "Generate")
         want_tokens = request.params.logprobs > 0
         response = generate_pb2.GenerateResponse(request_id=request.request_id)
         texts: list[str] = []
-        events = self.cluster.generate(
-            request,
-            deadline_unix_ms=_deadline_unix_ms(context),
-            trace_context=_trace_context(context),
-            routed=routed,
-        )
         try:
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if isinstance(event, Delta):
-                        texts.append(event.text)
-                        if want_tokens:
-                            response.tokens.extend(event.tokens)
-                    else:
-                        response.finish_reason = event.finish_reason  # type: ignore[assignment]
-                        response.usage.CopyFrom(event.usage)
+            with self._span("Generate", request, context) as span:
+                self.cluster.validate(request)
+                events = self.cluster.generate(
+                    request, deadline_unix_ms=_deadline_unix_ms(context), routed=routed
+                )
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            obs.delta(event)
+                            texts.append(event.text)
+                            if want_tokens:
+                                response.tokens.extend(event.tokens)
+                        else:
+                            obs.finished(event)
+                            _set_usage(span, event)
+                            response.finish_reason = event.finish_reason  # type: ignore[assignment]
+                            response.usage.CopyFrom(event.usage)
         except RequestError as exc:
+            obs.code = exc.code
             context.set_trailing_metadata(_routing_metadata(routed))
             await abort_with(context, exc)
+        finally:
+            obs.done()
         response.text = "".join(texts)
         context.set_trailing_metadata(_routing_metadata(routed))
         return response

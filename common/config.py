@@ -68,11 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
         elif typing.get_origin(tp) in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+
+            def parse_list(text: str, item: Any = item) -> list[Any]:
+                return [item(x) for x in text.split(",") if x]
+
             parser.add_argument(
                 name,
                 dest=f.name,
                 default=None,
-                type=lambda s, item=item: [item(x) for x in s.split(",") if x],
+                type=parse_list,
                 help=help_text + " comma-separated",
             )
         else:

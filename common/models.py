@@ -164,6 +164,6 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "auto") -
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' stubs type .to() oddly
     model.eval()
     return model, load_tokenizer(source)

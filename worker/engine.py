@@ -388,9 +388,9 @@ class Engine:
         current = self._mask.shape[1] if self._mask is not None else 0
         target = max([current, *lengths])
         n_layers = len(new_caches[0][0])
-        keys = [[] for _ in range(n_layers)]
-        values = [[] for _ in range(n_layers)]
-        masks = []
+        keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        masks: list[torch.Tensor] = []
         if self._mask is not None and self._rows:
             pad = target - current
             for layer in range(n_layers):

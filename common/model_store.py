@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 
+from common.config import home_dir
 from common.errors import InvalidArgument, NotFound, RequestError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class ArtifactRef:
     def ref(self) -> str:
         """``name@version``, as GenerateRequest.adapter takes it."""
         return f"{self.name}@{self.version}"
+
+
+def default_store_root() -> Path:
+    """Where artifacts live unless configured: ``<llmcluster home>/store``."""
+    return home_dir() / "store"
 
 
 def validate_name(name: Any) -> str:
@@ -177,8 +183,8 @@ def _scan(folder: Path) -> list[str]:
 class ModelStore:
     """Versioned artifacts under ``root`` (see the module docstring for the layout)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_store_root()
 
     # ------------------------------------------------------------ publishing
 

@@ -1,5 +1,8 @@
 """Fixtures for the trainer and model-store tests (imported by those test modules).
 
+Fixture functions are named ``*_fixture`` and registered under the short name, so a test
+module imports ``tiny_model_fixture`` and its tests take ``tiny_model``.
+
 ``tiny_model`` is a 2-layer Llama with hidden size 64, randomly initialised, saved
 with the default model's tokenizer: real forward and backward passes in milliseconds.
 ``real_model`` is the default model (SmolLM2-135M-Instruct) for behaviour tests.
@@ -44,20 +47,20 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> ModelSource:
     return ModelSource("tiny-llama", str(folder))
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSource:
+@pytest.fixture(scope="session", name="tiny_model")
+def tiny_model_fixture(tmp_path_factory: pytest.TempPathFactory) -> ModelSource:
     """A tiny random Llama saved on disk (built once per session)."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+@pytest.fixture(scope="session", name="tokenizer")
+def tokenizer_fixture():
     """The default model's tokenizer."""
     return load_tokenizer(resolve_model(None))
 
 
-@pytest.fixture(scope="session")
-def real_model() -> ModelSource:
+@pytest.fixture(scope="session", name="real_model")
+def real_model_fixture() -> ModelSource:
     """The default model (converted on first use)."""
     return resolve_model(None)
 

@@ -415,7 +415,7 @@ def train(
                 precision.scaler.scale(step_loss).backward()
             else:
                 step_loss.backward()
-            total_loss += float(loss_sum)
+            total_loss += float(loss_sum.detach())
         if precision.scaler is not None:
             precision.scaler.unscale_(optimizer)
         if config.max_grad_norm > 0:

@@ -1,0 +1,223 @@
+"""The Node and Go example clients (examples/clients/), built from protos/ alone, against
+a real router + worker: same greedy tokens as the Python client, a cancelled stream frees
+its slot on the worker, and bad input gets the same status code and message.
+
+Needs node + npm packages and Go (scripts/install_client_toolchains.sh installs both);
+each language's tests skip, saying why, where its toolchain is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.procs import Proc, start_router, start_worker
+
+pytestmark = pytest.mark.clients
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = REPO_ROOT / "examples" / "clients"
+NODE_DIR = CLIENTS / "node"
+GO_DIR = CLIENTS / "go"
+GOCODE = Path(os.environ.get("GOCODE", "/usr/share/gocode"))
+INSTALL_HINT = "run scripts/install_client_toolchains.sh"
+
+PROMPT = "The capital of France is"
+MAX_NEW_TOKENS = 12
+# Long enough that an uncancelled stream would still be decoding when the test checks.
+CANCEL_MAX_NEW_TOKENS = 256
+
+
+def _run(cmd: list[str], cwd: Path, timeout_s: float = 240.0, **env: str) -> str:
+    result = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **env},
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result.stdout
+
+
+def _node_missing() -> str | None:
+    if shutil.which("node") is None:
+        return "node not installed"
+    if not (NODE_DIR / "node_modules" / ".bin" / "buf").exists():
+        return f"npm packages of examples/clients/node not installed: {INSTALL_HINT}"
+    return None
+
+
+def _go_missing() -> str | None:
+    for tool in ("go", "protoc-gen-go", "protoc-gen-go-grpc"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed: {INSTALL_HINT}"
+    for package in ("google.golang.org/grpc", "google.golang.org/protobuf"):
+        if not (GOCODE / "src" / package).is_dir():
+            return f"Go package {package} not in {GOCODE}: {INSTALL_HINT}"
+    return None
+
+
+@dataclass
+class Client:
+    """A built example client: ``run(mode, ...)`` returns its JSON summary line."""
+
+    name: str
+    argv: list[str]
+    cwd: Path
+
+    def run(self, target: str, mode: str, *extra: str) -> dict:
+        out = _run(
+            [*self.argv, "--target", target, "--mode", mode, "--prompt", PROMPT, *extra],
+            self.cwd,
+            timeout_s=120,
+        )
+        lines = out.strip().splitlines()
+        assert lines, f"{self.name} printed nothing"
+        return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Client:
+    if reason := _node_missing():
+        pytest.skip(reason)
+    _run(["node", "generate.js"], NODE_DIR)  # fresh stubs from protos/
+    return Client("node", ["node", "client.js"], NODE_DIR)
+
+
+@pytest.fixture(scope="module")
+def go_client() -> Client:
+    if reason := _go_missing():
+        pytest.skip(reason)
+    _run(["bash", "generate.sh"], GO_DIR, PYTHON=sys.executable)  # stubs + build
+    return Client("go", [str(GO_DIR / "bin" / "llmcluster-go-client")], GO_DIR)
+
+
+@pytest.fixture(params=["node", "go"])
+def client(request) -> Client:
+    return request.getfixturevalue(f"{request.param}_client")
+
+
+@dataclass
+class Cluster:
+    worker: Proc
+    router: Proc
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if _node_missing() and _go_missing():
+        pytest.skip(f"neither Node ({_node_missing()}) nor Go ({_go_missing()}) is usable")
+    worker = start_worker("--dtype", "float32")
+    router = None
+    try:
+        worker.wait_healthy(timeout_s=300)
+        router = start_router([worker.address])
+        router.wait_healthy(timeout_s=120)
+        yield Cluster(worker, router)
+    finally:
+        if router is not None:
+            router.stop()
+        worker.stop()
+
+
+def _request(**params) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        prompt=PROMPT, params=generate_pb2.SamplingParams(temperature=0.0, **params)
+    )
+
+
+@pytest.fixture(scope="module")
+def python_reference(cluster: Cluster) -> dict:
+    """What the Python client streams for the same greedy request through the router."""
+    with grpc.insecure_channel(cluster.router.address) as channel:
+        stub = generate_pb2_grpc.GenerateStub(channel)
+        ids: list[int] = []
+        text = ""
+        finish = 0
+        for msg in stub.GenerateStream(_request(max_new_tokens=MAX_NEW_TOKENS), timeout=120):
+            ids.extend(t.id for t in msg.tokens)
+            text += msg.text
+            finish = msg.finish_reason or finish
+    return {
+        "token_ids": ids,
+        "text": text,
+        "finish_reason": generate_pb2.FinishReason.Name(finish),
+    }
+
+
+def _load(worker: Proc) -> worker_pb2.Load:
+    with grpc.insecure_channel(worker.address) as channel:
+        info = worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+    return info.load
+
+
+def test_stream_matches_python_client(client: Client, cluster: Cluster, python_reference):
+    summary = client.run(cluster.router.address, "stream", "--max-new-tokens", str(MAX_NEW_TOKENS))
+    assert summary["code"] == "OK"
+    assert summary["token_ids"] == python_reference["token_ids"]
+    assert summary["text"] == python_reference["text"]
+    assert summary["finish_reason"] == python_reference["finish_reason"]
+    assert len(summary["token_ids"]) > 1
+    assert summary["messages"] > 1, "tokens should arrive over several messages"
+
+
+def test_cancelled_stream_frees_its_slot(client: Client, cluster: Cluster):
+    before = _load(cluster.worker)
+    summary = client.run(
+        cluster.router.address,
+        "cancel",
+        "--max-new-tokens",
+        str(CANCEL_MAX_NEW_TOKENS),
+        "--ignore-eos",
+        "--cancel-after",
+        "2",
+    )
+    assert summary["code"] == "CANCELLED"
+    assert summary["messages"] == 2
+    # The router forwards the cancel; the worker frees the sequence at its next iteration.
+    deadline = time.monotonic() + 15.0
+    load = _load(cluster.worker)
+    while (load.running or load.queued) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        load = _load(cluster.worker)
+    assert (load.running, load.queued) == (0, 0), f"slot not freed: {load}"
+    generated = load.generated_tokens_total - before.generated_tokens_total
+    assert generated < CANCEL_MAX_NEW_TOKENS, "the sequence ran to completion: not cancelled"
+
+
+@pytest.mark.parametrize(
+    ("flags", "params"),
+    [
+        (["--top-p", "2"], {"top_p": 2.0}),
+        (["--top-p", "1", "--max-new-tokens", "0"], {"top_p": 1.0, "max_new_tokens": 0}),
+    ],
+    ids=["top_p=2", "max_new_tokens=0"],
+)
+def test_bad_request_same_status_as_python(client: Client, cluster: Cluster, flags, params):
+    with grpc.insecure_channel(cluster.router.address) as channel:
+        stub = generate_pb2_grpc.GenerateStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stub.GenerateStream(_request(**params), timeout=60))
+    expected_code = raised.value.code()
+    assert expected_code == grpc.StatusCode.INVALID_ARGUMENT
+    summary = client.run(cluster.router.address, "bad", *flags)
+    assert summary["code"] == expected_code.name
+    assert summary["code_number"] == expected_code.value[0]
+    assert summary["message"] == raised.value.details()

@@ -1,0 +1,127 @@
+"""The **limit**: the continuous-batching engine driven in-process, with no gRPC.
+
+Run as a child of the benchmark (``python -m benchmarks.limit ...``) so that its peak
+RSS is its own and the driver never imports torch. The same closed loop as the
+streaming clients keeps ``concurrency`` requests in the engine; timestamps are taken
+on the engine thread the moment a step's outputs are handed over, which is the earliest
+any server built on this engine could send them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.metrics import RequestRecord, self_peak_rss_mb
+from benchmarks.workload import Workload
+
+
+class _RecordSink:
+    """Engine sink of one request: stamps its outputs and reports completion."""
+
+    def __init__(self, record: RequestRecord, done: queue.SimpleQueue) -> None:
+        self.record = record
+        self.done = done
+
+    def on_outputs(self, step: int, outputs: list) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            self.record.on_tokens(now, len(out.tokens))
+            if out.done:
+                self.record.end_s = now
+                if out.error is not None:
+                    self.record.error = f"{type(out.error).__name__}: {out.error}"
+                if out.usage is not None:
+                    self.record.server_ttft_ms = out.usage.time_to_first_token_ms
+                    self.record.server_tokens = out.usage.completion_tokens
+                self.done.put(self.record)
+
+
+def run_level(engine, tokenizer, workload: Workload, n_requests: int, concurrency: int):
+    """One closed-loop run at ``concurrency``; returns the request records."""
+    from common.validation import SamplingParams
+    from worker.engine import EngineRequest
+
+    prompts = workload.cycle(n_requests)
+    # Tokenised up front: the limit is the engine alone (the worker tokenises per request).
+    ids = [list(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts]
+    params = SamplingParams(
+        max_new_tokens=workload.max_new_tokens, temperature=0.0, ignore_eos=True
+    )
+    records = [RequestRecord(prompt_index=p.index) for p in prompts]
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    sent = 0
+
+    def submit() -> None:
+        nonlocal sent
+        record = records[sent]
+        record.start_s = time.perf_counter()
+        engine.submit(EngineRequest(ids[sent], params, _RecordSink(record, done)))
+        sent += 1
+
+    while sent < min(concurrency, len(records)):
+        submit()
+    for _ in range(len(records)):
+        done.get(timeout=3600)
+        if sent < len(records):
+            submit()
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", required=True, help="workload JSON from the driver")
+    parser.add_argument("--levels", required=True, help="JSON list of [concurrency, requests]")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-running", type=int, default=32)
+    parser.add_argument("--max-kv-tokens", type=int, default=65536)
+    parser.add_argument("--out", required=True, help="where to write the records (JSON)")
+    args = parser.parse_args(argv)
+
+    from common.models import load_model, resolve_model
+    from common.validation import SamplingParams
+    from worker.engine import Engine, EngineConfig, EngineRequest
+
+    workload = Workload.load(Path(args.workload))
+    model, tokenizer = load_model(resolve_model(None), dtype=args.dtype, device="cpu")
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
+    engine = Engine(
+        model,
+        tokenizer,
+        EngineConfig(
+            max_running=args.max_running,
+            max_kv_tokens=args.max_kv_tokens,
+            max_context_tokens=context,
+        ),
+    )
+    engine.start()
+    try:
+        # Warm-up (first-call allocations), as the worker does before it reports SERVING.
+        warm = RequestRecord(prompt_index=-1)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        prompt = list(tokenizer("Hello", add_special_tokens=True)["input_ids"])
+        engine.submit(
+            EngineRequest(
+                prompt,
+                SamplingParams(max_new_tokens=2, ignore_eos=True),
+                _RecordSink(warm, done),
+            )
+        )
+        done.get(timeout=600)
+        results = {}
+        for concurrency, n_requests in json.loads(args.levels):
+            records = run_level(engine, tokenizer, workload, n_requests, concurrency)
+            results[str(concurrency)] = [r.to_json() | {"gaps_s": r.gaps_s} for r in records]
+            print(f"limit c={concurrency} done", file=sys.stderr, flush=True)
+    finally:
+        engine.stop()
+    Path(args.out).write_text(json.dumps({"levels": results, "peak_rss_mb": self_peak_rss_mb()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,999 @@
+"""The serving benchmark: our path against the in-process limit, a naive server and
+transformers' own server, in one run, with ratios (issue 7).
+
+    python -m benchmarks.serving [--smoke] [--concurrency 1,8,32,64]
+        [--dtype float32|bfloat16] [--systems limit,ours1,ours2,direct,naive,null,peer]
+        [--json out.json]
+
+Systems (same model, dtype and prompts):
+  limit   the continuous-batching engine driven in-process, no gRPC (a child process)
+  ours1   router + 1 worker over gRPC on loopback
+  ours2   router + 2 workers (each given half the cores)
+  direct  clients straight to ours1's worker (router overhead = ours1 - direct)
+  naive   one ``model.generate`` per request, one at a time, behind gRPC
+  null    router + a ``--engine null`` worker: the router+gRPC ceiling at many streams
+  peer    ``transformers serve MODEL --continuous-batching --device cpu`` (OpenAI SSE)
+
+Every request is greedy with ``ignore_eos``, so each generates exactly max_new_tokens.
+Clients are real streaming clients (grpc.aio, or HTTP SSE for the peer) in this process,
+a closed loop that keeps ``concurrency`` requests in flight. The run prints a table,
+ratios and targets, and writes JSON (schema below in :func:`build_report`).
+
+Targets are checked only in the full mode (exit 1 on a miss unless --no-fail); --smoke
+runs a seconds-scale workload of every system and never judges speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import importlib.util
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from benchmarks.clients import GrpcStreamClient, OpenAIStreamClient, run_closed_loop
+from benchmarks.metrics import RequestRecord, summarize
+from benchmarks.procs import ProcessRegistry, ServerProc, free_port, llmcluster_argv
+from benchmarks.workload import Workload, build_workload, load_tokenizer
+
+logger = logging.getLogger("benchmarks.serving")
+
+SCHEMA = "llmcluster.bench.serving/1"
+ALL_SYSTEMS = ("limit", "ours1", "ours2", "direct", "naive", "null", "peer")
+PEER_PACKAGES = {
+    "fastapi": "fastapi==0.165.0",
+    "uvicorn": "uvicorn==0.54.0",
+    "openai": "openai==3.57.0",
+}
+
+DESCRIPTIONS = {
+    "limit": "engine in-process, no gRPC",
+    "ours1": "router + 1 worker (gRPC, loopback)",
+    "ours2": "router + 2 workers (gRPC, loopback; cores split between workers)",
+    "direct": "clients straight to the ours1 worker (no router)",
+    "naive": "one model.generate per request, one at a time, gRPC streaming",
+    "null": "router + null-engine worker (no model): router+gRPC ceiling",
+    "peer": "transformers serve --continuous-batching --device cpu (OpenAI SSE)",
+}
+
+
+@dataclasses.dataclass
+class Settings:
+    """One benchmark run's parameters (the CLI fills them; --smoke changes defaults)."""
+
+    smoke: bool = False
+    concurrency: tuple[int, ...] = (1, 8, 32, 64)
+    dtype: str = "float32"
+    systems: tuple[str, ...] = ALL_SYSTEMS
+    json_path: str | None = None
+    num_prompts: int = 64
+    max_new_tokens: int = 64
+    seed: int = 0
+    min_prompt_tokens: int = 16
+    max_prompt_tokens: int = 200
+    max_running: int = 32
+    null_streams: int = 256
+    null_new_tokens: int = 256
+    null_step_ms: float = 5.0
+    target_concurrency: int = 32
+    fail_on_miss: bool = True
+    system_timeout_s: float = 3600.0
+    start_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.systems) - set(ALL_SYSTEMS)
+        if unknown:
+            raise ValueError(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.num_prompts < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"need num_prompts >= 1 and max_new_tokens >= 1, got "
+                f"{self.num_prompts} and {self.max_new_tokens}"
+            )
+
+    def requests_at(self, concurrency: int) -> int:
+        """Requests sent at one level: twice the streams (so the loop reaches steady
+        state), at least 8, at most the prompt set (or the streams, when more)."""
+        return min(max(2 * concurrency, 8), max(self.num_prompts, concurrency))
+
+    @property
+    def levels(self) -> list[tuple[int, int]]:
+        return [(c, self.requests_at(c)) for c in self.concurrency]
+
+
+SMOKE_DEFAULTS = {
+    "concurrency": (2,),
+    "num_prompts": 4,
+    "max_new_tokens": 4,
+    "max_prompt_tokens": 48,
+    "null_streams": 8,
+    "null_new_tokens": 8,
+    "system_timeout_s": 180.0,
+    "start_timeout_s": 240.0,
+}
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ----- measuring ------------------------------------------------------------------------
+
+
+async def measure_client(
+    client,
+    workload: Workload,
+    levels: list[tuple[int, int]],
+    *,
+    warmup_requests: int,
+    expect_workers: int = 0,
+) -> dict[str, dict]:
+    """Warms the system up, then runs each (concurrency, requests) level in turn."""
+    warm_tokens = min(4, workload.max_new_tokens)
+
+    async def warm(prompt, record):
+        await client.request_tokens(prompt, record, warm_tokens)
+
+    seen: set[str] = set()
+    for _ in range(5):
+        # Untimed: first-call allocations, connection set-up, the peer's CB start-up.
+        records = await run_closed_loop(workload.cycle(warmup_requests), warmup_requests, warm)
+        if all(r.error for r in records):
+            raise RuntimeError(f"warm-up failed: {records[0].error}")
+        seen.update(r.worker_id for r in records if r.worker_id)
+        # A router over two workers must reach both before the timed run.
+        if len(seen) >= expect_workers:
+            break
+    levels_out: dict[str, dict] = {}
+    for concurrency, n_requests in levels:
+        records = await run_closed_loop(workload.cycle(n_requests), concurrency, client.request)
+        summary = summarize(records, workload.max_new_tokens)
+        by_worker = Counter(r.worker_id for r in records if r.worker_id)
+        if by_worker:
+            summary["by_worker"] = dict(by_worker)
+        summary["concurrency"] = concurrency
+        levels_out[str(concurrency)] = summary
+        logger.info(
+            "  c=%d: %s tok/s, TTFT p50 %s ms, errors %d",
+            concurrency,
+            summary.get("tokens_per_s"),
+            (summary.get("ttft_ms") or {}).get("p50"),
+            summary["errors"],
+        )
+    return levels_out
+
+
+def run_async(coro: Awaitable, timeout_s: float):
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout_s)
+
+    return asyncio.run(bounded())
+
+
+def measure_grpc(
+    address: str, workload: Workload, levels, settings: Settings, expect_workers: int = 0
+) -> dict[str, dict]:
+    async def go():
+        async with GrpcStreamClient(address, workload.max_new_tokens) as client:
+            return await measure_client(
+                client,
+                workload,
+                levels,
+                warmup_requests=min(4, max(c for c, _ in levels)),
+                expect_workers=expect_workers,
+            )
+
+    return run_async(go(), settings.system_timeout_s)
+
+
+# ----- phases: which processes to start for which systems -----------------------------
+
+
+class Phase:
+    """A group of processes and the systems measured on them."""
+
+    name = "phase"
+    provides: tuple[str, ...] = ()
+
+    def __init__(self, settings: Settings, workload: Workload, registry: ProcessRegistry):
+        self.settings = settings
+        self.workload = workload
+        self.registry = registry
+        self.procs: list[ServerProc] = []
+        self.wanted = [s for s in self.provides if s in settings.systems]
+
+    def skip_reason(self) -> str | None:
+        """Why this phase cannot run here (None = it can)."""
+        return None
+
+    def start(self) -> None:
+        """Launches the processes (does not wait for them)."""
+
+    def wait_ready(self) -> None:
+        for proc in self.procs:
+            proc.wait_healthy(self.settings.start_timeout_s)
+
+    def measure(self) -> dict[str, dict]:
+        """Returns {system: {"levels": ..., "processes": [...]}}."""
+        raise NotImplementedError
+
+    def processes(self, *names: str) -> dict[str, dict]:
+        out = {}
+        for proc in self.procs:
+            if not names or proc.name in names:
+                out[proc.name] = {"pid": proc.pid, "peak_rss_mb": proc.sample_rss()}
+        return out
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.sample_rss()
+            proc.stop()
+
+
+class LimitPhase(Phase):
+    name = "limit"
+    provides = ("limit",)
+
+    def start(self) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-limit-"))
+        self.workload_path = tmp / "workload.json"
+        self.out_path = tmp / "records.json"
+        self.workload.save(self.workload_path)
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.limit",
+            "--workload",
+            str(self.workload_path),
+            "--levels",
+            json.dumps(self.settings.levels),
+            "--dtype",
+            self.settings.dtype,
+            "--max-running",
+            str(self.settings.max_running),
+            "--out",
+            str(self.out_path),
+        ]
+        self.proc = self.registry.start("limit", argv, port=0, health="none")
+        self.procs = [self.proc]
+
+    def wait_ready(self) -> None:
+        pass  # it runs its workload on its own; measure() waits for it to finish
+
+    def measure(self) -> dict[str, dict]:
+        timeout = self.settings.start_timeout_s + self.settings.system_timeout_s
+        code = self.proc.popen.wait(timeout)
+        if code != 0:
+            raise RuntimeError(f"limit runner exited with {code}:\n{self.proc.output()}")
+        data = json.loads(self.out_path.read_text())
+        levels = {}
+        for c, raw in data["levels"].items():
+            records = [RequestRecord.from_json(r) for r in raw]
+            levels[c] = summarize(records, self.workload.max_new_tokens) | {"concurrency": int(c)}
+        procs = {"limit": {"pid": self.proc.pid, "peak_rss_mb": data.get("peak_rss_mb")}}
+        return {"limit": {"levels": levels, "processes": procs}}
+
+
+class OursPhase(Phase):
+    """ours1 and direct share one worker; ours2 gets two fresh workers with half the
+    cores each (two full-width torch pools on the same cores would thrash)."""
+
+    name = "ours"
+    provides = ("ours1", "direct", "ours2")
+
+    def _worker(self, name: str, threads: int | None = None) -> ServerProc:
+        port = free_port()
+        argv = llmcluster_argv(
+            "worker",
+            "--port",
+            str(port),
+            "--dtype",
+            self.settings.dtype,
+            "--device",
+            "cpu",
+            "--worker-id",
+            name,
+            "--max-running",
+            str(self.settings.max_running),
+        )
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+        return self.registry.start(name, argv, port=port, env=env)
+
+    def _router(self, name: str, workers: list[ServerProc]) -> ServerProc:
+        port = free_port()
+        argv = llmcluster_argv(
+            "router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            ",".join(w.address for w in workers),
+        )
+        return self.registry.start(name, argv, port=port)
+
+    def start(self) -> None:
+        self.w1 = self.w2a = self.w2b = self.r1 = self.r2 = None
+        if "ours1" in self.wanted or "direct" in self.wanted:
+            self.w1 = self._worker("worker1")
+            self.procs.append(self.w1)
+        if "ours2" in self.wanted:
+            half = max(1, cpu_count() // 2)
+            self.w2a = self._worker("worker2a", threads=half)
+            self.w2b = self._worker("worker2b", threads=half)
+            self.procs += [self.w2a, self.w2b]
+
+    def wait_ready(self) -> None:
+        # Routers start once their workers serve, so their first health check passes.
+        super().wait_ready()
+        if "ours1" in self.wanted:
+            self.r1 = self._router("router1", [self.w1])
+            self.procs.append(self.r1)
+            self.r1.wait_healthy(self.settings.start_timeout_s)
+        if "ours2" in self.wanted:
+            self.r2 = self._router("router2", [self.w2a, self.w2b])
+            self.procs.append(self.r2)
+            self.r2.wait_healthy(self.settings.start_timeout_s)
+
+    def measure(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        levels = self.settings.levels
+        for system in ("ours1", "direct", "ours2"):
+            if system not in self.wanted:
+                continue
+            logger.info("measuring %s", system)
+            try:
+                if system == "ours1":
+                    lv = measure_grpc(self.r1.address, self.workload, levels, self.settings)
+                    procs = self.processes("router1", "worker1")
+                elif system == "direct":
+                    lv = measure_grpc(self.w1.address, self.workload, levels, self.settings)
+                    procs = self.processes("worker1")
+                else:
+                    lv = measure_grpc(
+                        self.r2.address, self.workload, levels, self.settings, expect_workers=2
+                    )
+                    procs = self.processes("router2", "worker2a", "worker2b")
+                out[system] = {"levels": lv, "processes": procs}
+            except Exception as exc:  # noqa: BLE001 - the others still run
+                logger.exception("%s failed", system)
+                out[system] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        return out
+
+
+class NaivePhase(Phase):
+    name = "naive"
+    provides = ("naive",)
+
+    def start(self) -> None:
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.naive_server",
+            "--port",
+            str(port),
+            "--dtype",
+            self.settings.dtype,
+        ]
+        self.server = self.registry.start("naive", argv, port=port)
+        self.procs = [self.server]
+
+    def measure(self) -> dict[str, dict]:
+        lv = measure_grpc(self.server.address, self.workload, self.settings.levels, self.settings)
+        return {"naive": {"levels": lv, "processes": self.processes()}}
+
+
+class NullPhase(Phase):
+    """Router + null-engine worker at ``null_streams`` concurrent streams."""
+
+    name = "null"
+    provides = ("null",)
+
+    def start(self) -> None:
+        s = self.settings
+        streams = s.null_streams
+        worker_port = free_port()
+        argv = llmcluster_argv(
+            "worker",
+            "--engine",
+            "null",
+            "--port",
+            str(worker_port),
+            "--worker-id",
+            "null-worker",
+            "--null-step-ms",
+            str(s.null_step_ms),
+            "--max-running",
+            str(streams),
+            "--max-queue",
+            str(max(256, 2 * streams)),
+            "--max-kv-tokens",
+            str(max(65536, 2 * streams * (s.max_prompt_tokens + 8 + s.null_new_tokens))),
+            "--max-new-tokens-limit",
+            str(max(2048, s.null_new_tokens)),
+        )
+        self.worker = self.registry.start("null-worker", argv, port=worker_port)
+        self.procs = [self.worker]
+
+    def wait_ready(self) -> None:
+        super().wait_ready()
+        port = free_port()
+        argv = llmcluster_argv(
+            "router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            self.worker.address,
+            "--max-queue",
+            str(max(1024, 4 * self.settings.null_streams)),
+        )
+        self.router = self.registry.start("null-router", argv, port=port)
+        self.procs.append(self.router)
+        self.router.wait_healthy(self.settings.start_timeout_s)
+
+    def measure(self) -> dict[str, dict]:
+        s = self.settings
+        workload = dataclasses.replace(self.workload, max_new_tokens=s.null_new_tokens)
+        levels = [(s.null_streams, 2 * s.null_streams)]
+        lv = measure_grpc(self.router.address, workload, levels, s)
+        return {"null": {"levels": lv, "processes": self.processes()}}
+
+
+class PeerPhase(Phase):
+    """``transformers serve`` with continuous batching, measured over OpenAI SSE."""
+
+    name = "peer"
+    provides = ("peer",)
+
+    def skip_reason(self) -> str | None:
+        missing = [m for m in PEER_PACKAGES if importlib.util.find_spec(m) is None]
+        if missing:
+            pins = " ".join(PEER_PACKAGES[m] for m in PEER_PACKAGES)
+            return f"transformers serve needs {', '.join(missing)}: pip install {pins}"
+        return None
+
+    def start(self) -> None:
+        from common.models import resolve_model
+
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "transformers.cli.transformers",
+            "serve",
+            resolve_model(None).path,
+            "--continuous-batching",
+            "--device",
+            "cpu",
+            "--dtype",
+            self.settings.dtype,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        # Offline, and no "new version available" look-up at start.
+        env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+        self.server = self.registry.start("peer", argv, port=port, health="http", env=env)
+        self.procs = [self.server]
+
+    def measure(self) -> dict[str, dict]:
+        s = self.settings
+
+        async def go():
+            client = OpenAIStreamClient("127.0.0.1", self.server.port, self.workload.max_new_tokens)
+            return await measure_client(
+                client,
+                self.workload,
+                s.levels,
+                warmup_requests=min(4, max(s.concurrency)),
+            )
+
+        lv = run_async(go(), s.system_timeout_s)
+        return {"peer": {"levels": lv, "processes": self.processes()}}
+
+
+PHASES: tuple[type[Phase], ...] = (LimitPhase, OursPhase, NaivePhase, PeerPhase, NullPhase)
+
+
+def run_phases(settings: Settings, workload: Workload) -> dict[str, dict]:
+    """Starts, measures and stops each phase. In --smoke every process starts at once
+    (seconds matter, timings do not); in the full mode one phase runs at a time so
+    idle servers and start-ups do not steal the measured system's cores."""
+    registry = ProcessRegistry()
+    systems: dict[str, dict] = {}
+    phases: list[Phase] = []
+    try:
+        for cls in PHASES:
+            phase = cls(settings, workload, registry)
+            if not phase.wanted:
+                continue
+            reason = phase.skip_reason()
+            if reason:
+                logger.warning("skipping %s: %s", ", ".join(phase.wanted), reason)
+                for system in phase.wanted:
+                    systems[system] = {"status": "skipped", "reason": reason}
+                continue
+            phases.append(phase)
+        if settings.smoke:
+            for phase in phases:
+                phase.start()
+        for phase in phases:
+            load_before = load_avg()
+            started = time.monotonic()
+            try:
+                if not settings.smoke:
+                    phase.start()
+                phase.wait_ready()
+                logger.info("phase %s ready in %.1fs", phase.name, time.monotonic() - started)
+                results = phase.measure()
+            except Exception as exc:  # noqa: BLE001 - report it, run the other phases
+                logger.exception("phase %s failed", phase.name)
+                results = {
+                    s: {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+                    for s in phase.wanted
+                }
+            finally:
+                phase.stop()
+            for system, result in results.items():
+                result.setdefault("status", "ok")
+                result["load_avg_before"] = load_before
+                result["load_avg_after"] = load_avg()
+                # RSS sampled at stop time is the final peak (VmHWM never shrinks).
+                for name, info in result.get("processes", {}).items():
+                    proc = next((p for p in phase.procs if p.name == name), None)
+                    if proc is not None and proc.peak_rss_mb is not None and name != "limit":
+                        info["peak_rss_mb"] = proc.peak_rss_mb
+                systems[system] = result
+    finally:
+        registry.stop_all()
+    for system in settings.systems:
+        systems.setdefault(system, {"status": "skipped", "reason": "not run"})
+        systems[system]["description"] = DESCRIPTIONS[system]
+    return {s: systems[s] for s in ALL_SYSTEMS if s in systems}
+
+
+# ----- ratios, targets, report -----------------------------------------------------------
+
+
+def _level(systems: dict, system: str, concurrency: int | str) -> dict | None:
+    result = systems.get(system) or {}
+    if result.get("status") != "ok":
+        return None
+    level = (result.get("levels") or {}).get(str(concurrency))
+    return level if level and level.get("completed") else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def _per_level(
+    systems: dict, concurrency: tuple[int, ...], a: str, b: str, metric: Callable[[dict], float]
+) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for c in concurrency:
+        la, lb = _level(systems, a, c), _level(systems, b, c)
+        out[str(c)] = _ratio(metric(la), metric(lb)) if la and lb else None
+    return out
+
+
+def _tps(level: dict) -> float:
+    return level.get("tokens_per_s")
+
+
+def _ttft50(level: dict) -> float:
+    return (level.get("ttft_ms") or {}).get("p50")
+
+
+def compute_ratios(systems: dict, settings: Settings) -> dict:
+    """Every printed ratio, per concurrency level where both systems ran."""
+    conc = settings.concurrency
+    ratios: dict = {
+        "ours_limit_throughput": _per_level(systems, conc, "ours1", "limit", _tps),
+        "ours2_limit_throughput": _per_level(systems, conc, "ours2", "limit", _tps),
+        "ours_naive_throughput": _per_level(systems, conc, "ours1", "naive", _tps),
+        "ours_peer_throughput": _per_level(systems, conc, "ours1", "peer", _tps),
+        "ours_peer_ttft_p50": _per_level(systems, conc, "ours1", "peer", _ttft50),
+    }
+    # Router TTFT overhead. Client TTFT minus the worker's own TTFT (from its arrival)
+    # is transport + routing; the router's share is that through the router minus the
+    # same straight to the worker. Prefill time, which varies far more than the
+    # overhead, cancels out. Measured at the lowest concurrency (no queueing).
+    c0 = min(conc)
+    ours, direct = _level(systems, "ours1", c0), _level(systems, "direct", c0)
+    overhead: dict = {"concurrency": c0, "p50": None, "p99": None}
+    if ours and direct:
+        a = ours.get("client_minus_server_ttft_ms") or {}
+        b = direct.get("client_minus_server_ttft_ms") or {}
+        for q in ("p50", "p99"):
+            if a.get(q) is not None and b.get(q) is not None:
+                overhead[q] = round(a[q] - b[q], 3)
+        overhead["ttft_p50_difference_ms"] = {
+            str(c): (
+                round(
+                    _ttft50(_level(systems, "ours1", c)) - _ttft50(_level(systems, "direct", c)), 3
+                )
+                if _level(systems, "ours1", c) and _level(systems, "direct", c)
+                else None
+            )
+            for c in conc
+        }
+    ratios["router_ttft_overhead_ms"] = overhead
+    null = _level(systems, "null", settings.null_streams)
+    ratios["null_tokens_per_s"] = {
+        "streams": settings.null_streams,
+        "step_ms": settings.null_step_ms,
+        "value": null.get("tokens_per_s") if null else None,
+    }
+    router_rss = {}
+    for system, names in (
+        ("ours1", ["router1"]),
+        ("ours2", ["router2"]),
+        ("null", ["null-router"]),
+    ):
+        for name in names:
+            info = ((systems.get(system) or {}).get("processes") or {}).get(name)
+            if info and info.get("peak_rss_mb") is not None:
+                router_rss[name] = info["peak_rss_mb"]
+    ratios["router_peak_rss_mb"] = {
+        "max": max(router_rss.values()) if router_rss else None,
+        "by_process": router_rss,
+    }
+    return ratios
+
+
+def evaluate_targets(ratios: dict, settings: Settings) -> list[dict]:
+    """PASS / MISS per target of issue 7; n/a where the run did not measure it."""
+    at = str(settings.target_concurrency)
+
+    def check(name: str, value, ok: Callable[[float], bool], target: str, where: str) -> dict:
+        if value is None:
+            status = "n/a"
+        else:
+            status = "PASS" if ok(value) else "MISS"
+        return {"name": name, "target": target, "value": value, "at": where, "status": status}
+
+    overhead = ratios["router_ttft_overhead_ms"]
+    null = ratios["null_tokens_per_s"]
+    return [
+        check(
+            "ours/limit throughput",
+            ratios["ours_limit_throughput"].get(at),
+            lambda v: v >= 0.90,
+            ">= 0.90",
+            f"{at} streams",
+        ),
+        check(
+            "ours/naive throughput",
+            ratios["ours_naive_throughput"].get(at),
+            lambda v: v >= 5.0,
+            ">= 5x",
+            f"{at} streams",
+        ),
+        check(
+            "ours/peer throughput",
+            ratios["ours_peer_throughput"].get(at),
+            lambda v: v >= 2.0,
+            ">= 2x",
+            f"{at} streams",
+        ),
+        check(
+            "ours/peer TTFT p50",
+            ratios["ours_peer_ttft_p50"].get(at),
+            lambda v: v <= 0.5,
+            "<= 0.5",
+            f"{at} streams",
+        ),
+        check(
+            "router TTFT overhead p50 (ms)",
+            overhead.get("p50"),
+            lambda v: v < 3.0,
+            "< 3 ms",
+            f"{overhead['concurrency']} stream(s)",
+        ),
+        check(
+            "null engine tokens/s",
+            null["value"] if null["streams"] == 256 else None,
+            lambda v: v >= 20000,
+            ">= 20000 at 256 streams",
+            f"{null['streams']} streams",
+        ),
+        check(
+            "router peak RSS (MB)",
+            ratios["router_peak_rss_mb"]["max"],
+            lambda v: v < 150,
+            "< 150 MB",
+            "max over routers",
+        ),
+    ]
+
+
+def build_report(
+    settings: Settings, workload: Workload, systems: dict, started: str, load_start
+) -> dict:
+    """The JSON document.
+
+    ``schema``, ``mode`` (smoke|full), ``started_at``, ``machine`` (cpus, platform,
+    load averages), ``settings``, ``workload`` (prompt-length stats), ``systems``
+    ({name: {status ok|skipped|failed, reason, description, processes {name: {pid,
+    peak_rss_mb}}, levels {concurrency: summary}}}, where a summary holds requests,
+    completed, errors, wall_s, generated_tokens, tokens_per_s, requests_per_s,
+    ttft_ms / itl_ms / e2e_ms {p50, p90, p99, mean}, short_requests,
+    client_minus_server_ttft_ms), ``ratios`` (see :func:`compute_ratios`) and
+    ``targets`` ([{name, target, value, at, status PASS|MISS|n/a}]).
+    """
+    ratios = compute_ratios(systems, settings)
+    lengths = [p.prompt_tokens for p in workload.prompts]
+    return {
+        "schema": SCHEMA,
+        "mode": "smoke" if settings.smoke else "full",
+        "started_at": started,
+        "machine": {
+            "cpus": cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_start": load_start,
+            "load_avg_end": load_avg(),
+        },
+        "settings": dataclasses.asdict(settings),
+        "workload": {
+            "num_prompts": len(lengths),
+            "prompt_tokens": {
+                "min": min(lengths),
+                "max": max(lengths),
+                "mean": round(sum(lengths) / len(lengths), 1),
+            },
+            "max_new_tokens": workload.max_new_tokens,
+            "seed": workload.seed,
+            "requests_per_level": {str(c): n for c, n in settings.levels},
+        },
+        "systems": systems,
+        "ratios": ratios,
+        "targets": evaluate_targets(ratios, settings),
+    }
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_report(report: dict) -> str:
+    """The human-readable table, ratios and targets."""
+    lines = []
+    m = report["machine"]
+    w = report["workload"]
+    lines.append(
+        f"serving benchmark ({report['mode']}, {report['settings']['dtype']}): "
+        f"{w['num_prompts']} prompts of {w['prompt_tokens']['min']}-{w['prompt_tokens']['max']} "
+        f"tokens, {w['max_new_tokens']} new tokens each, greedy, EOS ignored; "
+        f"{m['cpus']} cpus, load avg {m['load_avg_start']} -> {m['load_avg_end']}"
+    )
+    header = (
+        f"{'system':<8} {'conc':>5} {'reqs':>5} {'tok/s':>9} {'req/s':>7} "
+        f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7} {'err':>4}"
+    )
+    lines += ["", header, "-" * len(header)]
+    for name, result in report["systems"].items():
+        if result.get("status") != "ok":
+            lines.append(f"{name:<8} {result.get('status')}: {result.get('reason')}")
+            continue
+        for c, lv in result["levels"].items():
+            t, i = lv.get("ttft_ms") or {}, lv.get("itl_ms") or {}
+            lines.append(
+                f"{name:<8} {c:>5} {lv['requests']:>5} {_fmt(lv.get('tokens_per_s')):>9} "
+                f"{_fmt(lv.get('requests_per_s'), 2):>7} {_fmt(t.get('p50')):>9} "
+                f"{_fmt(t.get('p90')):>8} {_fmt(t.get('p99')):>8} {_fmt(i.get('p50')):>8} "
+                f"{_fmt(i.get('p90')):>7} {_fmt(i.get('p99')):>7} {lv['errors']:>4}"
+            )
+    lines += ["", "peak RSS (MB):"]
+    for name, result in report["systems"].items():
+        for proc, info in (result.get("processes") or {}).items():
+            lines.append(f"  {name:<8} {proc:<12} {_fmt(info.get('peak_rss_mb'))}")
+    r = report["ratios"]
+    lines += ["", "ratios (per concurrency):"]
+    for key in (
+        "ours_limit_throughput",
+        "ours2_limit_throughput",
+        "ours_naive_throughput",
+        "ours_peer_throughput",
+        "ours_peer_ttft_p50",
+    ):
+        values = ", ".join(f"{c}: {_fmt(v, 3)}" for c, v in r[key].items())
+        lines.append(f"  {key:<24} {values}")
+    o = r["router_ttft_overhead_ms"]
+    lines.append(
+        f"  router TTFT overhead     p50 {_fmt(o['p50'], 2)} ms, p99 {_fmt(o['p99'], 2)} ms "
+        f"(at {o['concurrency']} stream(s))"
+    )
+    n = r["null_tokens_per_s"]
+    lines.append(f"  null engine              {_fmt(n['value'])} tok/s at {n['streams']} streams")
+    lines.append(f"  router peak RSS          {_fmt(r['router_peak_rss_mb']['max'])} MB")
+    lines += ["", "targets:"]
+    for t in report["targets"]:
+        lines.append(
+            f"  {t['status']:<5} {t['name']:<30} {_fmt(t['value'], 3):>10}  "
+            f"(target {t['target']} at {t['at']})"
+        )
+    return "\n".join(lines)
+
+
+# ----- CLI -------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's flags (shared by ``python -m benchmarks.serving`` and
+    ``llmcluster bench``). Unset flags take the mode's default (--smoke or full)."""
+    d = Settings()
+    parser.add_argument("--smoke", action="store_true", help="seconds-scale run of every system")
+    parser.add_argument(
+        "--concurrency",
+        type=_int_list,
+        help=f"concurrent streams per level, comma-separated (default {d.concurrency})",
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="model dtype")
+    parser.add_argument(
+        "--systems",
+        type=_str_list,
+        help=f"systems to run, comma-separated (default all: {ALL_SYSTEMS})",
+    )
+    parser.add_argument("--json", dest="json_path", help="write the JSON report here")
+    parser.add_argument(
+        "--num-prompts", type=int, help=f"distinct prompts (default {d.num_prompts})"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens generated per request (default {d.max_new_tokens})",
+    )
+    parser.add_argument("--seed", type=int, help="workload seed (default 0)")
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        help=f"engine batch cap, limit and workers (default {d.max_running})",
+    )
+    parser.add_argument(
+        "--null-streams",
+        type=int,
+        help=f"null-engine concurrent streams (default {d.null_streams})",
+    )
+    parser.add_argument(
+        "--null-new-tokens",
+        type=int,
+        help=f"tokens per null-engine request (default {d.null_new_tokens})",
+    )
+    parser.add_argument("--null-step-ms", type=float, help="null engine iteration time (default 5)")
+    parser.add_argument(
+        "--no-fail", action="store_true", help="full mode: exit 0 even when a target is missed"
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    values = dict(SMOKE_DEFAULTS) if args.smoke else {}
+    values["smoke"] = args.smoke
+    values["fail_on_miss"] = not args.smoke and not args.no_fail
+    for name in (
+        "concurrency",
+        "dtype",
+        "systems",
+        "json_path",
+        "num_prompts",
+        "max_new_tokens",
+        "seed",
+        "max_running",
+        "null_streams",
+        "null_new_tokens",
+        "null_step_ms",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    return Settings(**values)
+
+
+def _raise_interrupt(signum, frame):
+    # SIGTERM takes the same path as Ctrl-C, so the finally blocks stop every process.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(settings: Settings) -> tuple[dict, int]:
+    """Runs the benchmark; returns (report, exit code)."""
+    from common.models import resolve_model
+
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    load_start = load_avg()
+    if not settings.smoke and load_start[0] >= 1.5:
+        logger.warning(
+            "load average %s: another job is using the cores, timings will be noisy", load_start
+        )
+    tokenizer = load_tokenizer(resolve_model(None).path)
+    workload = build_workload(
+        tokenizer,
+        settings.num_prompts,
+        settings.max_new_tokens,
+        seed=settings.seed,
+        min_prompt_tokens=settings.min_prompt_tokens,
+        max_prompt_tokens=settings.max_prompt_tokens,
+    )
+    systems = run_phases(settings, workload)
+    report = build_report(settings, workload, systems, started, load_start)
+    failed = [s for s, r in systems.items() if r.get("status") == "failed"]
+    code = 2 if failed else 0
+    if settings.fail_on_miss and any(t["status"] == "MISS" for t in report["targets"]):
+        code = code or 1
+    return report, code
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point shared by ``python -m benchmarks.serving`` and ``llmcluster bench``."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        report, code = run(settings)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_report(report))
+    if settings.json_path:
+        Path(settings.json_path).write_text(json.dumps(report, indent=2))
+        print(f"\nJSON written to {settings.json_path}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -84,3 +84,20 @@ def small_rows(n: int = 24) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+@pytest.fixture(name="one_torch_thread")
+def one_torch_thread_fixture():
+    """Runs a test with one intra-op thread, restoring the setting after.
+
+    Tiny-model matrices are too small to split across threads, and on a busy CI machine
+    OpenMP's spinning threads make them ~10x slower than one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -40,6 +40,7 @@ from common.errors import (
 )
 from common.validation import SamplingParams
 from worker.detokenizer import IncrementalDetokenizer
+from worker.kv_cache import cache_views, slab_cache
 from worker.sampling import TokenChoice, make_generator, select_tokens
 
 logger = logging.getLogger(__name__)
@@ -171,8 +172,7 @@ class Engine:
         # Engine-thread state.
         self._waiting: deque[EngineRequest] = deque()
         self._rows: list[_Sequence] = []
-        self._keys_cache: list[torch.Tensor] = []  # per layer [B, kv_heads, T, head_dim]
-        self._values_cache: list[torch.Tensor] = []
+        self._cache: Any = None  # batched KV cache (worker.kv_cache), rows = self._rows
         self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
         self._reserved_kv = 0
         # Counters read by stats() from other threads (plain ints: atomic enough).
@@ -393,9 +393,10 @@ class Engine:
         masks: list[torch.Tensor] = []
         if self._mask is not None and self._rows:
             pad = target - current
+            batch_keys, batch_values = cache_views(self._cache)
             for layer in range(n_layers):
-                keys[layer].append(_left_pad(self._keys_cache[layer], pad))
-                values[layer].append(_left_pad(self._values_cache[layer], pad))
+                keys[layer].append(_left_pad(batch_keys[layer], pad))
+                values[layer].append(_left_pad(batch_values[layer], pad))
             masks.append(
                 torch.cat([self._mask.new_zeros(self._mask.shape[0], pad), self._mask], dim=1)
             )
@@ -407,14 +408,13 @@ class Engine:
             row_mask = torch.zeros(1, target, dtype=torch.long, device=self.device)
             row_mask[0, pad:] = 1
             masks.append(row_mask)
-        self._keys_cache = [torch.cat(k, dim=0) for k in keys]
-        self._values_cache = [torch.cat(v, dim=0) for v in values]
+        self._cache = slab_cache(
+            [torch.cat(k, dim=0) for k in keys], [torch.cat(v, dim=0) for v in values]
+        )
         self._mask = torch.cat(masks, dim=0)
         self._rows.extend(admitted)
 
     def _decode(self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]) -> None:
-        from transformers import DynamicCache
-
         assert self._mask is not None
         last = torch.tensor(
             [[s.generated[-1]] for s in self._rows], dtype=torch.long, device=self.device
@@ -423,19 +423,13 @@ class Engine:
             [[s.length - 1] for s in self._rows], dtype=torch.long, device=self.device
         )
         self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
-        cache = DynamicCache(
-            ddp_cache_data=list(zip(self._keys_cache, self._values_cache, strict=True))
-        )
         out = self._forward(
             last,
-            past_key_values=cache,
+            past_key_values=self._cache,  # grows in place
             attention_mask=self._mask,
             position_ids=positions,
             **self._adapter_kwargs(self._rows),
         )
-        layers = out.past_key_values.layers
-        self._keys_cache = [layer.keys for layer in layers]
-        self._values_cache = [layer.values for layer in layers]
         self._emit(self._rows, out.logits[:, -1, :], outputs, sinks)
 
     def _adapter_kwargs(self, rows: list[_Sequence]) -> dict[str, Any]:
@@ -522,7 +516,7 @@ class Engine:
         keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]
         if not keep:
-            self._keys_cache, self._values_cache, self._mask = [], [], None
+            self._cache, self._mask = None, None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         assert self._mask is not None
@@ -530,8 +524,11 @@ class Engine:
         # Columns that are padding in every remaining row can go (the longest row left).
         first = int(mask.any(dim=0).nonzero()[0])
         self._mask = mask[:, first:]
-        self._keys_cache = [k.index_select(0, index)[:, :, first:] for k in self._keys_cache]
-        self._values_cache = [v.index_select(0, index)[:, :, first:] for v in self._values_cache]
+        keys, values = cache_views(self._cache)
+        self._cache = slab_cache(
+            [k.index_select(0, index)[:, :, first:] for k in keys],
+            [v.index_select(0, index)[:, :, first:] for v in values],
+        )
 
     def _deliver(self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]) -> None:
         by_sink: dict[int, tuple[OutputSink, list[SeqOutput]]] = {}
@@ -560,6 +557,6 @@ class Engine:
                 sinks[payload.key] = payload.sink
         self._waiting.clear()
         self._rows = []
-        self._keys_cache, self._values_cache, self._mask = [], [], None
+        self._cache, self._mask = None, None
         self._reserved_kv = 0
         self._deliver(outputs, sinks)

@@ -8,10 +8,10 @@ with a message naming the offending field. The worker adds what needs the model
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from common.errors import InvalidArgument
+from common.model_store import parse_ref
 from common.pb import generate_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -21,30 +21,12 @@ MAX_STOP_LENGTH = 128
 MAX_REQUEST_ID_LENGTH = 128
 CHAT_ROLES = ("system", "user", "assistant")
 
-# Names of adapters, models in the store, and fine-tune outputs: no path separators,
-# no "..", a fixed charset (the store builds folder names from them).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^(latest|[1-9][0-9]{0,8})$")
-
-
-def check_name(value: str, what: str) -> str:
-    """Raises InvalidArgument unless ``value`` is a safe store name."""
-    if not NAME_RE.match(value) or ".." in value:
-        raise InvalidArgument(
-            f"{what} {value!r} is not a valid name: use 1-64 of [A-Za-z0-9._-], "
-            "starting with a letter or digit, without '..'"
-        )
-    return value
-
 
 def parse_adapter_ref(ref: str) -> tuple[str, str]:
-    """Splits ``name`` / ``name@version`` / ``name@latest`` into (name, version)."""
-    name, _, version = ref.partition("@")
-    check_name(name, "adapter")
-    version = version or "latest"
-    if not VERSION_RE.match(version):
-        raise InvalidArgument(f"adapter version {version!r} must be a positive integer or 'latest'")
-    return name, version
+    """Splits ``name`` / ``name@version`` / ``name@latest`` into (name, version); the name
+    rules are the model store's (no path separators, no '..', a fixed charset)."""
+    name, version = parse_ref(ref)
+    return name, "latest" if version is None else str(version)
 
 
 @dataclass(frozen=True)
@@ -151,7 +133,10 @@ def generation_spec_from_pb(
         messages.append((m.role, m.content))
     adapter = ""
     if req.adapter:
-        name, version = parse_adapter_ref(req.adapter)
+        try:
+            name, version = parse_adapter_ref(req.adapter)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"adapter: {exc}") from exc
         adapter = f"{name}@{version}"
     return GenerationSpec(
         request_id=req.request_id,

@@ -137,7 +137,7 @@ BAD_REQUESTS = [
     (
         generate_pb2.GenerateRequest(prompt="x", adapter="../etc"),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "not a valid name",
+        "adapter: artifact name '../etc'",
     ),
 ]
 

@@ -27,9 +27,11 @@ lint: $(STAMP)
 	$(BIN)/mypy common router worker trainer llmcluster
 
 test: lint
+	bash scripts/install_client_toolchains.sh
 	$(BIN)/python -m pytest -q
 
 test-all: lint
+	bash scripts/install_client_toolchains.sh
 	$(BIN)/python -m pytest -q -m ''
 
 bench: $(STAMP)

@@ -45,6 +45,8 @@ class WorkerConfig:
         help="model = the real engine; null = emit tokens without a model (router+gRPC ceiling benchmarks)",
     )
     null_step_ms: float = field(5.0, help="with --engine null: time one iteration takes")
+    store_dir: str = field("", help="model store folder (default: $LLMCLUSTER_HOME/store)")
+    max_loaded_adapters: int = field(8, help="adapters kept loaded (least recently used leave)")
     warmup: bool = field(True, help="run a short generation before reporting SERVING")
     grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")
 

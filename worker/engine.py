@@ -113,7 +113,7 @@ class EngineRequest:
     params: SamplingParams
     sink: OutputSink
     deadline_monotonic: float | None = None
-    adapter: str | None = None  # resolved "name@version" loaded in the model, or None
+    adapter: Any = None  # a resolved common.model_store.ArtifactRef, or None for the base model
     arrival_monotonic: float = field(default_factory=time.monotonic)
     key: int = -1  # assigned by Engine.submit
     on_admitted: Callable[[], None] | None = None
@@ -157,8 +157,11 @@ class Engine:
     """The continuous-batching engine. Thread-safe entry points: submit, cancel, stats,
     start, stop. Everything else runs on the engine thread."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, config: EngineConfig, adapters: Any = None
+    ) -> None:
         self.model = model
+        self.adapters = adapters  # worker.adapters.AdapterSet, or None: no adapters served
         self.tokenizer = tokenizer
         self.config = config
         self.device = self._init_device(model)
@@ -311,7 +314,7 @@ class Engine:
         if self._rows:
             self._decode(outputs, sinks)
             self._remove_finished(outputs)
-        admitted = self._admit()
+        admitted = self._admit(outputs, sinks)
         if admitted:
             self._prefill(admitted, outputs, sinks)
             self._remove_finished(outputs)
@@ -334,7 +337,9 @@ class Engine:
             return DeadlineExceeded("deadline passed before the request finished")
         return None
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(
+        self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]
+    ) -> list[_Sequence]:
         admitted: list[_Sequence] = []
         prefill_tokens = 0
         now = time.monotonic()
@@ -348,6 +353,12 @@ class Engine:
             ):
                 break
             self._waiting.popleft()
+            if req.adapter is not None:
+                error = self._activate_adapter(req, admitted)
+                if error is not None:
+                    outputs[req.key] = SeqOutput(req.key, [], "", error=error)
+                    sinks[req.key] = req.sink
+                    continue
             self._reserved_kv += req.kv_tokens
             prefill_tokens += len(req.prompt_ids)
             seq = _Sequence(req, self.tokenizer, now)
@@ -355,6 +366,25 @@ class Engine:
             if req.on_admitted is not None:
                 req.on_admitted()
         return admitted
+
+    def _activate_adapter(
+        self, req: EngineRequest, admitted: list[_Sequence]
+    ) -> RequestError | None:
+        """Loads the request's adapter into the model (engine thread: the only one that
+        touches the model). A load failure fails this request only."""
+        in_use = {
+            self.adapters.key_of(s.req.adapter)
+            for s in [*self._rows, *admitted]
+            if s.req.adapter is not None
+        }
+        try:
+            self.model = self.adapters.activate(self.model, req.adapter, in_use)
+        except RequestError as exc:
+            return exc
+        except Exception as exc:
+            logger.exception("loading adapter %s failed", req.adapter.ref)
+            return RequestError(f"loading adapter {req.adapter.ref} failed: {exc}")
+        return None
 
     def _forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
@@ -433,10 +463,10 @@ class Engine:
         self._emit(self._rows, out.logits[:, -1, :], outputs, sinks)
 
     def _adapter_kwargs(self, rows: list[_Sequence]) -> dict[str, Any]:
-        adapter_names = getattr(self, "adapter_names_for", None)
-        if adapter_names is None:
+        if self.adapters is None:
             return {}
-        return adapter_names([s.req.adapter for s in rows])
+        keys = [self.adapters.key_of(s.req.adapter) if s.req.adapter else None for s in rows]
+        return dict(self.adapters.forward_kwargs(keys))
 
     def _emit(
         self,

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from common.errors import InvalidArgument, NotFound, Unavailable
+from common.model_store import ModelStore
 from common.models import ModelSource, load_model, load_tokenizer, resolve_model
 from common.validation import GenerationLimits, GenerationSpec, SamplingParams
+from worker.adapters import AdapterSet
 from worker.config import WorkerConfig
 from worker.engine import Engine, EngineConfig, EngineRequest, SeqOutput
 
@@ -49,6 +51,9 @@ class ModelRuntime:
             max_new_tokens_limit=config.max_new_tokens_limit,
             max_context_tokens=min(context, model_limit),
         )
+        self.adapters = AdapterSet(
+            ModelStore(config.store_dir or None), self.source.name, config.max_loaded_adapters
+        )
         self.engine = self._new_engine()
 
     def _new_engine(self) -> Engine:
@@ -62,7 +67,7 @@ class ModelRuntime:
             from worker.null_engine import NullEngine
 
             return NullEngine(self.tokenizer, config, step_s=self.config.null_step_ms / 1000.0)
-        return Engine(self.model, self.tokenizer, config)
+        return Engine(self.model, self.tokenizer, config, adapters=self.adapters)
 
     @property
     def model_names(self) -> list[str]:
@@ -93,8 +98,7 @@ class ModelRuntime:
     ) -> EngineRequest:
         """Checks what needs the model and returns a request ready for submit()."""
         self.check_model(spec.model)
-        if spec.adapter:
-            raise NotFound(f"adapter {spec.adapter!r} not found (no adapters are registered)")
+        adapter = self.adapters.resolve(spec.adapter) if spec.adapter else None
         ids = self.prompt_ids(spec)
         context = self.limits.max_context_tokens
         if len(ids) >= context:
@@ -110,12 +114,13 @@ class ModelRuntime:
             deadline_monotonic=deadline_monotonic,
             arrival_monotonic=time.monotonic(),
             on_admitted=on_admitted,
+            adapter=adapter,
         )
 
     def list_models(self) -> list[Any]:
         from common.pb import generate_pb2
 
-        return [
+        entries = [
             generate_pb2.ModelEntry(
                 name=self.source.name,
                 kind=generate_pb2.BASE,
@@ -123,9 +128,24 @@ class ModelRuntime:
                 max_context_tokens=self.limits.max_context_tokens,
             )
         ]
+        for ref in self.adapters.store.list():
+            base = ref.metadata.get("base_model", "")
+            if base and base != self.source.name:
+                continue
+            entries.append(
+                generate_pb2.ModelEntry(
+                    name=ref.name,
+                    version=str(ref.version),
+                    kind=generate_pb2.ADAPTER,
+                    base_model=base or self.source.name,
+                    method=str(ref.metadata.get("method", "")),
+                    created_unix_ms=int(ref.metadata.get("created_unix_ms", 0)),
+                )
+            )
+        return entries
 
     def loaded_adapters(self) -> list[str]:
-        return []
+        return self.adapters.loaded_refs()
 
 
 class WorkerState:

@@ -204,8 +204,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(
         )
     assert info.value.step == 4
     assert not (tmp_path / "interrupted" / "artifact").exists()
-    checkpoint = latest_checkpoint(tmp_path / "interrupted" / "checkpoints")
+    checkpoint = latest_checkpoint(tmp_path / "interrupted")
     assert checkpoint is not None and checkpoint.name == "step-0000003"
+    assert latest_checkpoint(tmp_path / "interrupted" / "checkpoints") == checkpoint
     # No pickle anywhere in a checkpoint.
     assert sorted(p.suffix for p in checkpoint.iterdir()) == [
         ".json",
@@ -280,6 +281,32 @@ def test_max_steps_and_no_eval_split(tiny_model, tmp_path: Path) -> None:
     done, events = run(config, tiny_model, tmp_path / "job")
     assert done.steps == 2 and done.eval_before is None and done.eval_after is None
     assert not [e for e in events if isinstance(e, EvalEvent)]
+
+
+def test_loss_skipping_prompt_logits_is_exact(tiny_model, monkeypatch) -> None:
+    """The loss computes logits only from the batch's first label on; it must equal the
+    loss over full logits, for plain models and for prompt tuning's shifted positions."""
+    import sys
+
+    from common.models import load_model
+    from trainer import prepare_data
+    from trainer.data import collate
+
+    train_module = sys.modules["trainer.train"]
+    for method in ("lora", "prompt_tuning"):
+        model, tok = load_model(tiny_model, dtype="float32", device="cpu")
+        model = train_module._apply_method(model, TrainConfig(method=method))
+        model.eval()
+        data = prepare_data(small_rows(), tok, max_seq_length=64, eval_fraction=0, seed=0)
+        batch = collate(data.train[:5], tok.pad_token_id)
+        assert batch["labels"][:, :4].eq(-100).all()  # there is a prompt to skip
+        with torch.no_grad():
+            fast = train_module._token_loss_sum(model, batch)
+            monkeypatch.setattr(train_module, "_accepts_logits_to_keep", lambda m: False)
+            full = train_module._token_loss_sum(model, batch)
+            monkeypatch.undo()
+        assert fast[1] == full[1] > 0
+        torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
 
 
 def test_lr_schedules() -> None:

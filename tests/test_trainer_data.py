@@ -11,6 +11,7 @@ from trainer.data import (
     DatasetError,
     DataStats,
     Example,
+    JsonlText,
     collate,
     load_examples,
     parse_jsonl_text,
@@ -103,6 +104,9 @@ def test_inline_jsonl_text() -> None:
     assert rows == [(1, {"text": "a"}), (3, {"text": "b"})]
     with pytest.raises(DatasetError, match="line 2: invalid JSON"):
         parse_jsonl_text('{"text": "a"}\n{"text": \n')
+    assert [e.text for e in load_examples(JsonlText('{"text": "a"}\n{"text": "b"}'))] == ["a", "b"]
+    with pytest.raises(DatasetError, match="^line 3: field 'text' must be a string"):
+        load_examples(JsonlText('{"text": "a"}\n\n{"text": 1}'))
 
 
 # ---------------------------------------------------------------- errors

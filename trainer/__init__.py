@@ -10,7 +10,7 @@ Note: ``trainer.train`` is the function; the module's other names are reached wi
 
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import DEFAULT_LEARNING_RATES, TrainConfig
-from trainer.data import DatasetError, PreparedData, prepare_data
+from trainer.data import DatasetError, JsonlText, PreparedData, load_examples, prepare_data
 from trainer.events import (
     CheckpointEvent,
     DoneEvent,
@@ -29,6 +29,7 @@ __all__ = [
     "DatasetError",
     "DoneEvent",
     "EvalEvent",
+    "JsonlText",
     "LogEvent",
     "MetricsEvent",
     "PhaseEvent",
@@ -37,6 +38,7 @@ __all__ = [
     "TrainEvent",
     "TrainingCancelled",
     "latest_checkpoint",
+    "load_examples",
     "prepare_data",
     "run_local",
     "train",

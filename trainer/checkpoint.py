@@ -141,7 +141,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (a job's ``checkpoints`` folder)."""
+    """The newest complete checkpoint of a run: ``root`` is the ``output_dir`` given to
+    ``train`` or its ``checkpoints`` folder. None when there is none yet."""
+    root = Path(root)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
     found = list_checkpoints(root)
     return found[-1] if found else None
 

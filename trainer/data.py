@@ -40,6 +40,17 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class JsonlText:
+    """A whole JSONL dataset passed inline (CreateJobRequest.dataset_jsonl); errors name
+    its line numbers like a file's."""
+
+    text: str
+
+
+DatasetSource = str | Path | JsonlText | Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
 class Example:
     """One cleaned example. ``kind`` is "completion", "messages" or "text"."""
 
@@ -264,12 +275,13 @@ def parse_jsonl_text(text: str) -> list[tuple[int, Any]]:
 
 
 def load_examples(
-    source: str | Path | Sequence[Mapping[str, Any]],
+    source: DatasetSource,
     *,
     min_chars: int = 1,
     stats: DataStats | None = None,
 ) -> list[Example]:
-    """Parses and cleans a dataset: a JSONL path or a list of dicts (inline examples).
+    """Parses and cleans a dataset: a JSONL path, inline JSONL text, or a list of dicts
+    (inline examples). Call it to validate a dataset before queueing a job.
 
     Cleaning drops rows whose learned part is empty or shorter than ``min_chars``
     characters, and exact duplicates (the first copy is kept). Errors name the line
@@ -278,6 +290,9 @@ def load_examples(
     stats = stats if stats is not None else DataStats()
     if isinstance(source, (str, Path)):
         rows = read_jsonl(source)
+        label = "line"
+    elif isinstance(source, JsonlText):
+        rows = parse_jsonl_text(source.text)
         label = "line"
     else:
         rows = list(enumerate(source, start=1))
@@ -426,7 +441,7 @@ def tokenize_examples(
 
 
 def prepare_data(
-    source: str | Path | Sequence[Mapping[str, Any]],
+    source: DatasetSource,
     tokenizer: Any,
     *,
     max_seq_length: int,

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig
+from trainer.data import DatasetSource
 from trainer.events import DoneEvent, TrainEvent
 from trainer.train import train
 
@@ -30,7 +31,7 @@ class LocalRun:
 
 
 def run_local(
-    data: str | Path | Sequence[Mapping[str, Any]],
+    data: DatasetSource,
     *,
     name: str | None = None,
     config: TrainConfig | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,14 @@ import torch.nn.functional as F
 from common.models import ModelSource, load_model, load_tokenizer, resolve_device, resolve_model
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
-from trainer.data import IGNORE_INDEX, PreparedData, TokenizedExample, collate, prepare_data
+from trainer.data import (
+    IGNORE_INDEX,
+    DatasetSource,
+    PreparedData,
+    TokenizedExample,
+    collate,
+    prepare_data,
+)
 from trainer.events import (
     CheckpointEvent,
     DoneEvent,
@@ -143,14 +151,31 @@ class _Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+def _accepts_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     labels = batch["labels"]
-    # Prompt tuning prepends virtual tokens: the real positions are the last ones.
-    logits = out.logits[:, -labels.shape[1] :, :]
+    width = labels.shape[1]
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(labelled[0]) if len(labelled) else width - 1
+    # Positions before the first label of the batch (the shared part of the prompts)
+    # need no logits: skipping them saves the vocabulary projection and its backward,
+    # a fifth of a small model's compute. The kept positions are the last ones, which
+    # also holds when prompt tuning prepends virtual tokens.
+    keep = min(width, width - first + 1)
+    kwargs: dict[str, Any] = {}
+    if keep < width and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    else:
+        keep = width
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    logits = out.logits[:, -keep:, :]
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, width - keep + 1 :]
     loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
@@ -273,7 +298,7 @@ def _model_dtype(requested: str, method: str, device: str) -> str:
 def train(
     config: TrainConfig,
     base_model: ModelSource | str | None,
-    dataset: str | Path | Sequence[Mapping[str, Any]] | PreparedData,
+    dataset: DatasetSource | PreparedData,
     output_dir: str | Path,
     *,
     on_event: Callable[[TrainEvent], None] | None = None,
@@ -284,7 +309,7 @@ def train(
 ) -> DoneEvent:
     """Runs a fine-tuning job and returns its DoneEvent (also sent to ``on_event``).
 
-    ``dataset`` is a JSONL path, a list of row dicts, or already prepared data. The
+    ``dataset`` is a JSONL path, JsonlText, a list of row dicts, or prepared data. The
     artifact is written to ``output_dir/artifact`` (PEFT folder, or HF model folder for
     ``full``) and checkpoints to ``output_dir/checkpoints/step-N``. ``resume_from`` is a
     checkpoint folder of a run with the same config and data. Raises DatasetError /

@@ -1,0 +1,298 @@
+"""The training process of one worker job: ``python -m trainer.job_process --job-dir DIR``.
+
+The worker's job manager (worker/jobs.py) writes ``DIR/job.json`` and ``DIR/data.jsonl``
+and starts this process in its own session. It trains with :func:`trainer.train`,
+publishes the artifact to the model store, and reports everything as
+``llmcluster.v1.JobEvent`` JSON lines appended to ``DIR/progress.jsonl`` (no sequence
+numbers: the manager numbers them). Its last line is a terminal ``state_change``.
+
+It stops between steps when ``DIR/cancel`` appears, and exits on its own when the worker
+that started it dies (the worker resumes the job from its last checkpoint on restart,
+so two trainers never write the same job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from common.pb import finetune_pb2
+from common.tracing import (
+    ATTR_EPOCH,
+    ATTR_JOB_ID,
+    ATTR_JOB_METHOD,
+    ATTR_LOSS,
+    SERVICE_TRAINER,
+    attached,
+    context_from_env,
+    current_traceparent,
+    get_tracer,
+    record_error,
+    setup_tracing,
+    shutdown_tracing,
+)
+from trainer.config import TrainConfig
+from trainer.events import (
+    CheckpointEvent,
+    DoneEvent,
+    EvalEvent,
+    LogEvent,
+    MetricsEvent,
+    PhaseEvent,
+    TrainEvent,
+)
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.jsonl"
+CANCEL_FILE = "cancel"
+PUBLISHED_FILE = "published.json"
+WORK_DIR = "work"
+EXIT_FAILED = 1
+EXIT_CANCELLED = 2
+EXIT_ORPHANED = 3
+
+
+class ProgressWriter:
+    """Appends JobEvents as JSON lines; each line is written whole and flushed."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._lock = threading.Lock()
+
+    def write(self, event: finetune_pb2.JobEvent) -> None:
+        event.time_unix_ms = int(time.time() * 1000)
+        line = json_format.MessageToJson(event, indent=None) + "\n"
+        with self._lock:
+            self._fh.write(line)
+            self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def to_job_event(event: TrainEvent) -> finetune_pb2.JobEvent | None:
+    """The JobEvent of a trainer event (DoneEvent has none: publication reports it)."""
+    if isinstance(event, MetricsEvent):
+        return finetune_pb2.JobEvent(
+            metrics=finetune_pb2.TrainMetrics(
+                step=event.step,
+                total_steps=event.total_steps,
+                epoch=event.epoch,
+                loss=event.loss,
+                learning_rate=event.learning_rate,
+                tokens_per_second=event.tokens_per_second,
+            )
+        )
+    if isinstance(event, EvalEvent):
+        return finetune_pb2.JobEvent(
+            evaluation=finetune_pb2.EvalResult(
+                stage=event.stage,
+                eval_loss=event.eval_loss,
+                perplexity=event.perplexity,
+                step=event.step,
+            )
+        )
+    if isinstance(event, CheckpointEvent):
+        return finetune_pb2.JobEvent(
+            checkpoint=finetune_pb2.Checkpoint(step=event.step, path=event.path)
+        )
+    if isinstance(event, PhaseEvent):
+        return finetune_pb2.JobEvent(log=event.message or event.phase)
+    if isinstance(event, LogEvent):
+        return finetune_pb2.JobEvent(log=event.message)
+    return None
+
+
+class SpanTracker:
+    """Spans of the job's phases and epochs, driven by the trainer's events."""
+
+    def __init__(self) -> None:
+        self._tracer = get_tracer(__name__)
+        self._phase: Any = None
+        self._epoch: Any = None
+        self._epoch_index = -1
+
+    def _end_epoch(self) -> None:
+        if self._epoch is not None:
+            self._epoch.end()
+            self._epoch = None
+
+    def _end_phase(self) -> None:
+        self._end_epoch()
+        if self._phase is not None:
+            self._phase.end()
+            self._phase = None
+
+    def on_event(self, event: TrainEvent) -> None:
+        if isinstance(event, PhaseEvent):
+            self._end_phase()
+            name = {"data": "data preparation", "export": "artifact export"}.get(
+                event.phase, event.phase
+            )
+            self._phase = self._tracer.start_span(f"finetune {name}")
+        elif isinstance(event, MetricsEvent):
+            # Epoch spans are children of the train phase span.
+            steps_per_epoch = max(1, round(event.step / event.epoch)) if event.epoch else 1
+            epoch = (event.step - 1) // steps_per_epoch
+            if epoch != self._epoch_index:
+                self._end_epoch()
+                self._epoch_index = epoch
+                from opentelemetry import trace
+
+                ctx = trace.set_span_in_context(self._phase) if self._phase else None
+                self._epoch = self._tracer.start_span(
+                    f"finetune epoch {epoch + 1}", context=ctx, attributes={ATTR_EPOCH: epoch + 1}
+                )
+            if self._epoch is not None:
+                self._epoch.set_attribute(ATTR_LOSS, event.loss)
+        elif isinstance(event, CheckpointEvent):
+            span = self._epoch or self._phase
+            if span is not None:
+                span.add_event("checkpoint", {"step": event.step, "path": event.path})
+        elif isinstance(event, EvalEvent) and self._phase is not None:
+            self._phase.set_attribute(f"eval_loss_{event.stage}", event.eval_loss)
+
+    def close(self) -> None:
+        self._end_phase()
+
+
+def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    """Exits the process when the worker that started it is gone: the worker resumes the
+    job itself on restart, and must find no second trainer writing the same job."""
+    while True:
+        time.sleep(interval_s)
+        if os.getppid() != parent_pid:
+            logger.error("worker %d is gone; stopping", parent_pid)
+            os._exit(EXIT_ORPHANED)
+
+
+@contextlib.contextmanager
+def _span(name: str, **attributes: Any) -> Iterator[Any]:
+    with get_tracer(__name__).start_as_current_span(name, attributes=attributes) as span:
+        yield span
+
+
+def publish(job_dir: Path, run: dict[str, Any], done: DoneEvent, job_id: str) -> dict[str, Any]:
+    """Publishes the artifact once: a process restarted after publishing reuses the record."""
+    record_path = job_dir / PUBLISHED_FILE
+    if record_path.exists():
+        return dict(json.loads(record_path.read_text()))
+    from common.model_store import ModelStore
+
+    store = ModelStore(run.get("store_dir") or None)
+    metadata = {
+        **done.metadata,
+        "job_id": job_id,
+        "worker_id": run.get("worker_id", ""),
+        "traceparent": run.get("traceparent", "") or current_traceparent() or "",
+    }
+    tp = metadata["traceparent"]
+    metadata["trace_id"] = tp.split("-")[1] if tp.count("-") >= 3 else ""
+    ref = store.publish(run["output_name"], done.artifact_dir, metadata)
+    record = {"name": ref.name, "version": ref.version, "ref": ref.ref, "sha256": ref.sha256}
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, record_path)
+    return record
+
+
+def run_job(job_dir: Path) -> int:
+    """Trains the job in ``job_dir``; returns the process exit code."""
+    raw = json.loads((job_dir / "job.json").read_text())
+    job_id = raw["job"]["job_id"]
+    run = raw["run"]
+    progress = ProgressWriter(job_dir / PROGRESS_FILE)
+    cancel_file = job_dir / CANCEL_FILE
+    spans = SpanTracker()
+
+    import torch
+
+    torch.set_num_threads(max(1, int(run.get("threads", 1))))
+
+    from trainer.train import TrainingCancelled, train
+
+    def on_event(event: TrainEvent) -> None:
+        spans.on_event(event)
+        job_event = to_job_event(event)
+        if job_event is not None:
+            progress.write(job_event)
+
+    def state(value: int, message: str = "") -> None:
+        progress.write(
+            finetune_pb2.JobEvent(
+                state_change=finetune_pb2.StateChange(state=value, message=message)  # type: ignore[arg-type]
+            )
+        )
+
+    config = TrainConfig.from_dict(run["config"])
+    resume_from = run.get("resume_from") or None
+    with _span("finetune job", **{ATTR_JOB_ID: job_id, ATTR_JOB_METHOD: config.method}) as job_span:
+        try:
+            done = train(
+                config,
+                run.get("model") or None,
+                str(job_dir / "data.jsonl"),
+                job_dir / WORK_DIR,
+                on_event=on_event,
+                should_cancel=cancel_file.exists,
+                resume_from=resume_from,
+                device=run.get("device") or "auto",
+            )
+            spans.close()
+            with _span("finetune artifact publication"):
+                record = publish(job_dir, run, done, job_id)
+            progress.write(
+                finetune_pb2.JobEvent(
+                    artifact=finetune_pb2.Artifact(
+                        name=record["name"],
+                        version=str(record["version"]),
+                        ref=record["ref"],
+                        sha256=record["sha256"],
+                    )
+                )
+            )
+            state(finetune_pb2.SUCCEEDED, f"published {record['ref']}")
+            return 0
+        except TrainingCancelled as exc:
+            state(finetune_pb2.CANCELLED, f"cancelled after step {exc.step}")
+            return EXIT_CANCELLED
+        except Exception as exc:  # any failure ends the job with its reason
+            logger.exception("job %s failed", job_id)
+            record_error(job_span, exc)
+            state(finetune_pb2.FAILED, f"{type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        finally:
+            spans.close()
+            progress.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.job_process", description=__doc__)
+    parser.add_argument("--job-dir", required=True, help="the job's folder (job.json inside)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    setup_tracing(SERVICE_TRAINER)
+    try:
+        with attached(context_from_env()):
+            return run_job(Path(args.job_dir))
+    finally:
+        shutdown_tracing()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

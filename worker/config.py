@@ -47,13 +47,27 @@ class WorkerConfig:
     null_step_ms: float = field(5.0, help="with --engine null: time one iteration takes")
     store_dir: str = field("", help="model store folder (default: $LLMCLUSTER_HOME/store)")
     max_loaded_adapters: int = field(8, help="adapters kept loaded (least recently used leave)")
+    jobs_dir: str = field("", help="fine-tuning jobs folder (default: $LLMCLUSTER_HOME/jobs)")
+    data_dir: str = field("", help="datasets CreateJob names (default: $LLMCLUSTER_HOME/data)")
+    max_concurrent_jobs: int = field(1, help="fine-tuning jobs training at once; more wait QUEUED")
+    job_threads: int = field(1, help="torch threads of each training process (keeps serving fast)")
+    metrics_port: int = field(
+        -1, help="Prometheus /metrics HTTP port (0 = any free port, -1 = off)"
+    )
     warmup: bool = field(True, help="run a short generation before reporting SERVING")
     grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("max_running", "max_kv_tokens", "max_queue", "max_new_tokens_limit"):
+        for name in (
+            "max_running",
+            "max_kv_tokens",
+            "max_queue",
+            "max_new_tokens_limit",
+            "max_concurrent_jobs",
+            "job_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.engine not in ("model", "null"):

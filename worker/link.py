@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from common import __version__
-from common.errors import RequestError, status_of
+from common.errors import Unavailable, status_of
 from common.pb import worker_pb2, worker_pb2_grpc
+from common.tracing import context_from_dict
 from common.validation import generation_spec_from_pb
 from worker.convert import FINISH_REASON_PB, token_to_pb, usage_to_pb
 from worker.engine import SeqOutput
+from worker.observe import RequestObserver
 from worker.runtime import WorkerState
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class _LinkSink:
         self._worker_id = worker_id
         self.outbound: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
         self.link_ids: dict[int, str] = {}  # engine key → link_request_id (event loop only)
+        self.observers: dict[int, RequestObserver] = {}
 
     def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._publish, step, outputs)
@@ -46,6 +49,11 @@ class _LinkSink:
             link_id = self.link_ids.pop(out.key, None) if out.done else self.link_ids.get(out.key)
             if link_id is None:
                 continue
+            observer = (
+                self.observers.pop(out.key, None) if out.done else self.observers.get(out.key)
+            )
+            if observer is not None:
+                observer.on_output(out)
             if out.tokens or out.text:
                 deltas.append(
                     worker_pb2.SequenceDelta(
@@ -131,23 +139,37 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
 
     def _submit(self, sink: _LinkSink, item: worker_pb2.WorkItem) -> None:
         link_id = item.link_request_id
-        if not self._state.accepting.is_set():
-            self._reject(
-                sink, link_id, RequestError("worker is draining", grpc.StatusCode.UNAVAILABLE), True
-            )
-            return
+        state = self._state
+        observer = None
         try:
-            spec = generation_spec_from_pb(item.request, self._state.runtime.limits)
-            req = self._state.runtime.build_request(
+            if not state.accepting.is_set():
+                raise Unavailable("worker is draining")
+            spec = generation_spec_from_pb(item.request, state.runtime.limits)
+            req = state.runtime.build_request(
                 spec, sink, _deadline_monotonic(item.deadline_unix_ms)
             )
-            key = self._state.runtime.engine.submit(req)
+            observer = RequestObserver(
+                state.metrics,
+                "Serve",
+                spec,
+                state.worker_id,
+                context_from_dict(item.trace_context),
+                req.adapter,
+            )
+            req.on_admitted = observer.admitted
+            key = state.runtime.engine.submit(req)
         except Exception as exc:
+            if observer is not None:
+                observer.finish(exc)
+            else:
+                state.record_rejected("Serve", exc)
             code, _ = status_of(exc)
+            # No token was produced: another worker may take it.
             retryable = code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
             self._reject(sink, link_id, exc, retryable)
             return
         sink.link_ids[key] = link_id
+        sink.observers[key] = observer
 
     async def _read(
         self,

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common.errors import InvalidArgument, NotFound, Unavailable
+from common.errors import InvalidArgument, NotFound, Unavailable, status_of
+from common.metrics import WorkerMetrics
 from common.model_store import ModelStore
 from common.models import ModelSource, load_model, load_tokenizer, resolve_model
 from common.validation import GenerationLimits, GenerationSpec, SamplingParams
@@ -152,10 +153,16 @@ class WorkerState:
     """What the servicers share: the runtime once loaded, whether new work is accepted
     (cleared while loading, draining or after a failed self-test), and the worker id."""
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, metrics: WorkerMetrics | None = None) -> None:
         self.worker_id = worker_id
+        self.metrics = metrics
         self.accepting = asyncio.Event()
         self._runtime: ModelRuntime | None = None
+
+    def record_rejected(self, method: str, exc: BaseException) -> None:
+        """Counts a request refused before it reached the engine."""
+        if self.metrics is not None:
+            self.metrics.record_request(method, status_of(exc)[0])
 
     @property
     def runtime(self) -> ModelRuntime:

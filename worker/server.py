@@ -10,13 +10,23 @@ import threading
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from common.metrics import WorkerMetrics, start_metrics_server
 from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.tracing import (
+    SERVICE_WORKER,
+    TracedHealthServicer,
+    TracingConfig,
+    get_tracer,
+    setup_tracing,
+    shutdown_tracing,
+)
 from common.validation import SamplingParams
 from worker.config import WorkerConfig
 from worker.engine import EngineRequest, SeqOutput
+from worker.finetune_service import add_finetune_servicer
+from worker.jobs import JobManager, jobs_config_from_worker
 from worker.link import WorkerLinkServicer
 from worker.runtime import ModelRuntime, WorkerState
 from worker.service import GenerateServicer
@@ -63,13 +73,17 @@ class WorkerServer:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.state = WorkerState(config.worker_id)
-        self.health = health_aio.HealthServicer()
+        self.metrics = WorkerMetrics()
+        self.state = WorkerState(config.worker_id, self.metrics)
+        self.health = TracedHealthServicer(get_tracer(__name__))
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
         self.port = 0
+        self.metrics_port = -1
         self._stopped = asyncio.Event()
+        # Jobs load from disk now, so GetJob/ListJobs answer while the model loads.
+        self.jobs = JobManager(jobs_config_from_worker(config))
 
     async def _set_health(self, serving: bool) -> None:
         status = (
@@ -85,6 +99,7 @@ class WorkerServer:
         worker_pb2_grpc.add_WorkerServicer_to_server(
             WorkerLinkServicer(self.state, self.config.load_interval_ms / 1000.0), self.server
         )
+        add_finetune_servicer(self.server, self.jobs)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
@@ -105,11 +120,19 @@ class WorkerServer:
             self.config.host,
             self.port,
         )
+        if self.config.metrics_port >= 0:
+            self.metrics_port = start_metrics_server(
+                self.config.metrics_port, self.metrics.registry
+            )
+            logger.info("metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
         runtime = await asyncio.to_thread(ModelRuntime, self.config)
+        self._attach_metrics(runtime)
         runtime.engine.start()
         if self.config.warmup:
             await asyncio.to_thread(run_engine_probe, runtime)
         self.state.runtime = runtime
+        self.jobs.attach_runtime(runtime)
+        await self.jobs.start()  # resumes jobs a crash cut off, then runs the queue
         self.state.accepting.set()
         await self._set_health(True)
         logger.info(
@@ -122,6 +145,22 @@ class WorkerServer:
         print(
             f"worker {self.config.worker_id} serving on {self.config.host}:{self.port}", flush=True
         )
+
+    def _attach_metrics(self, runtime: ModelRuntime) -> None:
+        engine, metrics = runtime.engine, self.metrics
+
+        def on_step(batch_size: int, new_tokens: int) -> None:  # engine thread
+            metrics.observe_step(batch_size)
+            s = engine.stats()
+            metrics.set_engine_state(
+                waiting=s["queued"],
+                running=s["running"],
+                kv_used_tokens=s["max_kv_tokens"] - s["free_kv_tokens"],
+                kv_capacity_tokens=s["max_kv_tokens"],
+            )
+            metrics.loaded_adapters.set(len(runtime.adapters.loaded_refs()))
+
+        engine.on_step = on_step
 
     async def drain_and_stop(self) -> None:
         """Stop taking new work, let running requests finish within the grace period."""
@@ -142,6 +181,7 @@ class WorkerServer:
             if s["running"] == 0 and s["queued"] == 0:
                 break
             await asyncio.sleep(0.05)
+        await self.jobs.stop()  # running jobs resume from their checkpoint on restart
         await self.server.stop(grace=2.0)
         if runtime is not None:
             runtime.engine.stop()
@@ -154,10 +194,15 @@ class WorkerServer:
         await self.server.wait_for_termination()
 
 
-def run_worker(config: WorkerConfig) -> int:
+def run_worker(config: WorkerConfig, tracing: TracingConfig | None = None) -> int:
+    setup_tracing(SERVICE_WORKER, tracing)
+
     async def main() -> None:
         # The aio server must be created inside the running loop.
         await WorkerServer(config).serve_forever()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        shutdown_tracing()
     return 0

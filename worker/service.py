@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from common.errors import Unavailable, abort_with
+from common.errors import Cancelled, Unavailable, abort_with
 from common.pb import generate_pb2, generate_pb2_grpc
+from common.tracing import context_from_grpc_metadata
 from common.validation import generation_spec_from_pb
 from worker.convert import stream_response_to_pb
+from worker.observe import RequestObserver
 from worker.runtime import AsyncQueueSink, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -32,33 +34,56 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         self._state = state
 
     async def _stream(
-        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: generate_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        method: str,
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
-        if not self._state.accepting.is_set():
-            raise Unavailable("worker is not accepting requests (loading or draining)")
-        spec = generation_spec_from_pb(request, self._state.runtime.limits)
+        state = self._state
+        try:
+            if not state.accepting.is_set():
+                raise Unavailable("worker is not accepting requests (loading or draining)")
+            runtime = state.runtime
+            spec = generation_spec_from_pb(request, runtime.limits)
+            sink = AsyncQueueSink(asyncio.get_running_loop())
+            req = runtime.build_request(spec, sink, deadline_from_context(context))
+        except Exception as exc:
+            state.record_rejected(method, exc)
+            raise
         request_id = spec.request_id or uuid.uuid4().hex
-        sink = AsyncQueueSink(asyncio.get_running_loop())
-        engine = self._state.runtime.engine
-        req = self._state.runtime.build_request(spec, sink, deadline_from_context(context))
-        key = engine.submit(req)
+        observer = RequestObserver(
+            state.metrics,
+            method,
+            spec,
+            state.worker_id,
+            context_from_grpc_metadata(context.invocation_metadata()),
+            req.adapter,
+        )
+        req.on_admitted = observer.admitted
+        try:
+            key = runtime.engine.submit(req)
+        except Exception as exc:
+            observer.finish(exc)
+            raise
         try:
             while True:
                 _, outputs = await sink.queue.get()
                 for out in outputs:
+                    observer.on_output(out)
                     if out.error is not None:
                         raise out.error
-                    yield stream_response_to_pb(out, request_id, self._state.worker_id)
+                    yield stream_response_to_pb(out, request_id, state.worker_id)
                     if out.done:
                         return
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: free the slot and KV cache at the next iteration.
-            engine.cancel(key, "client cancelled")
+            runtime.engine.cancel(key, "client cancelled")
+            observer.finish(Cancelled("client cancelled"))
             raise
 
     async def GenerateStream(self, request, context):  # noqa: N802 - gRPC method name
         try:
-            async for msg in self._stream(request, context):
+            async for msg in self._stream(request, context, "GenerateStream"):
                 yield msg
         except asyncio.CancelledError:
             raise
@@ -70,7 +95,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         tokens = []
         last = None
         try:
-            async for msg in self._stream(request, context):
+            async for msg in self._stream(request, context, "Generate"):
                 text.append(msg.text)
                 tokens.extend(msg.tokens)
                 last = msg

@@ -11,13 +11,13 @@ from common.config import field
 class RouterConfig:
     """Settings of ``llmcluster router``: listen address, workers, coalescing, admission."""
 
-    host: str = field("0.0.0.0", help="address the public gRPC server binds")
-    port: int = field(50050, help="port of the public gRPC server")
+    host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
+    port: int = field(50051, help="port of the public gRPC server")
     workers: list[str] = field(
         default_factory=list, help="worker addresses host:port (the static registry)"
     )
     coalesce_window_ms: float = field(
-        2.0,
+        5.0,
         help="requests bound for one worker within this window leave as one SubmitBatch "
         "(0 sends whatever is queued at once)",
     )

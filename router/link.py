@@ -15,7 +15,6 @@ until its ``grpc.health.v1`` check says SERVING again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import random
@@ -120,6 +119,17 @@ def estimate_tokens(request: generate_pb2.GenerateRequest) -> int:
     return chars // 4 + 1 + max_new
 
 
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Waits for ``event`` at most ``timeout_s``; True if set. Unlike asyncio.wait_for on
+    Python < 3.12, a cancellation of the caller is never swallowed."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return event.is_set()
+
+
 class WorkerLink:
     """The router's connection to one worker (see module docstring)."""
 
@@ -127,7 +137,7 @@ class WorkerLink:
         self,
         address: str,
         *,
-        coalesce_window_s: float = 0.002,
+        coalesce_window_s: float = 0.005,
         max_batch: int = 64,
         reconnect_initial_s: float = 0.1,
         reconnect_max_s: float = 5.0,
@@ -162,6 +172,9 @@ class WorkerLink:
         self._batch_ids = itertools.count(1)
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._last_rx = 0.0
+        self._break_reason = ""
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._worker = worker_pb2_grpc.WorkerStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -183,10 +196,11 @@ class WorkerLink:
         deadline = time.monotonic() + grace_s
         while self._requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._call is not None:
+            self._call.cancel()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
         self._fail_all("router is shutting down its link to the worker")
         await self.channel.close()
 
@@ -207,8 +221,7 @@ class WorkerLink:
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Waits until the stream is open (tests, start-up); False on timeout."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._connected_event.wait(), timeout_s)
+        await _wait_event(self._connected_event, timeout_s)
         return self.connected
 
     def snapshot(self) -> WorkerState:
@@ -307,8 +320,16 @@ class WorkerLink:
         if self.info.HasField("load"):
             self.load = self.info.load
         call = self._worker.Serve()
-        writer = asyncio.get_running_loop().create_task(self._writer(call))
-        watcher = asyncio.get_running_loop().create_task(self._watch_health())
+        self._call = call
+        loop = asyncio.get_running_loop()
+        self._last_rx = time.monotonic()
+        self._break_reason = ""
+        writer = loop.create_task(self._writer(call))
+        tasks = [
+            writer,
+            loop.create_task(self._watch_health()),
+            loop.create_task(self._watchdog(writer)),
+        ]
         self.stats.connects += 1
         self._router_tokens = 0
         self._set_state(connected=True, serving=True)
@@ -320,38 +341,56 @@ class WorkerLink:
         )
         reason = "stream closed by the worker"
         try:
-            while True:
+            # A plain read (no asyncio.wait_for, which can swallow a cancellation on
+            # Python < 3.12); the watchdog cancels the call when the worker goes quiet.
+            while not self._closing:
                 try:
-                    msg = await asyncio.wait_for(call.read(), self.idle_timeout_s)
-                except TimeoutError:
-                    reason = f"no message from the worker for {self.idle_timeout_s:g}s"
-                    break
+                    msg = await call.read()
                 except grpc.aio.AioRpcError as exc:
                     reason = f"stream failed: {exc.code().name}: {exc.details()}"
                     break
+                except asyncio.CancelledError:
+                    if self._break_reason:  # the watchdog cancelled the call, not us
+                        break
+                    raise
                 if msg is grpc.aio.EOF:
                     break
+                self._last_rx = time.monotonic()
                 try:
                     self._handle(msg)
                 except Exception:
                     # One malformed message must not take down the link.
                     logger.exception("link %s: bad message from worker", self.address)
-                if writer.done():
-                    reason = "sending to the worker failed"
-                    break
         finally:
+            reason = self._break_reason or reason
             self._set_state(connected=False, serving=False)
             self.stats.breaks += 1
-            for task in (writer, watcher):
+            for task in tasks:
                 task.cancel()
             call.cancel()
+            self._call = None
             self._fail_all(f"lost the link to worker {self._worker_name()} ({reason})")
             if not self._closing:
                 logger.warning("link %s: broken: %s; ejected", self.address, reason)
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await watcher
+        # gather (not suppress) so that a cancellation of this task is never swallowed.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watchdog(self, writer: asyncio.Task[None]) -> None:
+        """Breaks the stream when the writer died or the worker sent nothing for
+        ``idle_timeout_s`` (it sends Load every ~200 ms, so silence means it is gone
+        even if TCP has not noticed)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_timeout_s / 4))
+            if self._call is None:
+                return
+            idle_s = time.monotonic() - self._last_rx
+            if idle_s > self.idle_timeout_s:
+                self._break_reason = f"no message from the worker for {idle_s:.1f}s"
+            elif writer.done():
+                self._break_reason = "sending to the worker failed"
+            if self._break_reason:
+                self._call.cancel()
+                return
 
     async def _watch_health(self) -> None:
         """Follows the worker's health while connected (NOT_SERVING: stop routing here)."""
@@ -387,8 +426,7 @@ class WorkerLink:
                 if self.coalesce_window_s > 0 and len(self._outbox) < self.max_batch:
                     # Hold the first request for the window so others bound here join it.
                     self._full.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._full.wait(), self.coalesce_window_s)
+                    await _wait_event(self._full, self.coalesce_window_s)
                 batch: list[LinkRequest] = []
                 while self._outbox and len(batch) < self.max_batch:
                     lr = self._outbox.popleft()

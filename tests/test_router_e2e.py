@@ -1,0 +1,316 @@
+"""The router process over two real worker processes (default model, float32).
+
+One set of processes per module: two workers, a router over both (metrics on), and a
+second router with ``--max-queue 4`` for the admission test. Requests keep
+``max_new_tokens`` small so the module stays fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.procs import REPO_ROOT, Proc, free_port, start_router, start_worker
+
+WORKER_IDS = ("router-w-a", "router-w-b")
+CALL_TIMEOUT_S = 180.0
+
+
+@pytest.fixture(scope="module")
+def workers():
+    procs = [
+        start_worker("--dtype", "float32", "--worker-id", wid, "--max-running", "16")
+        for wid in WORKER_IDS
+    ]
+    try:
+        for p in procs:
+            p.wait_healthy(timeout_s=300)
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def router(workers):
+    metrics_port = free_port()
+    proc = start_router([w.address for w in workers], "--metrics-port", str(metrics_port))
+    proc.metrics_port = metrics_port  # type: ignore[attr-defined]
+    try:
+        proc.wait_healthy(timeout_s=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def small_router(workers):
+    """A router whose queue bound is 4."""
+    proc = start_router([w.address for w in workers], "--max-queue", "4")
+    try:
+        proc.wait_healthy(timeout_s=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def prompt_request(
+    text: str = "The capital of France is", n: int = 4
+) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        prompt=text, params=generate_pb2.SamplingParams(max_new_tokens=n)
+    )
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.labels:
+                out[s.name] = s.value
+    return out
+
+
+def worker_load(proc: Proc) -> worker_pb2.Load:
+    with grpc.insecure_channel(proc.address) as ch:
+        return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=10).load
+
+
+def wait_running_zero(workers: list[Proc], timeout_s: float) -> float:
+    """Seconds until every worker reports no running and no queued sequence."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        loads = [worker_load(w) for w in workers]
+        if all(ld.running == 0 and ld.queued == 0 for ld in loads):
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"workers still busy after {timeout_s}s: {loads}")
+
+
+async def stream_all(address: str, requests: list[generate_pb2.GenerateRequest]):
+    """Runs the streams concurrently; per stream: (messages, error or None, trailers)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.GenerateStub(channel)
+
+        async def one(req):
+            call = stub.GenerateStream(req, timeout=CALL_TIMEOUT_S)
+            msgs = []
+            try:
+                async for m in call:
+                    msgs.append(m)
+                return msgs, None, dict(await call.trailing_metadata() or ())
+            except grpc.aio.AioRpcError as exc:
+                return msgs, exc, dict(exc.trailing_metadata() or ())
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+
+# ---- tests ------------------------------------------------------------------------
+
+
+def test_32_streams_complete_on_both_workers_and_the_burst_is_coalesced(router):
+    before = scrape(router.metrics_port)
+    results = asyncio.run(
+        stream_all(router.address, [prompt_request(f"Story {i}: once upon a") for i in range(32)])
+    )
+    after = scrape(router.metrics_port)
+    served_by = []
+    for msgs, err, trailers in results:
+        assert err is None, err
+        last = msgs[-1]
+        assert last.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+        assert 1 <= last.usage.completion_tokens <= 4
+        assert sum(len(m.tokens) for m in msgs) == last.usage.completion_tokens
+        assert trailers["llmcluster-worker"] in {w for w in trailers.values()}
+        served_by.append(last.usage.worker_id)
+    assert set(served_by) == set(WORKER_IDS), served_by
+    requests = after["llmcluster_router_batched_requests_total"] - before.get(
+        "llmcluster_router_batched_requests_total", 0
+    )
+    batches = after["llmcluster_router_submit_batches_total"] - before.get(
+        "llmcluster_router_submit_batches_total", 0
+    )
+    assert requests == 32
+    assert batches <= requests / 2, (batches, requests)
+    distinct_batches = {t["llmcluster-batch"] for _, _, t in results}
+    assert len(distinct_batches) == batches
+
+
+def test_unary_generate_and_request_id_echo(router):
+    with grpc.insecure_channel(router.address) as ch:
+        stub = generate_pb2_grpc.GenerateStub(ch)
+        req = prompt_request("One, two, three,", 5)
+        req.request_id = "router-req-1"
+        req.params.logprobs = 1
+        reply = stub.Generate(req, timeout=CALL_TIMEOUT_S)
+        streamed = list(stub.GenerateStream(req, timeout=CALL_TIMEOUT_S))
+    assert reply.request_id == "router-req-1"
+    assert all(m.request_id == "router-req-1" for m in streamed)
+    # Greedy: same text whichever worker served each.
+    assert reply.text == "".join(m.text for m in streamed) and reply.text
+    assert len(reply.tokens) == reply.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 1 for t in reply.tokens)
+    assert reply.usage.worker_id in WORKER_IDS
+
+
+def test_list_models_health_and_reflection(router):
+    with grpc.insecure_channel(router.address) as ch:
+        models = generate_pb2_grpc.GenerateStub(ch).ListModels(
+            generate_pb2.ListModelsRequest(), timeout=10
+        )
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert [m.name for m in models.models] == ["SmolLM2-135M-Instruct"]
+    assert models.models[0].is_default
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(router.address) as ch:
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert "llmcluster.v1.Generate" in services and "grpc.health.v1.Health" in services
+
+
+BAD = [
+    (generate_pb2.GenerateRequest(), "INVALID_ARGUMENT"),
+    (prompt_request(n=100_000), "INVALID_ARGUMENT"),
+    (
+        generate_pb2.GenerateRequest(
+            prompt="hi", params=generate_pb2.SamplingParams(max_new_tokens=2, top_p=1.5)
+        ),
+        "INVALID_ARGUMENT",
+    ),
+    # Needs the model's tokenizer: only the worker can tell (Rejected passes through).
+    (prompt_request("word " * 20_000, 2), "INVALID_ARGUMENT"),
+    # Needs the model store: only the worker can tell.
+    (
+        generate_pb2.GenerateRequest(
+            prompt="hi",
+            adapter="no-such-adapter@3",
+            params=generate_pb2.SamplingParams(max_new_tokens=2),
+        ),
+        "NOT_FOUND",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_pb", "code"), BAD)
+def test_bad_input_gets_the_workers_status_and_message(router, workers, request_pb, code):
+    def call(address):
+        with grpc.insecure_channel(address) as ch:
+            with pytest.raises(grpc.RpcError) as info:
+                list(generate_pb2_grpc.GenerateStub(ch).GenerateStream(request_pb, timeout=60))
+        return info.value.code(), info.value.details()
+
+    via_router = call(router.address)
+    direct = call(workers[0].address)
+    assert via_router[0].name == code
+    assert via_router == direct
+
+
+def test_unknown_model_is_unavailable_with_a_message(router):
+    with grpc.insecure_channel(router.address) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            generate_pb2_grpc.GenerateStub(ch).Generate(
+                generate_pb2.GenerateRequest(prompt="hi", model="gpt-9"), timeout=30
+            )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "'gpt-9' is not served" in info.value.details()
+
+
+def test_client_cancel_frees_the_workers_sequence_promptly(router, workers):
+    wait_running_zero(workers, 60)
+    with grpc.insecure_channel(router.address) as ch:
+        call = generate_pb2_grpc.GenerateStub(ch).GenerateStream(
+            prompt_request("Write a very long essay about rivers.", 1000), timeout=CALL_TIMEOUT_S
+        )
+        first = next(call)
+        assert first.tokens
+        assert sum(worker_load(w).running for w in workers) == 1
+        call.cancel()
+        freed_s = wait_running_zero(workers, 10)
+    # "Within one iteration" plus the Cancel's trip and one Info poll, on a busy 2-core box.
+    assert freed_s < 2.0, freed_s
+
+
+def test_deadline_travels_to_the_worker(router, workers):
+    wait_running_zero(workers, 60)
+    with grpc.insecure_channel(router.address) as ch:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in generate_pb2_grpc.GenerateStub(ch).GenerateStream(
+                prompt_request("Write a very long essay about mountains.", 1000), timeout=1.5
+            ):
+                pass
+        ended_s = time.monotonic() - start
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert ended_s < 3.0
+    assert wait_running_zero(workers, 10) < 2.0
+
+
+def test_queue_bound_refuses_the_excess_at_once_and_the_rest_complete(small_router):
+    async def burst():
+        async with grpc.aio.insecure_channel(small_router.address) as channel:
+            stub = generate_pb2_grpc.GenerateStub(channel)
+
+            async def one(i):
+                start = time.monotonic()
+                try:
+                    reply = await stub.Generate(
+                        prompt_request(f"Item {i}:", 16), timeout=CALL_TIMEOUT_S
+                    )
+                    return "OK", reply, time.monotonic() - start
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details(), time.monotonic() - start
+
+            return await asyncio.gather(*(one(i) for i in range(50)))
+
+    results = asyncio.run(burst())
+    ok = [r for r in results if r[0] == "OK"]
+    refused = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]
+    assert len(ok) + len(refused) == 50, {r[0] for r in results}
+    assert len(ok) >= 4
+    assert len(refused) >= 40
+    assert all("max_queue=4" in r[1] for r in refused)
+    # Refusals do not wait for a slot: each comes back long before the admitted finish.
+    slowest_refusal = max(r[2] for r in refused)
+    fastest_ok = min(r[2] for r in ok)
+    assert slowest_refusal < fastest_ok, (slowest_refusal, fastest_ok)
+    assert all(r[1].usage.completion_tokens >= 1 for r in ok)
+
+
+def test_router_never_imports_torch(router):
+    # The running process: no torch shared object is mapped.
+    maps = open(f"/proc/{router.popen.pid}/maps").read()
+    assert "libtorch" not in maps and "/torch/" not in maps
+    # The import path of the subcommand and its server.
+    code = (
+        "import sys; from llmcluster.cli import build_parser; "
+        "build_parser(['router']).parse_args(['router', '--workers', 'a:1']); "
+        "import router.server, router.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    help_out = subprocess.run(
+        [sys.executable, "-m", "llmcluster", "router", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for flag in ("--port", "--workers", "--max-queue", "--coalesce-window-ms", "--max-batch"):
+        assert flag in help_out.stdout

@@ -1,0 +1,116 @@
+"""SIGKILL one of two real workers while 32 streams run through the router.
+
+Workers run with ``--max-running 4`` so that each holds queued requests (no token yet)
+besides running ones when it dies: the queued ones must complete on the survivor
+without the client noticing; the running ones must end promptly with UNAVAILABLE and
+a message saying how many tokens were delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import pytest
+
+from common.pb import generate_pb2, generate_pb2_grpc
+from tests.procs import start_router, start_worker
+from tests.test_router_e2e import worker_load
+
+CALL_TIMEOUT_S = 240.0
+
+
+@pytest.fixture
+def cluster():
+    workers = [
+        start_worker(
+            "--dtype", "float32", "--worker-id", wid, "--max-running", "4", "--max-queue", "64"
+        )
+        for wid in ("failover-victim", "failover-survivor")
+    ]
+    procs = list(workers)
+    try:
+        for w in workers:
+            w.wait_healthy(timeout_s=300)
+        router = start_router([w.address for w in workers], "--reconnect-max-s", "1")
+        procs.append(router)
+        router.wait_healthy(timeout_s=60)
+        yield router, workers
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_sigkill_a_worker_mid_stream(cluster):
+    router, (victim, survivor) = cluster
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = generate_pb2_grpc.GenerateStub(channel)
+            tokens = [0] * 32
+            ended = [0.0] * 32
+
+            async def one(i):
+                call = stub.GenerateStream(
+                    generate_pb2.GenerateRequest(
+                        prompt=f"Tell story number {i} about a lighthouse keeper.",
+                        params=generate_pb2.SamplingParams(max_new_tokens=24),
+                    ),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                last = None
+                try:
+                    async for m in call:
+                        tokens[i] += len(m.tokens)
+                        last = m
+                    return "OK", last, dict(await call.trailing_metadata() or ())
+                except grpc.aio.AioRpcError as exc:
+                    ended[i] = time.monotonic()
+                    return exc.code().name, exc.details(), dict(exc.trailing_metadata() or ())
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(32)]
+            # Kill once the victim has sequences both running and waiting.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                load = await asyncio.to_thread(worker_load, victim)
+                if load.running >= 1 and load.queued >= 1 and any(tokens):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"victim never busy: {load}")
+            killed_at = time.monotonic()
+            victim.signal(signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*tasks), CALL_TIMEOUT_S)
+            return results, tokens, ended, killed_at
+
+    results, tokens, ended, killed_at = asyncio.run(scenario())
+    ok = [(i, r) for i, r in enumerate(results) if r[0] == "OK"]
+    failed = [(i, r) for i, r in enumerate(results) if r[0] != "OK"]
+    # Every call ended; failures are only streams that had already produced tokens.
+    assert len(ok) + len(failed) == 32
+    for i, (code, details, _) in failed:
+        assert code == "UNAVAILABLE", (code, details)
+        assert "tokens were delivered" in details and "failover-victim" in details, details
+        assert tokens[i] >= 1
+        assert ended[i] - killed_at < 5.0  # promptly, not at some timeout
+    assert 1 <= len(failed) <= 4  # at most the victim's running batch
+    # Requests the victim had not started were re-routed and completed on the survivor.
+    rerouted = [r for _, r in ok if r[2].get("llmcluster-attempts") == "2"]
+    assert rerouted, "no request was re-routed"
+    assert all(r[1].usage.worker_id == "failover-survivor" for r in rerouted)
+    assert all(r[1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED for _, r in ok)
+
+    # New requests succeed (on the survivor) and the router stays SERVING.
+    with grpc.insecure_channel(router.address) as ch:
+        stub = generate_pb2_grpc.GenerateStub(ch)
+        for _ in range(3):
+            reply = stub.Generate(
+                generate_pb2.GenerateRequest(
+                    prompt="Hello", params=generate_pb2.SamplingParams(max_new_tokens=2)
+                ),
+                timeout=60,
+            )
+            assert reply.usage.worker_id == "failover-survivor"
+    assert survivor.popen.poll() is None

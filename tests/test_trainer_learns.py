@@ -48,6 +48,7 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # CPU training of a 135M model; minutes on a busy 2-core box
 def test_lora_learns_a_new_format(real_model, tmp_path: Path) -> None:
     from peft import PeftModel
 

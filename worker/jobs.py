@@ -1,0 +1,782 @@
+"""Fine-tuning jobs on a worker: validation, a FIFO queue, one training process per job,
+persistent state and events, watchers, cancel, idempotency and crash recovery.
+
+On disk, one folder per job under ``jobs_dir``::
+
+    <job_id>/job.json       the Job (protobuf JSON), the request, the run spec, bookkeeping
+    <job_id>/data.jsonl     the dataset, normalised to JSONL
+    <job_id>/events.jsonl   append-only JobEvents (protobuf JSON), sequence numbers from 1
+    <job_id>/progress.jsonl what the training process reports (JobEvents without sequence)
+    <job_id>/process.log    the training process's stdout/stderr
+    <job_id>/cancel         present once CancelJob was called
+    <job_id>/work/          checkpoints and the exported artifact
+
+Only this manager writes ``job.json`` and ``events.jsonl``; the training process
+(:mod:`trainer.job_process`) only appends to ``progress.jsonl``, which the manager tails.
+A file (not a pipe) carries progress so that events a process wrote while the worker was
+down are still read after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from common.config import home_dir
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from common.model_store import validate_name
+from common.pb import finetune_pb2
+from common.tracing import context_from_dict, inject_to_dict, subprocess_env
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import TrainConfig
+from trainer.data import DatasetError, parse_jsonl_text, parse_row, prepare_data
+
+logger = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+EVENTS_FILE = "events.jsonl"
+PROGRESS_FILE = "progress.jsonl"
+DATA_FILE = "data.jsonl"
+CANCEL_FILE = "cancel"
+PROCESS_LOG = "process.log"
+WORK_DIR = "work"
+
+TERMINAL_STATES = frozenset({finetune_pb2.SUCCEEDED, finetune_pb2.FAILED, finetune_pb2.CANCELLED})
+METHOD_NAMES = {
+    finetune_pb2.METHOD_UNSPECIFIED: "lora",
+    finetune_pb2.LORA: "lora",
+    finetune_pb2.FULL: "full",
+    finetune_pb2.PROMPT_TUNING: "prompt_tuning",
+}
+_METHOD_ENUMS = {"lora": finetune_pb2.LORA, "full": finetune_pb2.FULL}
+_METHOD_ENUMS["prompt_tuning"] = finetune_pb2.PROMPT_TUNING
+# Scalar Hyperparameters fields that map one to one onto TrainConfig fields.
+_HP_SCALARS = (
+    "epochs",
+    "learning_rate",
+    "warmup_ratio",
+    "weight_decay",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "eval_fraction",
+    "seed",
+    "checkpoint_every_steps",
+    "num_virtual_tokens",
+    "max_steps",
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _dump(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+@dataclass
+class JobsConfig:
+    """What the manager needs from the worker's configuration."""
+
+    jobs_dir: Path
+    store_dir: str  # "" = the store's default root
+    data_dir: Path
+    max_concurrent_jobs: int = 1
+    job_threads: int = 1
+    model_spec: str = ""  # the worker's --model ("" = default), passed to the trainer
+    device: str = "auto"
+    worker_id: str = ""
+    max_attempts: int = 3  # process starts per job (restarts after crashes included)
+    cancel_grace_s: float = 60.0  # after this, a cancelled process that still runs is killed
+    poll_interval_s: float = 0.2
+
+
+def hyperparameters_to_config(method: str, hp: finetune_pb2.Hyperparameters) -> TrainConfig:
+    """TrainConfig from the request's Hyperparameters (unset fields take the defaults);
+    a bad value raises InvalidArgument naming the field."""
+    values: dict[str, Any] = {"method": method}
+    for name in _HP_SCALARS:
+        if hp.HasField(name):
+            values[name] = getattr(hp, name)
+    if hp.lr_scheduler:
+        values["lr_scheduler"] = hp.lr_scheduler
+    if hp.lora_target_modules:
+        values["lora_target_modules"] = list(hp.lora_target_modules)
+    try:
+        return TrainConfig(**values)
+    except ValueError as exc:
+        raise InvalidArgument(f"hyperparameters: {exc}") from None
+
+
+def config_to_hyperparameters(config: TrainConfig) -> finetune_pb2.Hyperparameters:
+    """The effective hyperparameters, every field filled (Job.hyperparameters)."""
+    hp = finetune_pb2.Hyperparameters(
+        lr_scheduler=config.lr_scheduler, lora_target_modules=config.lora_target_modules
+    )
+    for name in _HP_SCALARS:
+        setattr(hp, name, getattr(config, name))
+    return hp
+
+
+def examples_to_rows(examples: Any) -> list[dict[str, Any]]:
+    """Inline Example messages as the row dicts trainer.data reads (unset fields left out)."""
+    rows = []
+    for ex in examples:
+        row: dict[str, Any] = {}
+        if ex.prompt or ex.completion:
+            row.update(prompt=ex.prompt, completion=ex.completion)
+        if ex.messages:
+            row["messages"] = [{"role": m.role, "content": m.content} for m in ex.messages]
+        if ex.text:
+            row["text"] = ex.text
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class Job:
+    """One job in memory: the protobuf view, its events, and the run bookkeeping."""
+
+    dir: Path
+    pb: finetune_pb2.Job
+    request: dict[str, Any]  # the CreateJobRequest as JSON, dataset fields removed
+    run: dict[str, Any]  # what the training process reads: config, model, store, resume
+    events: list[finetune_pb2.JobEvent] = field(default_factory=list)
+    progress_offset: int = 0  # bytes of progress.jsonl already turned into events
+    attempts: int = 0
+    pid: int | None = None
+    cancel_requested: bool = False
+    process: subprocess.Popen[bytes] | None = None
+    changed: asyncio.Condition | None = None
+    cancel_sent_monotonic: float | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.pb.job_id
+
+    @property
+    def terminal(self) -> bool:
+        return self.pb.state in TERMINAL_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": _dump(self.pb),
+            "request": self.request,
+            "run": self.run,
+            "progress_offset": self.progress_offset,
+            "attempts": self.attempts,
+            "pid": self.pid,
+            "cancel_requested": self.cancel_requested,
+        }
+
+
+class JobManager:
+    """Owns every job of this worker. All methods run on the worker's event loop; file
+    I/O is small (a few lines per training step) so it stays inline."""
+
+    def __init__(self, config: JobsConfig) -> None:
+        self.config = config
+        self.jobs: dict[str, Job] = {}
+        self._by_token: dict[str, str] = {}
+        self._runtime: Any = None  # worker.runtime.ModelRuntime once loaded
+        self._create_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()  # set by create/cancel: run the loop now
+        config.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._load()
+
+    # ------------------------------------------------------------ persistence
+
+    def _load(self) -> None:
+        """Reads every job folder (GetJob/ListJobs work even before the model is loaded)."""
+        for job_file in sorted(self.config.jobs_dir.glob(f"*/{JOB_FILE}")):
+            try:
+                raw = json.loads(job_file.read_text())
+                pb = json_format.ParseDict(raw["job"], finetune_pb2.Job())
+                job = Job(
+                    dir=job_file.parent,
+                    pb=pb,
+                    request=raw.get("request", {}),
+                    run=raw.get("run", {}),
+                    progress_offset=int(raw.get("progress_offset", 0)),
+                    attempts=int(raw.get("attempts", 0)),
+                    pid=raw.get("pid"),
+                    cancel_requested=bool(raw.get("cancel_requested", False)),
+                )
+                job.events = self._read_events(job.dir / EVENTS_FILE)
+            except (OSError, ValueError, KeyError, json_format.ParseError) as exc:
+                logger.error("skipping unreadable job folder %s: %s", job_file.parent, exc)
+                continue
+            self.jobs[job.job_id] = job
+            if pb.client_token:
+                self._by_token[pb.client_token] = job.job_id
+        if self.jobs:
+            logger.info(
+                "loaded %d fine-tuning job(s) from %s", len(self.jobs), self.config.jobs_dir
+            )
+
+    @staticmethod
+    def _read_events(path: Path) -> list[finetune_pb2.JobEvent]:
+        events: list[finetune_pb2.JobEvent] = []
+        if not path.exists():
+            return events
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                events.append(json_format.Parse(line, finetune_pb2.JobEvent()))
+            except json_format.ParseError:
+                # Only the last line can be torn (a crash mid-append); skip it.
+                logger.warning("skipping torn event line in %s", path)
+        return events
+
+    def _save(self, job: Job) -> None:
+        """Rewrites job.json atomically (tmp + rename: never half a file)."""
+        tmp = job.dir / f".{JOB_FILE}.tmp"
+        tmp.write_text(json.dumps(job.to_json(), indent=1))
+        os.replace(tmp, job.dir / JOB_FILE)
+
+    def _condition(self, job: Job) -> asyncio.Condition:
+        if job.changed is None:
+            job.changed = asyncio.Condition()
+        return job.changed
+
+    async def _notify(self, job: Job) -> None:
+        cond = self._condition(job)
+        async with cond:
+            cond.notify_all()
+
+    def _append(self, job: Job, event: finetune_pb2.JobEvent) -> None:
+        """Numbers an event, applies it to the Job, appends it to events.jsonl."""
+        event.job_id = job.job_id
+        event.sequence = len(job.events) + 1
+        if not event.time_unix_ms:
+            event.time_unix_ms = now_ms()
+        self._apply(job, event)
+        job.events.append(event)
+        with open(job.dir / EVENTS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json_format.MessageToJson(event, indent=None) + "\n")
+
+    def _apply(self, job: Job, event: finetune_pb2.JobEvent) -> None:
+        kind = event.WhichOneof("event")
+        pb = job.pb
+        if kind == "metrics":
+            pb.latest_metrics.CopyFrom(event.metrics)
+        elif kind == "evaluation":
+            if event.evaluation.stage == "before":
+                pb.eval_before.CopyFrom(event.evaluation)
+            elif event.evaluation.stage == "after":
+                pb.eval_after.CopyFrom(event.evaluation)
+        elif kind == "artifact":
+            pb.artifact.CopyFrom(event.artifact)
+        elif kind == "state_change":
+            pb.state = event.state_change.state
+            if pb.state == finetune_pb2.RUNNING and not pb.started_unix_ms:
+                pb.started_unix_ms = event.time_unix_ms
+            if pb.state in TERMINAL_STATES:
+                pb.finished_unix_ms = event.time_unix_ms
+            if pb.state == finetune_pb2.FAILED:
+                pb.error = event.state_change.message
+
+    async def _record(self, job: Job, *events: finetune_pb2.JobEvent) -> None:
+        for event in events:
+            self._append(job, event)
+        self._save(job)
+        await self._notify(job)
+
+    @staticmethod
+    def _state_event(state: int, message: str = "") -> finetune_pb2.JobEvent:
+        return finetune_pb2.JobEvent(
+            state_change=finetune_pb2.StateChange(state=state, message=message)  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def _log_event(message: str) -> finetune_pb2.JobEvent:
+        return finetune_pb2.JobEvent(log=message)
+
+    # ------------------------------------------------------------ life cycle
+
+    def attach_runtime(self, runtime: Any) -> None:
+        """Called once the model is loaded: CreateJob needs its name and tokenizer."""
+        self._runtime = runtime
+
+    async def start(self) -> None:
+        """Recovers jobs cut off by a crash, then starts the queue/tail loop."""
+        for job in self._ordered():
+            if job.pb.state == finetune_pb2.RUNNING:
+                await self._recover(job)
+        self._task = asyncio.create_task(self._loop(), name="finetune-jobs")
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stops the loop and interrupts running jobs; they stay RUNNING in job.json and are
+        resumed from their last checkpoint when the worker starts again."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in list(self.jobs.values()):
+            if job.process is None or job.process.poll() is not None:
+                continue
+            self._drain_progress(job)
+            if job.terminal:
+                continue
+            _signal_group(job.process.pid, signal.SIGTERM)
+            try:
+                await asyncio.to_thread(job.process.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(job.process.pid, signal.SIGKILL)
+            self._drain_progress(job)
+            if not job.terminal:
+                await self._record(
+                    job,
+                    self._log_event("worker shutting down: job interrupted; resumes on restart"),
+                )
+
+    def _ordered(self) -> list[Job]:
+        return sorted(self.jobs.values(), key=lambda j: (j.pb.created_unix_ms, j.job_id))
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must survive any one job's failure
+                logger.exception("fine-tuning job loop error")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _tick(self) -> None:
+        running = 0
+        for job in self._ordered():
+            if job.process is not None:
+                await self._poll(job)
+                if job.process is not None:
+                    running += 1
+        # FIFO: the oldest QUEUED jobs take the free slots.
+        for job in self._ordered():
+            if running >= self.config.max_concurrent_jobs or self._stopping:
+                break
+            if job.pb.state == finetune_pb2.QUEUED and not job.cancel_requested:
+                await self._spawn(job)
+                running += 1
+
+    # ------------------------------------------------------------ processes
+
+    async def _spawn(self, job: Job) -> None:
+        if job.attempts >= self.config.max_attempts:
+            await self._record(
+                job,
+                self._state_event(
+                    finetune_pb2.FAILED,
+                    f"training process started {job.attempts} times without finishing",
+                ),
+            )
+            return
+        job.attempts += 1
+        ctx = context_from_dict(
+            {"traceparent": job.run["traceparent"]} if job.run.get("traceparent") else None
+        )
+        env = {
+            **os.environ,
+            **subprocess_env(ctx=ctx),
+            # Few threads: the worker's engine keeps the cores it needs to keep serving.
+            "OMP_NUM_THREADS": str(self.config.job_threads),
+            "MKL_NUM_THREADS": str(self.config.job_threads),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        log = open(job.dir / PROCESS_LOG, "ab")  # noqa: SIM115 - the child owns it now
+        try:
+            job.process = subprocess.Popen(
+                [sys.executable, "-m", "trainer.job_process", "--job-dir", str(job.dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own group: signals to the worker's group miss it
+            )
+        finally:
+            log.close()
+        job.pid = job.process.pid
+        logger.info(
+            "job %s: training process %d started (attempt %d)", job.job_id, job.pid, job.attempts
+        )
+        await self._record(job, self._state_event(finetune_pb2.RUNNING, f"attempt {job.attempts}"))
+
+    def _drain_progress(self, job: Job) -> bool:
+        """Turns new complete lines of progress.jsonl into events; True if any."""
+        path = job.dir / PROGRESS_FILE
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(job.progress_offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return False
+        end = data.rfind(b"\n")
+        if end < 0:
+            return False  # only a partial line so far
+        got = False
+        for line in data[: end + 1].splitlines():
+            if not line.strip():
+                continue
+            try:
+                event = json_format.Parse(line.decode("utf-8"), finetune_pb2.JobEvent())
+            except (json_format.ParseError, UnicodeDecodeError) as exc:
+                logger.warning("job %s: bad progress line skipped: %s", job.job_id, exc)
+                continue
+            if job.terminal:
+                break  # nothing may follow a terminal state
+            self._append(job, event)
+            got = True
+        job.progress_offset += end + 1
+        self._save(job)
+        return got
+
+    async def _poll(self, job: Job) -> None:
+        assert job.process is not None
+        got = self._drain_progress(job)
+        code = job.process.poll()
+        if code is None:
+            if (
+                job.cancel_requested
+                and job.cancel_sent_monotonic is not None
+                and time.monotonic() - job.cancel_sent_monotonic > self.config.cancel_grace_s
+            ):
+                _signal_group(job.process.pid, signal.SIGKILL)
+            if got:
+                await self._notify(job)
+            return
+        self._drain_progress(job)  # what it wrote just before exiting
+        job.process = None
+        job.pid = None
+        if not job.terminal:
+            if job.cancel_requested:
+                self._append(job, self._state_event(finetune_pb2.CANCELLED, "cancelled"))
+            else:
+                self._append(
+                    job,
+                    self._state_event(
+                        finetune_pb2.FAILED,
+                        f"training process exited with {_describe_exit(code)} without "
+                        f"finishing; see {job.dir / PROCESS_LOG}",
+                    ),
+                )
+        self._save(job)
+        await self._notify(job)
+        logger.info(
+            "job %s: %s",
+            job.job_id,
+            finetune_pb2.JobState.Name(job.pb.state),  # type: ignore[arg-type]
+        )
+
+    async def _recover(self, job: Job) -> None:
+        """A job found RUNNING at start-up: its worker died. Read what its process wrote,
+        stop a leftover process, then resume from the last checkpoint (or from the start
+        when there is none yet) — never leave it RUNNING with no process."""
+        self._drain_progress(job)
+        if job.terminal:
+            await self._notify(job)
+            return
+        if job.pid and _is_job_process(job.pid, job.dir):
+            _signal_group(job.pid, signal.SIGKILL)
+            for _ in range(50):
+                if not _is_job_process(job.pid, job.dir):
+                    break
+                await asyncio.sleep(0.1)
+            self._drain_progress(job)
+            if job.terminal:
+                return
+        job.pid = None
+        if job.cancel_requested:
+            await self._record(job, self._state_event(finetune_pb2.CANCELLED, "cancelled"))
+            return
+        ckpt = latest_checkpoint(job.dir / WORK_DIR / "checkpoints")
+        if ckpt is not None:
+            step = int(ckpt.name.split("-")[-1])
+            job.run["resume_from"] = str(ckpt)
+            note = f"worker restarted: training process was gone; resuming from checkpoint at step {step}"
+        else:
+            job.run.pop("resume_from", None)
+            note = "worker restarted: training process was gone and no checkpoint exists; restarting from the beginning"
+        logger.warning("job %s: %s", job.job_id, note)
+        await self._record(
+            job,
+            self._log_event(note),
+            self._state_event(finetune_pb2.QUEUED, "re-queued after worker restart"),
+        )
+
+    # ------------------------------------------------------------ API
+
+    def _require_runtime(self) -> Any:
+        if self._runtime is None:
+            raise Unavailable("worker is still loading its model")
+        return self._runtime
+
+    def get(self, job_id: str) -> Job:
+        """The job, or NotFound."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found on worker {self.config.worker_id}")
+        return job
+
+    def to_pb(self, job: Job) -> finetune_pb2.Job:
+        out = finetune_pb2.Job()
+        out.CopyFrom(job.pb)
+        out.worker_id = self.config.worker_id
+        return out
+
+    def list(self, state: int = 0, limit: int = 0) -> list[Job]:
+        """Jobs newest first, optionally of one state and at most ``limit``."""
+        jobs = [j for j in reversed(self._ordered()) if not state or j.pb.state == state]
+        return jobs[:limit] if limit else jobs
+
+    async def create(
+        self, request: finetune_pb2.CreateJobRequest, trace_carrier: dict[str, str] | None = None
+    ) -> Job:
+        """Validates the whole request, writes the job folder and queues the job.
+
+        Every check runs before anything is written, so a bad request leaves no trace (and
+        nothing in the model store: only a finished job publishes)."""
+        if request.client_token and request.client_token in self._by_token:
+            return self.jobs[self._by_token[request.client_token]]
+        runtime = self._require_runtime()
+        source = runtime.source
+        if request.base_model and request.base_model not in (source.name, source.path):
+            raise InvalidArgument(
+                f"base_model {request.base_model!r} is unknown on this worker "
+                f"(it trains {source.name!r})"
+            )
+        if request.method not in METHOD_NAMES:
+            raise InvalidArgument(f"method {request.method} is not a known Method")
+        method = METHOD_NAMES[request.method]
+        try:
+            validate_name(request.output_name)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"output_name: {exc}") from None
+        config = hyperparameters_to_config(method, request.hyperparameters)
+        dataset_text = self._dataset_text(request)
+        source_label = "example" if request.examples else "line"
+        try:
+            prepared = await asyncio.to_thread(
+                lambda: prepare_data(
+                    parse_dataset_rows(dataset_text, source_label),
+                    runtime.tokenizer,
+                    max_seq_length=config.max_seq_length,
+                    eval_fraction=config.eval_fraction,
+                    seed=config.seed,
+                )
+            )
+        except DatasetError as exc:
+            raise InvalidArgument(f"dataset: {exc}") from None
+
+        async with self._create_lock:
+            # A concurrent call with the same token may have won while we validated.
+            if request.client_token and request.client_token in self._by_token:
+                return self.jobs[self._by_token[request.client_token]]
+            job_id = f"ft-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            job_dir = self.config.jobs_dir / job_id
+            tmp = self.config.jobs_dir / f".{job_id}.tmp"
+            tmp.mkdir(parents=True)
+            try:
+                (tmp / DATA_FILE).write_text(dataset_text, encoding="utf-8")
+                carrier = dict(trace_carrier or inject_to_dict())
+                traceparent = carrier.get("traceparent", "")
+                stored = finetune_pb2.CreateJobRequest()
+                stored.CopyFrom(request)
+                stored.ClearField("examples")
+                stored.dataset_jsonl = ""
+                pb = finetune_pb2.Job(
+                    job_id=job_id,
+                    state=finetune_pb2.QUEUED,
+                    base_model=source.name,
+                    method=_METHOD_ENUMS[method],
+                    output_name=request.output_name,
+                    hyperparameters=config_to_hyperparameters(config),
+                    created_unix_ms=now_ms(),
+                    client_token=request.client_token,
+                    trace_id=traceparent.split("-")[1] if traceparent.count("-") >= 3 else "",
+                    train_examples=prepared.stats.train,
+                    eval_examples=prepared.stats.eval,
+                )
+                job = Job(
+                    dir=job_dir,
+                    pb=pb,
+                    request=_dump(stored),
+                    run={
+                        "config": config.to_dict(),
+                        "model": self.config.model_spec,
+                        "device": self.config.device,
+                        "store_dir": self.config.store_dir,
+                        "threads": self.config.job_threads,
+                        "output_name": request.output_name,
+                        "traceparent": traceparent,
+                        "worker_id": self.config.worker_id,
+                    },
+                )
+                job.dir = tmp
+                self._append(job, self._state_event(finetune_pb2.QUEUED, "queued"))
+                self._append(job, self._log_event(f"dataset validated: {prepared.stats.summary()}"))
+                self._save(job)
+                os.replace(tmp, job_dir)  # the job appears whole or not at all
+                job.dir = job_dir
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self.jobs[job_id] = job
+            if request.client_token:
+                self._by_token[request.client_token] = job_id
+        logger.info(
+            "job %s queued: %s %s -> %s (%d train / %d eval examples)",
+            job_id,
+            method,
+            source.name,
+            request.output_name,
+            prepared.stats.train,
+            prepared.stats.eval,
+        )
+        self._wake.set()  # start it now if a slot is free, not at the next poll
+        return job
+
+    def _dataset_text(self, request: finetune_pb2.CreateJobRequest) -> str:
+        """The dataset as JSONL text, from whichever of the three sources is set."""
+        given = [
+            name
+            for name, present in (
+                ("examples", len(request.examples) > 0),
+                ("dataset_jsonl", bool(request.dataset_jsonl.strip())),
+                ("dataset_name", bool(request.dataset_name)),
+            )
+            if present
+        ]
+        if not given:
+            raise InvalidArgument(
+                "dataset: empty; set one of examples, dataset_jsonl or dataset_name"
+            )
+        if len(given) > 1:
+            raise InvalidArgument(f"dataset: set exactly one of {', '.join(given)}")
+        if given[0] == "examples":
+            return "".join(json.dumps(r) + "\n" for r in examples_to_rows(request.examples))
+        if given[0] == "dataset_jsonl":
+            return request.dataset_jsonl
+        name = request.dataset_name.removesuffix(".jsonl")
+        try:
+            validate_name(name)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"dataset_name: {exc}") from None
+        path = self.config.data_dir / f"{name}.jsonl"
+        if not path.is_file():
+            raise InvalidArgument(f"dataset_name: no dataset {name!r} in {self.config.data_dir}")
+        return path.read_text(encoding="utf-8")
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancels a queued job at once, a running one within a training step."""
+        job = self.get(job_id)
+        if job.terminal:
+            if job.pb.state == finetune_pb2.CANCELLED:
+                return job
+            raise FailedPrecondition(
+                f"job {job_id} already ended ({finetune_pb2.JobState.Name(job.pb.state)})"  # type: ignore[arg-type]
+            )
+        job.cancel_requested = True
+        (job.dir / CANCEL_FILE).write_text(str(now_ms()))
+        if job.process is None:
+            await self._record(
+                job, self._state_event(finetune_pb2.CANCELLED, "cancelled while queued")
+            )
+        else:
+            job.cancel_sent_monotonic = time.monotonic()
+            await self._record(
+                job, self._log_event("cancel requested; stopping after the current step")
+            )
+        return job
+
+    async def watch(
+        self, job_id: str, from_sequence: int = 0
+    ) -> AsyncIterator[finetune_pb2.JobEvent]:
+        """Past events from ``from_sequence``, then live ones until a terminal state."""
+        job = self.get(job_id)
+        next_index = max(0, from_sequence - 1)
+        cond = self._condition(job)
+        while True:
+            while next_index < len(job.events):
+                yield job.events[next_index]
+                next_index += 1
+            if job.terminal:
+                return
+            async with cond:
+                if next_index >= len(job.events) and not job.terminal:
+                    await cond.wait()
+
+
+def parse_dataset_rows(text: str, source: str) -> list[Any]:
+    """Rows of a JSONL dataset; each row is checked here with its line number so that an
+    error names the line ("line 7: ..."), which prepare_data on a list could not."""
+    numbered = parse_jsonl_text(text)
+    if source == "line":
+        for number, row in numbered:
+            parse_row(row, number, "line")
+    return [row for _, row in numbered]
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _is_job_process(pid: int, job_dir: Path) -> bool:
+    """True if ``pid`` is alive and is the training process of ``job_dir`` (not a reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"trainer.job_process" in cmdline and str(job_dir).encode() in cmdline
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def jobs_config_from_worker(config: Any) -> JobsConfig:
+    """JobsConfig from a WorkerConfig (empty folders take their defaults under home)."""
+    return JobsConfig(
+        jobs_dir=Path(config.jobs_dir) if config.jobs_dir else home_dir() / "jobs",
+        store_dir=config.store_dir,
+        data_dir=Path(config.data_dir) if config.data_dir else home_dir() / "data",
+        max_concurrent_jobs=config.max_concurrent_jobs,
+        job_threads=config.job_threads,
+        model_spec=config.model,
+        device=config.device,
+        worker_id=config.worker_id,
+    )

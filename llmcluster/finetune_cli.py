@@ -1,0 +1,385 @@
+"""``llmcluster finetune``: create, follow, list and cancel fine-tuning jobs, or train
+locally with no cluster (``--local``).
+
+    llmcluster finetune create --data train.jsonl --name support-bot [--method lora] ...
+    llmcluster finetune list | get JOB | cancel JOB | watch JOB
+    llmcluster finetune --local --data train.jsonl --name support-bot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+
+from common.config import add_arguments, from_arguments
+from common.pb import finetune_pb2, finetune_pb2_grpc
+from llmcluster.client import add_target_argument, default_target
+from trainer.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_METHODS = {
+    "lora": finetune_pb2.LORA,
+    "full": finetune_pb2.FULL,
+    "prompt_tuning": finetune_pb2.PROMPT_TUNING,
+}
+# TrainConfig fields that Hyperparameters carries (the CLI flags come from TrainConfig).
+_HP_FIELDS = tuple(
+    f.name for f in finetune_pb2.Hyperparameters.DESCRIPTOR.fields if f.name != "lr_scheduler"
+)
+_TERMINAL = (finetune_pb2.SUCCEEDED, finetune_pb2.FAILED, finetune_pb2.CANCELLED)
+
+
+def _state_name(state: int) -> str:
+    return finetune_pb2.JobState.Name(state)  # type: ignore[arg-type]
+
+
+class ProgressPrinter:
+    """Renders job events: one rewritten progress line while training, full lines for the
+    rest (data, evaluation, checkpoints, the artifact, state changes)."""
+
+    def __init__(self, out: TextIO = sys.stdout, width: int = 30) -> None:
+        self.out = out
+        self.width = width
+        self._bar_open = False
+        self._tty = out.isatty()
+
+    def line(self, text: str) -> None:
+        if self._bar_open:
+            self.out.write("\n")
+            self._bar_open = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def progress(self, step: int, total: int, loss: float, tokens_per_s: float, lr: float) -> None:
+        filled = int(self.width * step / total) if total else 0
+        bar = "#" * filled + "." * (self.width - filled)
+        text = (
+            f"[{bar}] step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:.0f} tok/s"
+        )
+        if self._tty:
+            # One line, rewritten in place: \r back to its start, \x1b[K clears the rest.
+            self.out.write("\r" + text + "\x1b[K")
+            self._bar_open = True
+            self.out.flush()
+        else:
+            self.line(text)
+
+    def eval(self, stage: str, loss: float, perplexity: float, step: int) -> None:
+        ppl = f"{perplexity:.2f}" if math.isfinite(perplexity) else "inf"
+        self.line(f"eval {stage}: loss {loss:.4f}  perplexity {ppl}  (step {step})")
+
+    def event(self, event: finetune_pb2.JobEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "metrics":
+            m = event.metrics
+            self.progress(m.step, m.total_steps, m.loss, m.tokens_per_second, m.learning_rate)
+        elif kind == "evaluation":
+            e = event.evaluation
+            self.eval(e.stage, e.eval_loss, e.perplexity, e.step)
+        elif kind == "checkpoint":
+            self.line(f"checkpoint at step {event.checkpoint.step}")
+        elif kind == "artifact":
+            a = event.artifact
+            self.line(f"artifact {a.ref}  sha256 {a.sha256[:16]}")
+        elif kind == "log":
+            self.line(event.log)
+        elif kind == "state_change":
+            s = event.state_change
+            text = _state_name(s.state)
+            self.line(f"state {text}" + (f": {s.message}" if s.message else ""))
+
+    def close(self) -> None:
+        if self._bar_open:
+            self.out.write("\n")
+            self._bar_open = False
+            self.out.flush()
+
+
+def hyperparameters_from_args(args: argparse.Namespace) -> finetune_pb2.Hyperparameters:
+    """Only the flags given: the worker fills in (and reports) the defaults."""
+    hp = finetune_pb2.Hyperparameters()
+    for name in _HP_FIELDS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name == "lora_target_modules":
+            hp.lora_target_modules.extend(value)
+        else:
+            setattr(hp, name, value)
+    if getattr(args, "lr_scheduler", None):
+        hp.lr_scheduler = args.lr_scheduler
+    return hp
+
+
+def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, finetune_pb2_grpc.FineTuneStub]:
+    channel = grpc.insecure_channel(
+        args.target or default_target(),
+        options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
+    )
+    return channel, finetune_pb2_grpc.FineTuneStub(channel)
+
+
+def _fail(exc: grpc.RpcError) -> int:
+    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
+
+
+def _print_job(job: finetune_pb2.Job, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True), indent=2)
+        )
+        return
+    line = (
+        f"{job.job_id}  {_state_name(job.state):<9}  {job.output_name}  "
+        f"{finetune_pb2.Method.Name(job.method).lower()}  worker={job.worker_id}"  # type: ignore[arg-type]
+    )
+    if job.HasField("latest_metrics"):
+        m = job.latest_metrics
+        line += f"  step {m.step}/{m.total_steps} loss {m.loss:.4f}"
+    if job.HasField("eval_after"):
+        line += f"  eval {job.eval_before.eval_loss:.3f} -> {job.eval_after.eval_loss:.3f}"
+    if job.artifact.ref:
+        line += f"  -> {job.artifact.ref}"
+    if job.error:
+        line += f"  error: {job.error}"
+    print(line)
+
+
+def follow(events: Iterable[finetune_pb2.JobEvent], printer: ProgressPrinter) -> int | None:
+    """Prints events until the stream ends; returns the terminal state seen, if any."""
+    final: int | None = None
+    for event in events:
+        printer.event(event)
+        if event.WhichOneof("event") == "state_change" and event.state_change.state in _TERMINAL:
+            final = event.state_change.state
+    printer.close()
+    return final
+
+
+def _watch(stub: finetune_pb2_grpc.FineTuneStub, job_id: str) -> int:
+    printer = ProgressPrinter()
+    try:
+        final = follow(stub.WatchJob(finetune_pb2.WatchJobRequest(job_id=job_id)), printer)
+    except KeyboardInterrupt:
+        printer.close()
+        print(f"stopped watching; the job goes on: llmcluster finetune watch {job_id}")
+        return 130
+    if final == finetune_pb2.SUCCEEDED:
+        job = stub.GetJob(finetune_pb2.GetJobRequest(job_id=job_id))
+        print(f"done: {job.artifact.ref}")
+        return 0
+    return 1
+
+
+def _create(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.data).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot read {args.data}: {exc}", file=sys.stderr)
+        return 2
+    method = (args.method or "lora").lower()
+    if method not in _METHODS:
+        print(f"error: --method must be one of {', '.join(_METHODS)}", file=sys.stderr)
+        return 2
+    request = finetune_pb2.CreateJobRequest(
+        base_model=args.model or "",
+        method=_METHODS[method],
+        output_name=args.name,
+        dataset_jsonl=text,
+        hyperparameters=hyperparameters_from_args(args),
+        # A token per invocation: a retried CreateJob (e.g. after UNAVAILABLE) is not
+        # a second job.
+        client_token=args.client_token or uuid.uuid4().hex,
+    )
+    channel, stub = _stub(args)
+    with channel:
+        try:
+            job = stub.CreateJob(request, timeout=args.timeout)
+            print(f"job {job.job_id} {_state_name(job.state)} on worker {job.worker_id}")
+            if args.no_watch:
+                return 0
+            return _watch(stub, job.job_id)
+        except grpc.RpcError as exc:
+            return _fail(exc)
+
+
+def _list(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        try:
+            state = finetune_pb2.JobState.Value(args.state.upper()) if args.state else 0
+            reply = stub.ListJobs(
+                finetune_pb2.ListJobsRequest(state=state, limit=args.limit),  # type: ignore[arg-type]
+                timeout=args.timeout,
+            )
+        except grpc.RpcError as exc:
+            return _fail(exc)
+    for job in reply.jobs:
+        _print_job(job, args.json)
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        try:
+            job = stub.GetJob(finetune_pb2.GetJobRequest(job_id=args.job), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return _fail(exc)
+    _print_job(job, args.json)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        try:
+            job = stub.CancelJob(
+                finetune_pb2.CancelJobRequest(job_id=args.job), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _fail(exc)
+    _print_job(job, False)
+    return 0
+
+
+def _watch_cmd(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        try:
+            return _watch(stub, args.job)
+        except grpc.RpcError as exc:
+            return _fail(exc)
+
+
+def _local(args: argparse.Namespace) -> int:
+    """Trains on this machine with the trainer library; no worker, no router."""
+    from trainer.data import DatasetError
+    from trainer.events import CheckpointEvent, EvalEvent, LogEvent, MetricsEvent, PhaseEvent
+    from trainer.local import run_local
+    from trainer.train import TrainingCancelled
+
+    printer = ProgressPrinter()
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, MetricsEvent):
+            printer.progress(
+                event.step,
+                event.total_steps,
+                event.loss,
+                event.tokens_per_second,
+                event.learning_rate,
+            )
+        elif isinstance(event, EvalEvent):
+            printer.eval(event.stage, event.eval_loss, event.perplexity, event.step)
+        elif isinstance(event, CheckpointEvent):
+            printer.line(f"checkpoint at step {event.step}: {event.path}")
+        elif isinstance(event, (PhaseEvent, LogEvent)):
+            printer.line(getattr(event, "message", "") or getattr(event, "phase", ""))
+
+    try:
+        config = from_arguments(TrainConfig, args)
+        run = run_local(
+            args.data,
+            name=args.name,
+            config=config,
+            base_model=args.model or None,
+            work_dir=args.work_dir,
+            store_root=args.store,
+            on_event=on_event,
+            device=args.device,
+        )
+    except (DatasetError, ValueError) as exc:
+        printer.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (TrainingCancelled, KeyboardInterrupt):
+        printer.close()
+        print("cancelled", file=sys.stderr)
+        return 130
+    printer.close()
+    if run.artifact_ref:
+        print(f"done: {run.artifact_ref}  sha256 {run.sha256}")
+    else:
+        print(f"done: artifact in {run.done.artifact_dir}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    if args.local:
+        if not args.data:
+            print("error: --local needs --data", file=sys.stderr)
+            return 2
+        return _local(args)
+    print(
+        "error: choose create, list, get, cancel or watch (or --local); see --help",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _add_training_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("--data", required=required, help="JSONL dataset file")
+    parser.add_argument("--model", default="", help="base model (default: the default model)")
+    # --method, --epochs, --learning-rate, --lora-r, ... come from TrainConfig.
+    add_arguments(parser, TrainConfig)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds ``llmcluster finetune`` and its subcommands."""
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tuning jobs: create, list, get, cancel, watch; --local trains here",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ft.add_argument("--local", action="store_true", help="train on this machine, no cluster")
+    ft.add_argument("--name", help="with --local: publish to the model store under NAME")
+    ft.add_argument("--work-dir", help="with --local: checkpoints and artifact folder")
+    ft.add_argument("--store", help="with --local: model store root (default: home/store)")
+    ft.add_argument("--device", default="auto", help="with --local: cpu, cuda (default: auto)")
+    _add_training_flags(ft, required=False)
+    ft.set_defaults(func=_finetune)
+    actions = ft.add_subparsers(dest="action", metavar="ACTION")
+
+    create = actions.add_parser("create", help="create a job and stream its progress")
+    _add_training_flags(create, required=True)
+    create.add_argument("--name", required=True, help="name the adapter is registered under")
+    create.add_argument("--client-token", default="", help="idempotency token (default: random)")
+    create.add_argument("--no-watch", action="store_true", help="return once the job is queued")
+    create.add_argument("--timeout", type=float, default=120.0, help="CreateJob deadline (s)")
+    add_target_argument(create)
+    create.set_defaults(func=_create)
+
+    lst = actions.add_parser("list", help="list jobs, newest first")
+    lst.add_argument("--state", default="", help="only jobs in this state (e.g. running)")
+    lst.add_argument("--limit", type=int, default=0, help="at most this many")
+    lst.add_argument("--json", action="store_true", help="print JSON")
+    lst.add_argument("--timeout", type=float, default=10.0, help="deadline (s)")
+    add_target_argument(lst)
+    lst.set_defaults(func=_list)
+
+    for name, func, text in (
+        ("get", _get, "show one job"),
+        ("cancel", _cancel, "cancel a job (it stops within a training step)"),
+        ("watch", _watch_cmd, "replay a job's events, then follow it to the end"),
+    ):
+        p = actions.add_parser(name, help=text)
+        p.add_argument("job", help="job id")
+        p.add_argument("--timeout", type=float, default=10.0, help="deadline (s)")
+        if name == "get":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        add_target_argument(p)
+        p.set_defaults(func=func)

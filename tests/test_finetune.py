@@ -1,0 +1,384 @@
+"""FineTune on a real worker process: validation, the whole story of a LoRA job through
+WatchJob, serving the new adapter on the same worker, idempotency, cancel, NOT_FOUND, the
+CLI, and (slow) a worker SIGKILLed mid-job that resumes the job after a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
+from tests.procs import REPO_ROOT, Proc, start_worker
+
+RECORDS = REPO_ROOT / "tests" / "data" / "finetune" / "records.jsonl"
+
+
+def temp_home(tmp: Path) -> Path:
+    """A fresh LLMCLUSTER_HOME that shares the converted default model (no 30 s
+    re-conversion): ``models`` links to this machine's real cache."""
+    from common.config import home_dir
+
+    real_models = home_dir() / "models"
+    real_models.mkdir(parents=True, exist_ok=True)
+    (tmp / "models").symlink_to(real_models, target_is_directory=True)
+    return tmp
+
+
+def small_jsonl(n: int = 24) -> str:
+    return "\n".join(RECORDS.read_text().splitlines()[:n]) + "\n"
+
+
+def small_hp(**overrides: int | float) -> finetune_pb2.Hyperparameters:
+    # Tiny on purpose: a few steps of short sequences keep the job under a minute on CPU.
+    values = {
+        "max_steps": 3,
+        "batch_size": 4,
+        "max_seq_length": 48,
+        "eval_fraction": 0.2,
+        "checkpoint_every_steps": 1,
+        **overrides,
+    }
+    return finetune_pb2.Hyperparameters(**values)  # type: ignore[arg-type]
+
+
+def start(home: Path, *extra: str, port: int | None = None) -> Proc:
+    proc = start_worker(
+        "--dtype",
+        "float32",
+        "--worker-id",
+        "ft-worker",
+        "--max-running",
+        "8",
+        *extra,
+        port=port,
+        env={"LLMCLUSTER_HOME": str(home)},
+    )
+    try:
+        proc.wait_healthy(timeout_s=300)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return temp_home(tmp_path_factory.mktemp("ft-home"))
+
+
+@pytest.fixture(scope="module")
+def worker(home: Path):
+    proc = start(home)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(worker: Proc):
+    with grpc.insecure_channel(worker.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def ft(channel: grpc.Channel) -> finetune_pb2_grpc.FineTuneStub:
+    return finetune_pb2_grpc.FineTuneStub(channel)
+
+
+def watch_all(
+    ft: finetune_pb2_grpc.FineTuneStub, job_id: str, timeout_s: float = 300.0
+) -> list[finetune_pb2.JobEvent]:
+    return list(ft.WatchJob(finetune_pb2.WatchJobRequest(job_id=job_id), timeout=timeout_s))
+
+
+def states(events: list[finetune_pb2.JobEvent]) -> list[str]:
+    return [
+        finetune_pb2.JobState.Name(e.state_change.state)
+        for e in events
+        if e.WhichOneof("event") == "state_change"
+    ]
+
+
+def kinds(events: list[finetune_pb2.JobEvent]) -> list[str]:
+    return [str(e.WhichOneof("event")) for e in events]
+
+
+# ------------------------------------------------------------------ validation
+
+
+BAD_REQUESTS = [
+    (
+        "malformed JSONL",
+        dict(dataset_jsonl='{"prompt": "a", "completion": "b"}\n{"prompt": "oops"\n'),
+        "line 2",
+    ),
+    (
+        "wrong field type",
+        dict(
+            dataset_jsonl='{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "x"}\n'
+        ),
+        "line 2",
+    ),
+    ("empty dataset", dict(dataset_jsonl=""), "dataset"),
+    ("only blank rows", dict(dataset_jsonl='{"text": "  "}\n{"text": ""}\n'), "empty"),
+    ("unknown base model", dict(base_model="no-such-model"), "base_model"),
+    ("r = 0", dict(hyperparameters=finetune_pb2.Hyperparameters(lora_r=0)), "lora_r"),
+    (
+        "lr = 0",
+        dict(hyperparameters=finetune_pb2.Hyperparameters(learning_rate=0.0)),
+        "learning_rate",
+    ),
+    (
+        "lr < 0",
+        dict(hyperparameters=finetune_pb2.Hyperparameters(learning_rate=-1e-4)),
+        "learning_rate",
+    ),
+    ("path traversal name", dict(output_name="../x"), "output_name"),
+    ("unknown dataset name", dict(dataset_jsonl="", dataset_name="nope"), "dataset_name"),
+]
+
+
+def test_bad_requests_are_invalid_argument_and_write_nothing(ft, home: Path) -> None:
+    for label, fields, needle in BAD_REQUESTS:
+        request = finetune_pb2.CreateJobRequest(output_name="bad-job", dataset_jsonl=small_jsonl(4))
+        for key, value in fields.items():
+            if key == "hyperparameters":
+                request.hyperparameters.CopyFrom(value)
+            else:
+                setattr(request, key, value)
+        with pytest.raises(grpc.RpcError) as info:
+            ft.CreateJob(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, label
+        assert needle in info.value.details(), (label, info.value.details())
+    assert not (home / "store" / "bad-job").exists()
+    assert not (home / "store" / "x").exists()
+    assert not (home / "x").exists()
+    assert ft.ListJobs(finetune_pb2.ListJobsRequest(), timeout=10).jobs == []
+
+
+def test_unknown_job_is_not_found(ft) -> None:
+    calls = [
+        lambda: ft.GetJob(finetune_pb2.GetJobRequest(job_id="ft-nope"), timeout=10),
+        lambda: ft.CancelJob(finetune_pb2.CancelJobRequest(job_id="ft-nope"), timeout=10),
+        lambda: list(ft.WatchJob(finetune_pb2.WatchJobRequest(job_id="ft-nope"), timeout=10)),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "ft-nope" in info.value.details()
+
+
+# ------------------------------------------------------------------ a whole job
+
+
+@pytest.fixture(scope="module")
+def finished_job(ft) -> tuple[finetune_pb2.Job, list[finetune_pb2.JobEvent]]:
+    job = ft.CreateJob(
+        finetune_pb2.CreateJobRequest(
+            output_name="records-bot", dataset_jsonl=small_jsonl(), hyperparameters=small_hp()
+        ),
+        timeout=60,
+    )
+    assert job.state == finetune_pb2.QUEUED  # returns at once, before training starts
+    return job, watch_all(ft, job.job_id)
+
+
+def test_watch_tells_the_whole_story(ft, finished_job, home: Path) -> None:
+    job, events = finished_job
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert states(events) == ["QUEUED", "RUNNING", "SUCCEEDED"], events[-1]
+    k = kinds(events)
+    evals = [e.evaluation for e in events if e.WhichOneof("event") == "evaluation"]
+    assert [e.stage for e in evals] == ["before", "after"]
+    metrics = [e.metrics for e in events if e.WhichOneof("event") == "metrics"]
+    assert [m.step for m in metrics] == [1, 2, 3]
+    assert all(m.total_steps == 3 and m.loss > 0 and m.tokens_per_second > 0 for m in metrics)
+    assert "checkpoint" in k
+    # Order: before-eval, training, after-eval, artifact, then the terminal state.
+    assert k.index("evaluation") < k.index("metrics") < k.index("artifact") < len(k) - 1
+    artifact = next(e.artifact for e in events if e.WhichOneof("event") == "artifact")
+    assert artifact.ref == "records-bot@1" and len(artifact.sha256) == 64
+
+    got = ft.GetJob(finetune_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+    assert got.state == finetune_pb2.SUCCEEDED
+    assert got.worker_id == "ft-worker"
+    assert got.artifact.ref == "records-bot@1"
+    assert got.eval_before.eval_loss > 0 and got.eval_after.eval_loss > 0
+    assert got.hyperparameters.lora_r == 16 and got.hyperparameters.max_steps == 3
+    assert got.train_examples + got.eval_examples == 24
+
+    meta = json.loads((home / "store" / "records-bot" / "1" / "metadata.json").read_text())
+    assert meta["job_id"] == job.job_id
+    assert meta["base_model"] == got.base_model and meta["method"] == "lora"
+    assert meta["hyperparameters"]["max_steps"] == 3
+    assert "eval_loss_before" in meta["metrics"] and "eval_loss_after" in meta["metrics"]
+    assert meta["trace_id"] == got.trace_id and len(got.trace_id) == 32
+
+    # Replay from a sequence number gives the tail only.
+    tail = list(
+        ft.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id, from_sequence=3), timeout=30)
+    )
+    assert [e.sequence for e in tail] == [e.sequence for e in events[2:]]
+
+
+def test_new_adapter_is_served_on_the_same_worker(channel, finished_job) -> None:
+    gen = generate_pb2_grpc.GenerateStub(channel)
+    params = generate_pb2.SamplingParams(max_new_tokens=12, temperature=0.0)
+    prompt = "Text: Kofi (45) works in Lagos.\nRecord:"
+    reply = gen.Generate(
+        generate_pb2.GenerateRequest(prompt=prompt, adapter="records-bot@1", params=params),
+        timeout=120,
+    )
+    assert reply.usage.completion_tokens > 0
+    listed = gen.ListModels(generate_pb2.ListModelsRequest(), timeout=10)
+    assert any(m.name == "records-bot" and m.version == "1" for m in listed.models)
+
+
+def test_list_jobs_and_cli(worker: Proc, ft, finished_job) -> None:
+    job, _ = finished_job
+    jobs = ft.ListJobs(finetune_pb2.ListJobsRequest(), timeout=10).jobs
+    assert job.job_id in [j.job_id for j in jobs]
+    only = ft.ListJobs(finetune_pb2.ListJobsRequest(state=finetune_pb2.FAILED), timeout=10).jobs
+    assert job.job_id not in [j.job_id for j in only]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llmcluster", "finetune", *args, "--target", worker.address],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = cli("list")
+    assert out.returncode == 0 and job.job_id in out.stdout and "SUCCEEDED" in out.stdout
+    out = cli("watch", job.job_id)
+    assert out.returncode == 0, out.stderr
+    assert "eval before" in out.stdout and "eval after" in out.stdout
+    assert "done: records-bot@1" in out.stdout
+    out = cli("get", "ft-nope")
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+
+
+# ------------------------------------------------------------------ token, queue, cancel
+
+
+def test_client_token_queue_and_cancel(ft, finished_job) -> None:
+    def create(token: str, name: str) -> finetune_pb2.Job:
+        return ft.CreateJob(
+            finetune_pb2.CreateJobRequest(
+                output_name=name,
+                dataset_jsonl=small_jsonl(),
+                hyperparameters=small_hp(max_steps=200, checkpoint_every_steps=0),
+                client_token=token,
+            ),
+            timeout=60,
+        )
+
+    first = create("token-a", "long-job")
+    again = create("token-a", "long-job")
+    assert again.job_id == first.job_id
+    queued = create("token-b", "queued-job")
+    assert queued.job_id != first.job_id
+    # One training slot (max_concurrent_jobs=1): the second job waits.
+    assert ft.GetJob(finetune_pb2.GetJobRequest(job_id=queued.job_id)).state == finetune_pb2.QUEUED
+    cancelled = ft.CancelJob(finetune_pb2.CancelJobRequest(job_id=queued.job_id), timeout=10)
+    assert cancelled.state == finetune_pb2.CANCELLED
+    assert states(watch_all(ft, queued.job_id, 30)) == ["QUEUED", "CANCELLED"]
+
+    # Cancel the running one once it has made a step: it stops within a step.
+    stream = ft.WatchJob(finetune_pb2.WatchJobRequest(job_id=first.job_id), timeout=300)
+    seen: list[finetune_pb2.JobEvent] = []
+    for event in stream:
+        seen.append(event)
+        if event.WhichOneof("event") == "metrics":
+            ft.CancelJob(finetune_pb2.CancelJobRequest(job_id=first.job_id), timeout=10)
+            break
+    seen.extend(stream)
+    after_cancel = [e for e in seen if e.WhichOneof("event") == "metrics"]
+    assert states(seen) == ["QUEUED", "RUNNING", "CANCELLED"]
+    assert len(after_cancel) <= 3  # the step that was running, maybe one more
+    got = ft.GetJob(finetune_pb2.GetJobRequest(job_id=first.job_id))
+    assert got.state == finetune_pb2.CANCELLED and got.finished_unix_ms > 0
+    # Same token after the end: still the same job, not a new one.
+    assert create("token-a", "long-job").job_id == first.job_id
+
+
+# ------------------------------------------------------------------ crash recovery
+
+
+@pytest.mark.slow
+def test_sigkill_mid_job_resumes_after_restart(tmp_path: Path) -> None:
+    home = temp_home(tmp_path)
+    proc = start(home)
+    port = proc.port
+    try:
+        with grpc.insecure_channel(proc.address) as ch:
+            stub = finetune_pb2_grpc.FineTuneStub(ch)
+            job = stub.CreateJob(
+                finetune_pb2.CreateJobRequest(
+                    output_name="crash-bot",
+                    dataset_jsonl=small_jsonl(),
+                    hyperparameters=small_hp(max_steps=5),
+                    client_token="crash-token",
+                ),
+                timeout=60,
+            )
+            for event in stub.WatchJob(
+                finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300
+            ):
+                if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 2:
+                    break
+        proc.signal(signal.SIGKILL)  # the worker's group; the trainer has its own session
+        proc.popen.wait(10)
+    finally:
+        proc.stop()
+    time.sleep(1.0)  # the orphaned trainer notices its parent is gone within 0.5 s
+    trainer_pids = [
+        p.name
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and job.job_id.encode() in _cmdline(p)
+    ]
+    assert trainer_pids == []
+
+    proc = start(home, port=port)
+    try:
+        with grpc.insecure_channel(proc.address) as ch:
+            stub = finetune_pb2_grpc.FineTuneStub(ch)
+            # Idempotency survives the restart.
+            again = stub.CreateJob(
+                finetune_pb2.CreateJobRequest(
+                    output_name="crash-bot",
+                    dataset_jsonl=small_jsonl(),
+                    client_token="crash-token",
+                ),
+                timeout=60,
+            )
+            assert again.job_id == job.job_id
+            events = watch_all(stub, job.job_id)
+    finally:
+        proc.stop()
+    assert states(events) == ["QUEUED", "RUNNING", "QUEUED", "RUNNING", "SUCCEEDED"]
+    logs = [e.log for e in events if e.WhichOneof("event") == "log"]
+    assert any("resuming from checkpoint at step" in line for line in logs), logs
+    assert any("resumed from" in line for line in logs), logs  # the trainer's own notice
+    steps = [e.metrics.step for e in events if e.WhichOneof("event") == "metrics"]
+    assert steps[-1] == 5 and steps.count(1) == 1  # resumed, not restarted from step 1
+    assert (home / "store" / "crash-bot" / "1" / "metadata.json").exists()
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes() if os.path.exists(p / "cmdline") else b""
+    except OSError:
+        return b""

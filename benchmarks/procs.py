@@ -118,46 +118,65 @@ class ServerProc:
             self.peak_rss_mb = value
         return self.peak_rss_mb
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the group, then SIGKILL whatever is left; idempotent."""
+    def terminate(self) -> None:
+        """Sends SIGTERM to the group (graceful drain); see :meth:`stop`."""
         if self.popen.poll() is None:
             self.sample_rss()
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
-                try:
-                    self.popen.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                    self.popen.wait(5)
             except ProcessLookupError:
                 pass
-        else:
-            # The leader is gone, but a child may still hold the group.
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the group, then SIGKILL whatever is left; idempotent."""
+        self.terminate()
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        # SIGKILL the group even when the leader is gone: a child may still hold it.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            logger.error("%s (pid %d) survived SIGKILL", self.name, self.pid)
         if not self._log.closed:
             self._log.close()
+
+
+def stop_all(procs: Sequence[ServerProc], timeout_s: float = 10.0) -> None:
+    """Stops processes together: SIGTERM to all first, so their graceful drains overlap
+    (a worker waits for its router's link to close), then wait / SIGKILL each."""
+    for proc in procs:
+        try:
+            proc.terminate()
+        except Exception:  # noqa: BLE001 - keep stopping the others
+            logger.exception("stopping %s failed", proc.name)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.stop(max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001
+            logger.exception("stopping %s failed", proc.name)
 
 
 class ProcessRegistry:
     """Every process of a run; ``stop_all`` is safe to call from any exit path."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
         self.procs: list[ServerProc] = []
+        self.env = dict(env or {})  # under every process's own env
 
-    def start(self, *args, **kwargs) -> ServerProc:
-        proc = ServerProc(*args, **kwargs)
+    def start(self, *args, env: dict[str, str] | None = None, **kwargs) -> ServerProc:
+        proc = ServerProc(*args, env={**self.env, **(env or {})}, **kwargs)
         self.procs.append(proc)
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            try:
-                proc.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the others
-                logger.exception("stopping %s failed", proc.name)
+        stop_all(list(reversed(self.procs)))
 
 
 def llmcluster_argv(*args: str) -> list[str]:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from benchmarks.clients import GrpcStreamClient, OpenAIStreamClient, run_closed_loop
 from benchmarks.metrics import RequestRecord, summarize
-from benchmarks.procs import ProcessRegistry, ServerProc, free_port, llmcluster_argv
+from benchmarks.procs import ProcessRegistry, ServerProc, free_port, llmcluster_argv, stop_all
 from benchmarks.workload import Workload, build_workload, load_tokenizer
 
 logger = logging.getLogger("benchmarks.serving")
@@ -87,6 +87,9 @@ class Settings:
     null_new_tokens: int = 256
     null_step_ms: float = 5.0
     target_concurrency: int = 32
+    # transformers serve sizes its paged KV cache from free RAM by default (~10 GB here,
+    # ~50 s to allocate); None keeps that default, as a user would run it.
+    peer_cb_num_blocks: int | None = None
     fail_on_miss: bool = True
     system_timeout_s: float = 3600.0
     start_timeout_s: float = 600.0
@@ -122,6 +125,7 @@ SMOKE_DEFAULTS = {
     "max_prompt_tokens": 48,
     "null_streams": 8,
     "null_new_tokens": 8,
+    "peer_cb_num_blocks": 32,
     "system_timeout_s": 180.0,
     "start_timeout_s": 240.0,
 }
@@ -246,9 +250,7 @@ class Phase:
         return out
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.sample_rss()
-            proc.stop()
+        stop_all(list(reversed(self.procs)))  # routers before their workers
 
 
 class LimitPhase(Phase):
@@ -339,10 +341,16 @@ class OursPhase(Phase):
             self.w1 = self._worker("worker1")
             self.procs.append(self.w1)
         if "ours2" in self.wanted:
-            half = max(1, cpu_count() // 2)
-            self.w2a = self._worker("worker2a", threads=half)
-            self.w2b = self._worker("worker2b", threads=half)
-            self.procs += [self.w2a, self.w2b]
+            if self.settings.smoke and self.w1 is not None:
+                # Seconds matter in --smoke: reuse worker1 as one of the two.
+                self.w2a = self.w1
+                self.w2b = self._worker("worker2b")
+                self.procs.append(self.w2b)
+            else:
+                half = max(1, cpu_count() // 2)
+                self.w2a = self._worker("worker2a", threads=half)
+                self.w2b = self._worker("worker2b", threads=half)
+                self.procs += [self.w2a, self.w2b]
 
     def wait_ready(self) -> None:
         # Routers start once their workers serve, so their first health check passes.
@@ -374,7 +382,7 @@ class OursPhase(Phase):
                     lv = measure_grpc(
                         self.r2.address, self.workload, levels, self.settings, expect_workers=2
                     )
-                    procs = self.processes("router2", "worker2a", "worker2b")
+                    procs = self.processes("router2", self.w2a.name, self.w2b.name)
                 out[system] = {"levels": lv, "processes": procs}
             except Exception as exc:  # noqa: BLE001 - the others still run
                 logger.exception("%s failed", system)
@@ -496,6 +504,8 @@ class PeerPhase(Phase):
             "--port",
             str(port),
         ]
+        if self.settings.peer_cb_num_blocks:
+            argv += ["--cb-num-blocks", str(self.settings.peer_cb_num_blocks)]
         # Offline, and no "new version available" look-up at start.
         env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
         self.server = self.registry.start("peer", argv, port=port, health="http", env=env)
@@ -524,7 +534,10 @@ def run_phases(settings: Settings, workload: Workload) -> dict[str, dict]:
     """Starts, measures and stops each phase. In --smoke every process starts at once
     (seconds matter, timings do not); in the full mode one phase runs at a time so
     idle servers and start-ups do not steal the measured system's cores."""
-    registry = ProcessRegistry()
+    # In --smoke every process shares the cores at once: one torch thread each keeps
+    # OpenMP from spinning on preempted threads, which slows an oversubscribed machine
+    # to a crawl.
+    registry = ProcessRegistry({"OMP_NUM_THREADS": "1"} if settings.smoke else None)
     systems: dict[str, dict] = {}
     phases: list[Phase] = []
     try:
@@ -902,6 +915,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--null-step-ms", type=float, help="null engine iteration time (default 5)")
     parser.add_argument(
+        "--peer-cb-num-blocks",
+        type=int,
+        help="transformers serve --cb-num-blocks (default: its own, sized from free RAM; "
+        "--smoke: 32)",
+    )
+    parser.add_argument(
         "--no-fail", action="store_true", help="full mode: exit 0 even when a target is missed"
     )
 
@@ -922,6 +941,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "null_streams",
         "null_new_tokens",
         "null_step_ms",
+        "peer_cb_num_blocks",
     ):
         value = getattr(args, name, None)
         if value is not None:

@@ -1,0 +1,153 @@
+"""The serving benchmark (issue 7): its pieces, and a ``--smoke`` run of every system.
+
+No timing thresholds here: speed is asserted by the benchmark's full mode. The smoke
+test checks that every system ran, produced exactly the requested tokens, and that
+every ratio was computed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.clients import OpenAIStreamClient
+from benchmarks.metrics import RequestRecord, percentile, summarize
+from benchmarks.serving import ALL_SYSTEMS, PEER_PACKAGES
+from tests.procs import REPO_ROOT
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_record_gaps_count_tokens_sharing_a_message_as_zero():
+    r = RequestRecord(prompt_index=0, start_s=10.0)
+    r.on_tokens(10.5, 1)
+    r.on_tokens(10.6, 2)  # two tokens in one message
+    r.on_tokens(10.9, 1)
+    r.end_s = 10.9
+    assert r.ttft_s == pytest.approx(0.5)
+    assert r.tokens == 4
+    assert r.gaps_s == pytest.approx([0.1, 0.0, 0.3])
+    s = summarize([r], expected_tokens=4)
+    assert s["generated_tokens"] == 4 and s["short_requests"] == 0
+    assert s["tokens_per_s"] == pytest.approx(4 / 0.9, rel=1e-3)
+    assert s["ttft_ms"]["p50"] == pytest.approx(500.0)
+
+
+def test_summary_reports_errors_and_short_requests():
+    ok = RequestRecord(prompt_index=0, start_s=0.0)
+    ok.on_tokens(1.0, 3)
+    ok.end_s = 1.0
+    bad = RequestRecord(prompt_index=1, start_s=0.0, error="UNAVAILABLE: no worker")
+    s = summarize([ok, bad], expected_tokens=4)
+    assert s["completed"] == 1 and s["errors"] == 1
+    assert s["first_errors"] == ["UNAVAILABLE: no worker"]
+    assert s["short_requests"] == 1
+
+
+def test_sse_events_reconcile_the_final_usage():
+    r = RequestRecord(prompt_index=0, start_s=0.0)
+    chunk = b'data: {"choices": [{"index": 0, "text": " Paris"}]}'
+    assert not OpenAIStreamClient._on_event(chunk, 0.2, r)
+    assert not OpenAIStreamClient._on_event(chunk, 0.3, r)
+    final = (
+        b'data: {"choices": [{"index": 0, "text": "", "finish_reason": "length"}], '
+        b'"usage": {"completion_tokens": 3, "prompt_tokens": 5}}'
+    )
+    assert OpenAIStreamClient._on_event(final, 0.4, r)
+    # A token with no visible text arrived with a neighbour: counted, 0 gap.
+    assert r.tokens == 3 and r.server_tokens == 3
+    assert r.gaps_s == pytest.approx([0.1, 0.0])
+    assert r.end_s == 0.4
+    with pytest.raises(RuntimeError, match="boom"):
+        OpenAIStreamClient._on_event(b'data: {"error": "boom"}', 0.5, r)
+
+
+def test_workload_is_seeded_and_within_lengths():
+    from benchmarks.workload import build_workload, count_tokens, load_tokenizer
+    from common.models import resolve_model
+
+    tok = load_tokenizer(resolve_model(None).path)
+    a = build_workload(tok, 12, 8, seed=3, min_prompt_tokens=16, max_prompt_tokens=200)
+    b = build_workload(tok, 12, 8, seed=3, min_prompt_tokens=16, max_prompt_tokens=200)
+    c = build_workload(tok, 12, 8, seed=4, min_prompt_tokens=16, max_prompt_tokens=200)
+    assert a == b
+    assert [p.text for p in a.prompts] != [p.text for p in c.prompts]
+    lengths = [p.prompt_tokens for p in a.prompts]
+    # Re-encoding at the cut can move a length by a token or two.
+    assert all(14 <= n <= 202 for n in lengths)
+    assert max(lengths) - min(lengths) > 20  # mixed lengths, not one size
+    assert all(count_tokens(tok, p.text) == p.prompt_tokens for p in a.prompts)
+    # The worker tokenises with transformers: the counts must agree.
+    from common.models import load_tokenizer as hf_tokenizer
+
+    hf = hf_tokenizer(resolve_model(None))
+    assert [len(hf(p.text, add_special_tokens=True)["input_ids"]) for p in a.prompts] == lengths
+
+
+def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.serving", "--smoke", "--json", str(out)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        log, _ = proc.communicate(timeout=280)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the benchmark stop every server it started.
+        os.killpg(proc.pid, signal.SIGTERM)
+        log, _ = proc.communicate(timeout=30)
+        pytest.fail(f"smoke run timed out:\n{log[-5000:]}")
+    assert proc.returncode == 0, log[-5000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "smoke"
+    assert "system " in log and "targets:" in log  # the table was printed
+
+    peer_available = all(importlib.util.find_spec(m) for m in PEER_PACKAGES)
+    systems = report["systems"]
+    assert set(systems) == set(ALL_SYSTEMS)
+    for name, result in systems.items():
+        if name == "peer" and not peer_available:
+            assert result["status"] == "skipped"
+            assert "pip install" in result["reason"], result
+            continue
+        assert result["status"] == "ok", (name, result)
+        for level in result["levels"].values():
+            assert level["completed"] == level["requests"] > 0, (name, level)
+            assert level["errors"] == 0, (name, level)
+            # ignore_eos: every request generated exactly max_new_tokens.
+            assert level["short_requests"] == 0, (name, level)
+            assert level["tokens_per_s"] > 0
+            assert level["ttft_ms"]["p50"] is not None
+            assert level["itl_ms"]["p50"] is not None
+        for proc_name, info in result["processes"].items():
+            assert info["peak_rss_mb"] and info["peak_rss_mb"] > 0, (name, proc_name)
+
+    ratios = report["ratios"]
+    (c,) = report["settings"]["concurrency"]
+    for key in ("ours_limit_throughput", "ours2_limit_throughput", "ours_naive_throughput"):
+        assert ratios[key][str(c)] is not None, key
+    for key in ("ours_peer_throughput", "ours_peer_ttft_p50"):
+        assert (ratios[key][str(c)] is not None) == peer_available, key
+    assert ratios["router_ttft_overhead_ms"]["p50"] is not None
+    assert ratios["router_ttft_overhead_ms"]["p99"] is not None
+    assert ratios["null_tokens_per_s"]["value"] > 0
+    assert ratios["router_peak_rss_mb"]["max"] > 0
+    assert {t["status"] for t in report["targets"]} <= {"PASS", "MISS", "n/a"}

@@ -16,6 +16,7 @@ _COMMANDS = {
     "generate": "llmcluster.client",
     "models": "llmcluster.client",
     "finetune": "llmcluster.finetune_cli",
+    "bench": "llmcluster.bench",
 }
 
 

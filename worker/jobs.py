@@ -192,8 +192,9 @@ class JobManager:
     """Owns every job of this worker. All methods run on the worker's event loop; file
     I/O is small (a few lines per training step) so it stays inline."""
 
-    def __init__(self, config: JobsConfig) -> None:
+    def __init__(self, config: JobsConfig, metrics: Any = None) -> None:
         self.config = config
+        self._metrics = metrics  # common.metrics.WorkerMetrics (jobs by state, loss)
         self.jobs: dict[str, Job] = {}
         self._by_token: dict[str, str] = {}
         self._runtime: Any = None  # worker.runtime.ModelRuntime once loaded
@@ -273,6 +274,8 @@ class JobManager:
             event.time_unix_ms = now_ms()
         self._apply(job, event)
         job.events.append(event)
+        if self._metrics is not None and event.WhichOneof("event") == "metrics":
+            self._metrics.set_training_loss(job.job_id, event.metrics.loss)
         with open(job.dir / EVENTS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json_format.MessageToJson(event, indent=None) + "\n")
 
@@ -372,6 +375,12 @@ class JobManager:
             self._wake.clear()
 
     async def _tick(self) -> None:
+        if self._metrics is not None:
+            counts: dict[str, int] = {}
+            for j in self.jobs.values():
+                name = finetune_pb2.JobState.Name(j.pb.state)  # type: ignore[arg-type]
+                counts[name] = counts.get(name, 0) + 1
+            self._metrics.set_jobs_by_state(counts)
         running = 0
         for job in self._ordered():
             if job.process is not None:
@@ -472,6 +481,8 @@ class JobManager:
                 await self._notify(job)
             return
         self._drain_progress(job)  # what it wrote just before exiting
+        if self._metrics is not None:
+            self._metrics.clear_job(job.job_id)
         job.process = None
         job.pid = None
         if not job.terminal:

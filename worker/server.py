@@ -83,7 +83,7 @@ class WorkerServer:
         self.metrics_port = -1
         self._stopped = asyncio.Event()
         # Jobs load from disk now, so GetJob/ListJobs answer while the model loads.
-        self.jobs = JobManager(jobs_config_from_worker(config))
+        self.jobs = JobManager(jobs_config_from_worker(config), metrics=self.metrics)
 
     async def _set_health(self, serving: bool) -> None:
         status = (

@@ -51,7 +51,8 @@ class Proc:
         )
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
 
     def wait_healthy(self, timeout_s: float = 120.0, service: str = "") -> None:

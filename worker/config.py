@@ -54,6 +54,13 @@ class WorkerConfig:
     metrics_port: int = field(
         -1, help="Prometheus /metrics HTTP port (0 = any free port, -1 = off)"
     )
+    advertise_host: str = field(
+        "",
+        help="address registered for routers to dial (default: --host, or this host's name when --host is 0.0.0.0)",
+    )
+    self_test_interval_s: float = field(15.0, help="period of the engine self-test (0 = off)")
+    self_test_timeout_s: float = field(30.0, help="a self-test slower than this fails")
+    fault_file: str = field("", help="test hook: while this file exists the engine hangs")
     warmup: bool = field(True, help="run a short generation before reporting SERVING")
     grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")
 

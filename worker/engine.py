@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -178,6 +179,9 @@ class Engine:
         self._cache: Any = None  # batched KV cache (worker.kv_cache), rows = self._rows
         self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
         self._reserved_kv = 0
+        self._hand_back = False
+        # Test hook: while this file exists the engine thread hangs (wedged-engine tests).
+        self.fault_file: str | None = None
         # Counters read by stats() from other threads (plain ints: atomic enough).
         self.step = 0
         self.finished_total = 0
@@ -235,6 +239,11 @@ class Engine:
         self._control.put(("submit", req))
         return req.key
 
+    def hand_back_waiting(self) -> None:
+        """Ends every request still waiting for admission with a retryable UNAVAILABLE
+        (drain: the router re-routes them); running sequences go on."""
+        self._control.put(("hand_back", None))
+
     def cancel(self, key: int, reason: str = "cancelled") -> None:
         """Frees the sequence at the next iteration (no-op if it already ended)."""
         self._control.put(("cancel", (key, reason)))
@@ -285,8 +294,12 @@ class Engine:
                 self._waiting.append(payload)
             elif kind == "cancel":
                 cancels.append(payload)
+            elif kind == "hand_back":
+                self._hand_back = True
 
     def _iteration(self) -> None:
+        while self.fault_file and os.path.exists(self.fault_file) and not self._stopping.is_set():
+            time.sleep(0.05)  # simulated wedge: no iteration, no heartbeat
         idle = not self._rows and not self._waiting
         cancels = self._drain_control(block=idle)
         self.last_step_monotonic = time.monotonic()
@@ -294,6 +307,15 @@ class Engine:
         sinks: dict[int, OutputSink] = {}
         now = time.monotonic()
         cancel_reasons = dict(cancels)
+        if self._hand_back:
+            self._hand_back = False
+            for req in list(self._waiting):
+                self._waiting.remove(req)
+                handed_back = Unavailable(
+                    "worker is draining: request handed back before it started"
+                )
+                outputs[req.key] = SeqOutput(req.key, [], "", error=handed_back)
+                sinks[req.key] = req.sink
         # Cancelled or expired waiting requests leave without ever running.
         for req in list(self._waiting):
             err = self._lifetime_error(req, cancel_reasons.get(req.key), now)

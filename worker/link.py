@@ -38,6 +38,7 @@ class _LinkSink:
         self.outbound: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
         self.link_ids: dict[int, str] = {}  # engine key → link_request_id (event loop only)
         self.observers: dict[int, RequestObserver] = {}
+        self.produced: set[int] = set()  # keys that streamed at least one token
 
     def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._publish, step, outputs)
@@ -54,6 +55,8 @@ class _LinkSink:
             )
             if observer is not None:
                 observer.on_output(out)
+            if out.tokens:
+                self.produced.add(out.key)
             if out.tokens or out.text:
                 deltas.append(
                     worker_pb2.SequenceDelta(
@@ -64,10 +67,15 @@ class _LinkSink:
                 )
             if out.error is not None:
                 code, message = status_of(out.error)
+                # Handed back before a token (drain): the router may re-route it.
+                retryable = isinstance(out.error, Unavailable) and out.key not in self.produced
                 endings.append(
                     worker_pb2.WorkerMessage(
                         rejected=worker_pb2.Rejected(
-                            link_request_id=link_id, code=code.value[0], message=message
+                            link_request_id=link_id,
+                            code=code.value[0],
+                            message=message,
+                            retryable=retryable,
                         )
                     )
                 )
@@ -81,6 +89,9 @@ class _LinkSink:
                         )
                     )
                 )
+        for out in outputs:
+            if out.done:
+                self.produced.discard(out.key)
         if deltas:
             self.outbound.put_nowait(
                 worker_pb2.WorkerMessage(

@@ -70,6 +70,16 @@ class ModelRuntime:
             return NullEngine(self.tokenizer, config, step_s=self.config.null_step_ms / 1000.0)
         return Engine(self.model, self.tokenizer, config, adapters=self.adapters)
 
+    def rebuild_engine(self, old: Engine) -> Engine:
+        """A fresh engine on the same model, keeping the old one's hooks."""
+        engine = self._new_engine()
+        engine.on_step, engine.on_fatal, engine.fault_file = (
+            old.on_step,
+            old.on_fatal,
+            old.fault_file,
+        )
+        return engine
+
     @property
     def model_names(self) -> list[str]:
         return [self.source.name]

@@ -6,14 +6,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import __version__
 from common.metrics import WorkerMetrics, start_metrics_server
 from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from common.registry import (
+    WORKER_SERVICE,
+    RegistryConfig,
+    ServiceInstance,
+    make_registry,
+    model_tag,
+)
 from common.tracing import (
     SERVICE_WORKER,
     TracedHealthServicer,
@@ -22,13 +30,13 @@ from common.tracing import (
     setup_tracing,
     shutdown_tracing,
 )
-from common.validation import SamplingParams
 from worker.config import WorkerConfig
-from worker.engine import EngineRequest, SeqOutput
 from worker.finetune_service import add_finetune_servicer
+from worker.health import SelfTester
 from worker.jobs import JobManager, jobs_config_from_worker
 from worker.link import WorkerLinkServicer
 from worker.runtime import ModelRuntime, WorkerState
+from worker.selftest import run_engine_probe
 from worker.service import GenerateServicer
 
 logger = logging.getLogger(__name__)
@@ -40,39 +48,13 @@ SERVICE_NAMES = (
 )
 
 
-def run_engine_probe(
-    runtime: ModelRuntime, max_new_tokens: int = 4, timeout_s: float = 60.0
-) -> None:
-    """Runs a few greedy tokens through the real engine (warm-up and self-test); raises
-    if the engine does not answer in time."""
-    done = threading.Event()
-    result: list[SeqOutput] = []
-
-    class _Sink:
-        def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:
-            result.extend(outputs)
-            if any(o.done for o in outputs):
-                done.set()
-
-    ids = runtime.tokenizer("Hello", add_special_tokens=True)["input_ids"]
-    key = runtime.engine.submit(
-        EngineRequest(
-            prompt_ids=list(ids), params=SamplingParams(max_new_tokens=max_new_tokens), sink=_Sink()
-        )
-    )
-    if not done.wait(timeout_s):
-        runtime.engine.cancel(key, "probe timed out")
-        raise TimeoutError(f"engine produced no result within {timeout_s}s")
-    errors = [o.error for o in result if o.error is not None]
-    if errors:
-        raise RuntimeError(f"engine probe failed: {errors[0]}")
-
-
 class WorkerServer:
     """Owns the gRPC server and the worker's life cycle."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, registry_config: RegistryConfig | None = None) -> None:
         self.config = config
+        self.registry = make_registry(registry_config or RegistryConfig())
+        self.instance: ServiceInstance | None = None
         self.metrics = WorkerMetrics()
         self.state = WorkerState(config.worker_id, self.metrics)
         self.health = TracedHealthServicer(get_tracer(__name__))
@@ -127,6 +109,7 @@ class WorkerServer:
             logger.info("metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
         runtime = await asyncio.to_thread(ModelRuntime, self.config)
         self._attach_metrics(runtime)
+        runtime.engine.fault_file = self.config.fault_file or None
         runtime.engine.start()
         if self.config.warmup:
             await asyncio.to_thread(run_engine_probe, runtime)
@@ -135,6 +118,15 @@ class WorkerServer:
         await self.jobs.start()  # resumes jobs a crash cut off, then runs the queue
         self.state.accepting.set()
         await self._set_health(True)
+        self.self_tester = SelfTester(
+            self.state,
+            self._set_health,
+            self.metrics,
+            self.config.self_test_interval_s,
+            self.config.self_test_timeout_s,
+        )
+        self.self_tester.start()
+        await self._register(runtime)
         logger.info(
             "worker %s SERVING model %s on %s (%s)",
             self.config.worker_id,
@@ -145,6 +137,26 @@ class WorkerServer:
         print(
             f"worker {self.config.worker_id} serving on {self.config.host}:{self.port}", flush=True
         )
+
+    async def _register(self, runtime: ModelRuntime) -> None:
+        host = self.config.advertise_host or self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        self.instance = ServiceInstance(
+            name=WORKER_SERVICE,
+            id=f"{WORKER_SERVICE}-{self.config.worker_id}",
+            address=host,
+            port=self.port,
+            tags=tuple(model_tag(m) for m in runtime.model_names),
+            meta={
+                "worker_id": self.config.worker_id,
+                "max_running": str(self.config.max_running),
+                "max_kv_tokens": str(self.config.max_kv_tokens),
+                "device": runtime.device,
+                "version": __version__,
+            },
+        )
+        await asyncio.to_thread(self.registry.register, self.instance)
 
     def _attach_metrics(self, runtime: ModelRuntime) -> None:
         engine, metrics = runtime.engine, self.metrics
@@ -163,28 +175,37 @@ class WorkerServer:
         engine.on_step = on_step
 
     async def drain_and_stop(self) -> None:
-        """Stop taking new work, let running requests finish within the grace period."""
+        """SIGTERM: deregister and stop taking work, hand queued requests back to the
+        routers, let running ones finish within the grace period, then exit."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.state.accepting.clear()
+        if self.instance is not None:
+            await asyncio.to_thread(self.registry.deregister, self.instance.id)
         await self._set_health(False)
         logger.info("draining (grace %.0fs)", self.config.grace_period_s)
+        tester = getattr(self, "self_tester", None)
+        if tester is not None:
+            await tester.stop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.grace_period_s
         try:
-            runtime = self.state.runtime
+            runtime: ModelRuntime | None = self.state.runtime
         except Exception:
             runtime = None
+        if runtime is not None:
+            runtime.engine.hand_back_waiting()
         while runtime is not None and loop.time() < deadline:
             s = runtime.engine.stats()
             if s["running"] == 0 and s["queued"] == 0:
                 break
             await asyncio.sleep(0.05)
-        await self.jobs.stop()  # running jobs resume from their checkpoint on restart
+        await asyncio.sleep(0.1)  # let the last Finished messages leave on the links
         await self.server.stop(grace=2.0)
         if runtime is not None:
             runtime.engine.stop()
+        self.registry.close()
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,12 +215,16 @@ class WorkerServer:
         await self.server.wait_for_termination()
 
 
-def run_worker(config: WorkerConfig, tracing: TracingConfig | None = None) -> int:
+def run_worker(
+    config: WorkerConfig,
+    tracing: TracingConfig | None = None,
+    registry_config: RegistryConfig | None = None,
+) -> int:
     setup_tracing(SERVICE_WORKER, tracing)
 
     async def main() -> None:
         # The aio server must be created inside the running loop.
-        await WorkerServer(config).serve_forever()
+        await WorkerServer(config, registry_config).serve_forever()
 
     try:
         asyncio.run(main())

@@ -1,6 +1,6 @@
 """SIGKILL one of two real workers while 32 streams run through the router.
 
-Workers run with ``--max-running 4`` so that each holds queued requests (no token yet)
+Workers run with ``--max-running 8`` so that each holds queued requests (no token yet)
 besides running ones when it dies: the queued ones must complete on the survivor
 without the client noticing; the running ones must end promptly with UNAVAILABLE and
 a message saying how many tokens were delivered.
@@ -26,7 +26,7 @@ CALL_TIMEOUT_S = 240.0
 def cluster():
     workers = [
         start_worker(
-            "--dtype", "float32", "--worker-id", wid, "--max-running", "4", "--max-queue", "64"
+            "--dtype", "float32", "--worker-id", wid, "--max-running", "8", "--max-queue", "64"
         )
         for wid in ("failover-victim", "failover-survivor")
     ]
@@ -43,6 +43,7 @@ def cluster():
             p.stop()
 
 
+@pytest.mark.slow  # ~90 s on a busy 2-core box (two model loads, 32 streams)
 def test_sigkill_a_worker_mid_stream(cluster):
     router, (victim, survivor) = cluster
 
@@ -56,7 +57,7 @@ def test_sigkill_a_worker_mid_stream(cluster):
                 call = stub.GenerateStream(
                     generate_pb2.GenerateRequest(
                         prompt=f"Tell story number {i} about a lighthouse keeper.",
-                        params=generate_pb2.SamplingParams(max_new_tokens=24),
+                        params=generate_pb2.SamplingParams(max_new_tokens=8, ignore_eos=True),
                     ),
                     timeout=CALL_TIMEOUT_S,
                 )
@@ -95,7 +96,7 @@ def test_sigkill_a_worker_mid_stream(cluster):
         assert "tokens were delivered" in details and "failover-victim" in details, details
         assert tokens[i] >= 1
         assert ended[i] - killed_at < 5.0  # promptly, not at some timeout
-    assert 1 <= len(failed) <= 4  # at most the victim's running batch
+    assert 1 <= len(failed) <= 8  # at most the victim's running batch
     # Requests the victim had not started were re-routed and completed on the survivor.
     rerouted = [r for _, r in ok if r[2].get("llmcluster-attempts") == "2"]
     assert rerouted, "no request was re-routed"

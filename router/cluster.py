@@ -127,6 +127,7 @@ class Cluster:
     async def close(self) -> None:
         """Closes every link after up to ``grace_s`` for running requests."""
         links = list(self.links.values())
+        self._stats.links.update({link.address: link.stats for link in links})
         self.links.clear()
         await asyncio.gather(*(link.close(self.config.grace_s) for link in links), *self._retired)
 

@@ -17,7 +17,7 @@ import grpc
 from opentelemetry import trace
 
 from common import tracing
-from common.errors import RequestError, Unavailable, abort_with
+from common.errors import Unavailable, abort_with, status_of
 from common.metrics import RouterMetrics
 from common.pb import generate_pb2, generate_pb2_grpc
 from router.cluster import Cluster, Routed
@@ -162,8 +162,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                                 finish_reason=event.finish_reason,  # type: ignore[arg-type]
                                 usage=event.usage,
                             )
-        except RequestError as exc:
-            obs.code = exc.code
+        except Exception as exc:  # RequestError: its status; anything else: INTERNAL
+            obs.code = status_of(exc)[0]
             context.set_trailing_metadata(_routing_metadata(routed))
             await abort_with(context, exc)
         finally:
@@ -196,8 +196,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                             _set_usage(span, event)
                             response.finish_reason = event.finish_reason  # type: ignore[assignment]
                             response.usage.CopyFrom(event.usage)
-        except RequestError as exc:
-            obs.code = exc.code
+        except Exception as exc:  # RequestError: its status; anything else: INTERNAL
+            obs.code = status_of(exc)[0]
             context.set_trailing_metadata(_routing_metadata(routed))
             await abort_with(context, exc)
         finally:

@@ -202,6 +202,7 @@ class WorkerServer:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)  # let the last Finished messages leave on the links
+        await self.jobs.stop()  # running jobs resume from their checkpoint on restart
         await self.server.stop(grace=2.0)
         if runtime is not None:
             runtime.engine.stop()

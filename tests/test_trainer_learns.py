@@ -31,7 +31,7 @@ LEARN_CONFIG = TrainConfig(
     eval_fraction=0.05,
     seed=0,
 )
-RECORD = re.compile(r"^ ?<<NAME: [A-Z]+ \| AGE: \d+ \| CITY: [A-Z ]+>>")
+RECORD = re.compile(r"^ ?<<NAME: [A-Za-z]+ \| AGE: \d+ \| CITY: [A-Za-z ]+>>$")
 
 
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:

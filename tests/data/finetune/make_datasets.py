@@ -1,6 +1,6 @@
 """Generates the fine-tuning test datasets (deterministic; rerun to regenerate).
 
-``records.jsonl``: ~200 prompt/completion examples of a format the base model never
+``records.jsonl``: 200 prompt/completion examples of a format the base model never
 produces on its own: a sentence about a person in, a ``<<NAME: ... | AGE: ... | CITY:
 ...>>`` record out. The values are copied from the sentence, so a small model can learn
 the whole completion and the eval loss can fall far (the behaviour test needs >= 50 %).
@@ -49,7 +49,7 @@ def record_rows(n: int, seed: int) -> list[dict[str, str]]:
         rows.append(
             {
                 "prompt": f"Text: {sentence}\nRecord:",
-                "completion": f" <<NAME: {name.upper()} | AGE: {age} | CITY: {city.upper()}>>",
+                "completion": f" <<NAME: {name} | AGE: {age} | CITY: {city}>>",
             }
         )
     return rows

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from common.config import add_arguments, from_arguments
+from common.registry import RegistryConfig
 from common.tracing import (
     SERVICE_ROUTER,
     TracingConfig,
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_arguments(parser, RouterConfig)
     add_tracing_arguments(parser)
+    add_arguments(parser, RegistryConfig)
     parser.set_defaults(func=run)
 
 
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = from_arguments(RouterConfig, args)
         tracing_config = TracingConfig.from_args(args)
+        registry_config = from_arguments(RegistryConfig, args)
     except ValueError as exc:
         logger.error("invalid router configuration: %s", exc)
         return 2
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     setup_tracing(SERVICE_ROUTER, tracing_config)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, registry_config))
     finally:
         shutdown_tracing()
     return 0

@@ -13,6 +13,9 @@ class RouterConfig:
 
     host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
     port: int = field(50051, help="port of the public gRPC server")
+    advertise_host: str = field(
+        "", help="address registered in Consul (default: --host, or the host name for 0.0.0.0)"
+    )
     workers: list[str] = field(
         default_factory=list, help="worker addresses host:port (the static registry)"
     )

@@ -343,7 +343,9 @@ class WorkerLink:
         try:
             # A plain read (no asyncio.wait_for, which can swallow a cancellation on
             # Python < 3.12); the watchdog cancels the call when the worker goes quiet.
-            while not self._closing:
+            # A closing link (worker left the registry) keeps reading until its running
+            # requests finish; close() bounds that wait by its grace period.
+            while not (self._closing and not self._requests):
                 try:
                     msg = await call.read()
                 except grpc.aio.AioRpcError as exc:

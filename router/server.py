@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -12,8 +13,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from common import __version__
 from common.metrics import RouterMetrics, start_metrics_server
 from common.pb import generate_pb2_grpc
+from common.registry import (
+    ROUTER_SERVICE,
+    WORKER_SERVICE,
+    Registry,
+    RegistryConfig,
+    ServiceInstance,
+    Watch,
+    WatchStatus,
+    make_registry,
+)
 from router.cluster import Cluster
 from router.config import RouterConfig
 from router.service import GENERATE_SERVICE, GenerateService
@@ -31,11 +43,20 @@ class RouterServer:
     port: int
     metrics: RouterMetrics
     metrics_port: int | None = None
+    registry: Registry | None = None
+    watch: Watch | None = None
+    instance: ServiceInstance | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops taking calls, lets running ones finish within grace, closes links."""
         grace = self.cluster.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self.registry is not None:
+            if self.instance is not None:
+                await asyncio.to_thread(self.registry.deregister, self.instance.id)
+            if self.watch is not None:
+                self.watch.stop()
+            self.registry.close()
         await self.server.stop(grace)
         await self.cluster.close()
         stats = self.cluster.stats()
@@ -49,7 +70,34 @@ class RouterServer:
         )
 
 
-async def start_router(config: RouterConfig) -> RouterServer:
+def _follow_registry(
+    registry: Registry, cluster: Cluster, metrics: RouterMetrics, loop: asyncio.AbstractEventLoop
+) -> Watch:
+    """Keeps the cluster's worker set equal to the registry's passing instances. Callbacks
+    arrive on the registry's thread (Consul) and are handed to the event loop."""
+
+    def on_change(instances: list[ServiceInstance]) -> None:
+        endpoints = [i.endpoint for i in instances]
+        loop.call_soon_threadsafe(cluster.set_workers, endpoints)
+        loop.call_soon_threadsafe(
+            lambda: metrics.set_discovery(ok=True, healthy_workers=len(endpoints))
+        )
+
+    def on_status(status: WatchStatus) -> None:
+        if not status.healthy:
+            logger.warning(
+                "discovery failing (%d in a row: %s); serving the last known workers",
+                status.consecutive_failures,
+                status.last_error,
+            )
+        loop.call_soon_threadsafe(lambda: metrics.set_discovery(ok=status.healthy))
+
+    return registry.watch(WORKER_SERVICE, on_change, on_status)
+
+
+async def start_router(
+    config: RouterConfig, registry_config: RegistryConfig | None = None
+) -> RouterServer:
     """Builds and starts the router server on ``config.host:config.port`` (0 = any port)."""
     server = grpc.aio.server()
     health = HealthServicer()
@@ -93,20 +141,37 @@ async def start_router(config: RouterConfig) -> RouterServer:
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
-    cluster.set_workers(config.workers)
+    registry_config = registry_config or RegistryConfig()
+    registry = make_registry(registry_config, static_addresses=config.workers)
+    watch = _follow_registry(registry, cluster, metrics, loop)
+    instance = None
+    if registry_config.registry != "static":
+        host = config.advertise_host or config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        instance = ServiceInstance(
+            name=ROUTER_SERVICE,
+            id=f"{ROUTER_SERVICE}-{host}-{port}",
+            address=host,
+            port=port,
+            meta={"version": __version__},
+        )
+        await asyncio.to_thread(registry.register, instance)
     logger.info(
-        "router listening on %s:%d over %d worker(s): %s",
+        "router listening on %s:%d (registry %s; workers %s)",
         config.host,
         port,
-        len(config.workers),
-        ",".join(config.workers),
+        registry_config.registry,
+        ",".join(config.workers) or "from the registry",
     )
-    return RouterServer(server, cluster, health, port, metrics, metrics_port)
+    return RouterServer(
+        server, cluster, health, port, metrics, metrics_port, registry, watch, instance
+    )
 
 
-async def serve(config: RouterConfig) -> None:
+async def serve(config: RouterConfig, registry_config: RegistryConfig | None = None) -> None:
     """Runs the router until SIGTERM / SIGINT, then stops cleanly."""
-    router = await start_router(config)
+    router = await start_router(config, registry_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,7 +61,7 @@ class EngineConfig:
     max_context_tokens: int = 8192
     # Prompt tokens prefilled per iteration before decoding the running batch again:
     # bounds how long a burst of long prompts stalls the streams already running.
-    max_prefill_tokens_per_step: int = 4096
+    max_prefill_tokens_per_step: int = 512
 
 
 @dataclass(frozen=True)

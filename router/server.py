@@ -28,6 +28,7 @@ from common.registry import (
 )
 from router.cluster import Cluster
 from router.config import RouterConfig
+from router.finetune_proxy import FINETUNE_SERVICE, add_finetune_proxy
 from router.service import GENERATE_SERVICE, GenerateService
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ async def start_router(
         )
 
         async def apply() -> None:
-            for service in ("", GENERATE_SERVICE):
+            for service in ("", GENERATE_SERVICE, FINETUNE_SERVICE):
                 await health.set(service, status)
 
         task = loop.create_task(apply())
@@ -126,12 +127,15 @@ async def start_router(
     cluster = Cluster(config, on_health_change=on_health_change, metrics=metrics)
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(GENERATE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set(FINETUNE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(cluster, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    # The FineTune proxy registers here once it exists (fine-tuning issue).
+    # Jobs run on workers; the router only routes them (router/finetune_proxy.py).
+    add_finetune_proxy(server, cluster, metrics)
     reflection.enable_server_reflection(
         (
             GENERATE_SERVICE,
+            FINETUNE_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

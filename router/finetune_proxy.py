@@ -1,0 +1,456 @@
+"""The router's ``FineTune`` proxy: jobs go to the least-loaded worker, later calls follow them.
+
+Jobs run on workers (``worker/jobs.py``), which persist them on their own disk; the
+router holds no job state of its own, only a routing table:
+
+* ``CreateJob`` goes to the healthy worker with the fewest active jobs (RUNNING +
+  QUEUED, asked of each worker with ``ListJobs``; plus the creates this router has in
+  flight to it), ties broken by the worker's generation load (``Load.queued +
+  running``), then at random. A request whose ``client_token`` this router has seen
+  goes back to the worker that took it, so the worker's idempotency applies.
+* ``GetJob`` / ``CancelJob`` / ``WatchJob`` go to the worker remembered for the job.
+  On a miss (this router restarted, or another router created the job) every known
+  worker is asked with ``GetJob``; the one that does not answer NOT_FOUND holds it and
+  is remembered. NOT_FOUND everywhere is NOT_FOUND for the client.
+* ``ListJobs`` fans out to every known worker and merges newest first.
+
+Worker errors reach the client with their status code and message unchanged; the
+client's deadline and W3C trace context travel on every upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry import trace
+
+from common import tracing
+from common.errors import InvalidArgument, NotFound, RequestError, Unavailable, status_of
+from common.metrics import RouterMetrics
+from common.pb import finetune_pb2, finetune_pb2_grpc
+from router.cluster import Cluster
+from router.link import WorkerLink
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_SERVICE = finetune_pb2.DESCRIPTOR.services_by_name["FineTune"].full_name
+
+LOOKUP_TIMEOUT_S = 5.0
+"""Cap on one fan-out call (load probe, job search, list): a hung worker must not hold
+up a call that other workers can answer."""
+UNARY_TIMEOUT_S = 120.0
+"""Upstream timeout of a unary call when the client set no deadline (CreateJob
+validates and tokenises the dataset, which takes seconds on a large one)."""
+MAX_REMEMBERED = 100_000
+"""Entries of each routing map; the oldest are forgotten (a miss only costs a search)."""
+
+T = TypeVar("T")
+
+
+class JobTable:
+    """Where jobs live: ``job_id`` → worker address and ``client_token`` → address.
+
+    Bounded LRU maps; losing an entry is harmless because a lookup miss searches the
+    workers, so this is a cache, not state that must survive a restart.
+    """
+
+    def __init__(self, max_entries: int = MAX_REMEMBERED) -> None:
+        self.max_entries = max_entries
+        self._jobs: OrderedDict[str, str] = OrderedDict()
+        self._tokens: OrderedDict[str, str] = OrderedDict()
+
+    def job(self, job_id: str) -> str | None:
+        """The address remembered for ``job_id``, or None."""
+        return self._get(self._jobs, job_id)
+
+    def token(self, client_token: str) -> str | None:
+        """The address that took the CreateJob with ``client_token``, or None."""
+        return self._get(self._tokens, client_token)
+
+    def remember_job(self, job_id: str, address: str) -> None:
+        self._put(self._jobs, job_id, address)
+
+    def remember_token(self, client_token: str, address: str) -> None:
+        self._put(self._tokens, client_token, address)
+
+    def forget_job(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+    @staticmethod
+    def _get(table: OrderedDict[str, str], key: str) -> str | None:
+        address = table.get(key)
+        if address is not None:
+            table.move_to_end(key)
+        return address
+
+    def _put(self, table: OrderedDict[str, str], key: str, address: str) -> None:
+        table[key] = address
+        table.move_to_end(key)
+        while len(table) > self.max_entries:
+            table.popitem(last=False)
+
+
+def _timeout(context: grpc.aio.ServicerContext, default: float | None) -> float | None:
+    """The client's remaining time (forwarded as the upstream deadline), else ``default``."""
+    remaining = context.time_remaining()
+    return default if remaining is None else max(remaining, 0.0)
+
+
+def _capped(context: grpc.aio.ServicerContext, cap: float) -> float:
+    remaining = context.time_remaining()
+    return cap if remaining is None else max(min(remaining, cap), 0.0)
+
+
+def _stub(link: WorkerLink) -> finetune_pb2_grpc.FineTuneStub:
+    # A stub is a thin wrapper over the link's channel: cheap to build per call.
+    return finetune_pb2_grpc.FineTuneStub(link.channel)
+
+
+def _require_job_id(job_id: str) -> None:
+    if not job_id:
+        raise InvalidArgument("job_id is required")
+
+
+class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
+    """Public ``FineTune`` API of the router (see module docstring)."""
+
+    def __init__(self, cluster: Cluster, metrics: RouterMetrics | None = None) -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.table = JobTable()
+        self._creating: Counter[str] = Counter()  # CreateJob calls in flight per address
+        self._tracer = tracing.get_tracer(__name__)
+
+    # ---- RPCs ---------------------------------------------------------------------------
+
+    async def CreateJob(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.CreateJobRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.Job:
+        async def body(span: trace.Span) -> finetune_pb2.Job:
+            link = self._token_link(request.client_token) or await self._least_loaded(context)
+            span.set_attribute("server.address", link.address)
+            self._creating[link.address] += 1
+            try:
+                job = await _stub(link).CreateJob(
+                    request,
+                    timeout=_timeout(context, UNARY_TIMEOUT_S),
+                    metadata=tracing.grpc_metadata_from_context(),
+                )
+            finally:
+                self._creating[link.address] -= 1
+                if self._creating[link.address] <= 0:
+                    del self._creating[link.address]
+            self.table.remember_job(job.job_id, link.address)
+            if request.client_token:
+                self.table.remember_token(request.client_token, link.address)
+            span.set_attribute(tracing.ATTR_JOB_ID, job.job_id)
+            span.set_attribute(tracing.ATTR_WORKER_ID, job.worker_id)
+            logger.info("job %s created on %s (%s)", job.job_id, link.address, job.worker_id)
+            return job
+
+        return await self._unary("CreateJob", "", context, body)
+
+    async def GetJob(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.Job:
+        async def body(span: trace.Span) -> finetune_pb2.Job:
+            return await self._on_job_worker(
+                request.job_id,
+                context,
+                lambda link: _stub(link).GetJob(
+                    request,
+                    timeout=_timeout(context, UNARY_TIMEOUT_S),
+                    metadata=tracing.grpc_metadata_from_context(),
+                ),
+            )
+
+        return await self._unary("GetJob", request.job_id, context, body)
+
+    async def CancelJob(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.Job:
+        async def body(span: trace.Span) -> finetune_pb2.Job:
+            return await self._on_job_worker(
+                request.job_id,
+                context,
+                lambda link: _stub(link).CancelJob(
+                    request,
+                    timeout=_timeout(context, UNARY_TIMEOUT_S),
+                    metadata=tracing.grpc_metadata_from_context(),
+                ),
+            )
+
+        return await self._unary("CancelJob", request.job_id, context, body)
+
+    async def ListJobs(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.ListJobsResponse:
+        async def body(span: trace.Span) -> finetune_pb2.ListJobsResponse:
+            links = list(self.cluster.links.values())
+            if not links:
+                raise Unavailable("no workers known to the router")
+            results = await self._fan_out(
+                links,
+                lambda link: _stub(link).ListJobs(
+                    request,
+                    timeout=_capped(context, 2 * LOOKUP_TIMEOUT_S),
+                    metadata=tracing.grpc_metadata_from_context(),
+                ),
+            )
+            jobs: list[finetune_pb2.Job] = []
+            errors: list[str] = []
+            for link, result in zip(links, results, strict=True):
+                if isinstance(result, BaseException):
+                    errors.append(f"{link.address}: {_describe(result)}")
+                    continue
+                for job in result.jobs:
+                    self.table.remember_job(job.job_id, link.address)
+                jobs.extend(result.jobs)
+            if errors and len(errors) == len(links):
+                raise Unavailable(f"no worker answered ListJobs ({'; '.join(errors)})")
+            if errors:
+                # A partial list beats none; the log says whose jobs are missing.
+                logger.warning("ListJobs: some workers did not answer: %s", "; ".join(errors))
+                span.set_attribute("llmcluster.unanswered_workers", len(errors))
+            # Same order as a worker's own list: newest first, job id as tie-break.
+            jobs.sort(key=lambda j: (j.created_unix_ms, j.job_id), reverse=True)
+            if request.limit:
+                jobs = jobs[: request.limit]
+            return finetune_pb2.ListJobsResponse(jobs=jobs)
+
+        return await self._unary("ListJobs", "", context, body)
+
+    async def WatchJob(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[finetune_pb2.JobEvent]:
+        code: Any = grpc.StatusCode.OK
+        with self._span("WatchJob", request.job_id, context) as span:
+            try:
+                _require_job_id(request.job_id)
+                link, cached = await self._resolve(request.job_id, context)
+                sent = 0
+                while True:
+                    span.set_attribute("server.address", link.address)
+                    call = _stub(link).WatchJob(
+                        request,
+                        # No deadline from the client means follow until the job ends.
+                        timeout=_timeout(context, None),
+                        metadata=tracing.grpc_metadata_from_context(),
+                    )
+                    try:
+                        async for event in call:
+                            sent += 1
+                            yield event
+                        return
+                    except grpc.aio.AioRpcError as exc:
+                        if not (cached and sent == 0 and exc.code() == grpc.StatusCode.NOT_FOUND):
+                            raise
+                        # The remembered worker no longer has it: search the others once.
+                        self.table.forget_job(request.job_id)
+                        link = await self._find(request.job_id, context, exclude=link.address)
+                        cached = False
+                    finally:
+                        # Client cancelled / went away: stop the upstream stream too.
+                        call.cancel()
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                await context.abort(exc.code(), exc.details() or "")
+            except Exception as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
+            finally:
+                self._record("WatchJob", code)
+
+    # ---- routing ------------------------------------------------------------------------
+
+    def _token_link(self, client_token: str) -> WorkerLink | None:
+        """The worker that took this token before, so a retried CreateJob is idempotent.
+
+        Sent there even when it is unhealthy: another worker would create a duplicate."""
+        if not client_token:
+            return None
+        address = self.table.token(client_token)
+        return self.cluster.links.get(address) if address else None
+
+    async def _least_loaded(self, context: grpc.aio.ServicerContext) -> WorkerLink:
+        """The healthy worker with the fewest active jobs (see module docstring)."""
+        links = self.cluster.healthy_links()
+        if not links:
+            raise Unavailable("no healthy worker to run the job; retry later")
+        if len(links) == 1:
+            return links[0]
+
+        async def active_jobs(link: WorkerLink) -> int:
+            stub = _stub(link)
+            timeout = _capped(context, LOOKUP_TIMEOUT_S)
+            metadata = tracing.grpc_metadata_from_context()
+            running, queued = await asyncio.gather(
+                stub.ListJobs(
+                    finetune_pb2.ListJobsRequest(state=finetune_pb2.RUNNING),
+                    timeout=timeout,
+                    metadata=metadata,
+                ),
+                stub.ListJobs(
+                    finetune_pb2.ListJobsRequest(state=finetune_pb2.QUEUED),
+                    timeout=timeout,
+                    metadata=metadata,
+                ),
+            )
+            return len(running.jobs) + len(queued.jobs)
+
+        counts = await self._fan_out(links, active_jobs)
+        scored: list[tuple[int, int, float, WorkerLink]] = []
+        for link, count in zip(links, counts, strict=True):
+            if isinstance(count, BaseException):
+                # It passes health checks but cannot list jobs: do not give it more.
+                logger.warning("job count of %s unknown: %s", link.address, _describe(count))
+                continue
+            generation = link.load.queued + link.load.running
+            scored.append((count + self._creating[link.address], generation, random.random(), link))
+        if not scored:
+            raise Unavailable("no healthy worker answered ListJobs; retry later")
+        return min(scored, key=lambda s: s[:3])[3]
+
+    async def _on_job_worker(
+        self,
+        job_id: str,
+        context: grpc.aio.ServicerContext,
+        call: Callable[[WorkerLink], Awaitable[T]],
+    ) -> T:
+        """``call`` on the worker holding ``job_id``; a stale table entry costs one search."""
+        _require_job_id(job_id)
+        link, cached = await self._resolve(job_id, context)
+        try:
+            return await call(link)
+        except grpc.aio.AioRpcError as exc:
+            if not (cached and exc.code() == grpc.StatusCode.NOT_FOUND):
+                raise
+        self.table.forget_job(job_id)
+        return await call(await self._find(job_id, context, exclude=link.address))
+
+    async def _resolve(
+        self, job_id: str, context: grpc.aio.ServicerContext
+    ) -> tuple[WorkerLink, bool]:
+        """The link of the worker holding ``job_id`` and whether it came from the table."""
+        address = self.table.job(job_id)
+        link = self.cluster.links.get(address) if address else None
+        if link is not None:
+            return link, True
+        return await self._find(job_id, context), False
+
+    async def _find(
+        self, job_id: str, context: grpc.aio.ServicerContext, exclude: str | None = None
+    ) -> WorkerLink:
+        """Asks every known worker for ``job_id``; remembers and returns the one holding it.
+
+        All workers, not only healthy ones: a draining worker still holds its jobs."""
+        links = [link for a, link in self.cluster.links.items() if a != exclude]
+        if not links:
+            raise Unavailable("no workers known to the router")
+        request = finetune_pb2.GetJobRequest(job_id=job_id)
+        results = await self._fan_out(
+            links,
+            lambda link: _stub(link).GetJob(
+                request,
+                timeout=_capped(context, LOOKUP_TIMEOUT_S),
+                metadata=tracing.grpc_metadata_from_context(),
+            ),
+        )
+        failures: list[str] = []
+        for link, result in zip(links, results, strict=True):
+            if not isinstance(result, BaseException):
+                self.table.remember_job(job_id, link.address)
+                return link
+            if not (
+                isinstance(result, grpc.aio.AioRpcError)
+                and result.code() == grpc.StatusCode.NOT_FOUND
+            ):
+                failures.append(f"{link.address}: {_describe(result)}")
+        if failures:
+            # A worker that did not answer may hold it: NOT_FOUND would be a guess.
+            raise Unavailable(
+                f"job {job_id!r} not found on the workers that answered; "
+                f"{len(failures)} did not ({'; '.join(failures)})"
+            )
+        raise NotFound(f"job {job_id!r} not found on any of the {len(links)} workers")
+
+    @staticmethod
+    async def _fan_out(
+        links: list[WorkerLink], call: Callable[[WorkerLink], Awaitable[T]]
+    ) -> list[T | BaseException]:
+        """``call`` on every link concurrently; an exception stands in for a failed result."""
+        return list(await asyncio.gather(*(call(link) for link in links), return_exceptions=True))
+
+    # ---- spans, metrics, errors ---------------------------------------------------------
+
+    def _span(self, method: str, job_id: str, context: grpc.aio.ServicerContext) -> Any:
+        attributes: dict[str, Any] = {
+            tracing.ATTR_RPC_SERVICE: FINETUNE_SERVICE,
+            tracing.ATTR_RPC_METHOD: method,
+            tracing.GEN_AI_OPERATION_NAME: tracing.GEN_AI_OPERATION_FINETUNE,
+        }
+        if job_id:
+            attributes[tracing.ATTR_JOB_ID] = job_id
+        return tracing.server_span(
+            self._tracer,
+            f"{FINETUNE_SERVICE}/{method}",
+            context.invocation_metadata(),
+            attributes=attributes,
+        )
+
+    async def _unary(
+        self,
+        method: str,
+        job_id: str,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[trace.Span], Awaitable[T]],
+    ) -> T:
+        """Runs ``body`` in a server span; worker errors pass through with code and message."""
+        code: Any = grpc.StatusCode.OK
+        with self._span(method, job_id, context) as span:
+            try:
+                return await body(span)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                await context.abort(exc.code(), exc.details() or "")
+            except Exception as exc:
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    logger.exception("internal error in FineTune/%s", method)
+                await context.abort(code, message)
+            finally:
+                self._record(method, code)
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _record(self, method: str, code: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.record_request(method, code)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, RequestError):
+        return f"{exc.code.name}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def add_finetune_proxy(
+    server: grpc.aio.Server, cluster: Cluster, metrics: RouterMetrics | None = None
+) -> FineTuneProxy:
+    """Registers the FineTune proxy over ``cluster`` on ``server``."""
+    proxy = FineTuneProxy(cluster, metrics)
+    finetune_pb2_grpc.add_FineTuneServicer_to_server(proxy, server)
+    return proxy

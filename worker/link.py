@@ -166,6 +166,7 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
                 state.worker_id,
                 context_from_dict(item.trace_context),
                 req.adapter,
+                served_model=state.runtime.source.name,
             )
             req.on_admitted = observer.admitted
             key = state.runtime.engine.submit(req)

@@ -22,6 +22,7 @@ from common.tracing import (
     ATTR_WORKER_ID,
     EVENT_FIRST_TOKEN,
     GEN_AI_OPERATION_CHAT,
+    GEN_AI_RESPONSE_MODEL,
     genai_request_attributes,
     genai_usage_attributes,
     get_tracer,
@@ -51,6 +52,7 @@ class RequestObserver:
         parent: otel_context.Context | None,
         adapter_ref: Any = None,
         links: list[Any] | None = None,
+        served_model: str = "",
     ) -> None:
         self._metrics = metrics
         self._method = method
@@ -59,7 +61,8 @@ class RequestObserver:
         self._first: float | None = None
         self._last: float | None = None
         attrs = genai_request_attributes(
-            model=spec.model or "default",
+            # The model the worker serves when the request names none (empty = default).
+            model=spec.model or served_model or "default",
             operation=GEN_AI_OPERATION_CHAT if spec.messages else "text_completion",
             max_tokens=spec.params.max_new_tokens,
             temperature=spec.params.temperature,
@@ -70,6 +73,8 @@ class RequestObserver:
             request_id=spec.request_id or None,
         )
         attrs[ATTR_WORKER_ID] = worker_id
+        if served_model:
+            attrs[GEN_AI_RESPONSE_MODEL] = served_model
         all_links = [link for link in (links or []) if link is not None]
         if adapter_ref is not None:
             attrs[ATTR_ADAPTER] = adapter_ref.ref

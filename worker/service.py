@@ -58,6 +58,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             state.worker_id,
             context_from_grpc_metadata(context.invocation_metadata()),
             req.adapter,
+            served_model=state.runtime.source.name,
         )
         req.on_admitted = observer.admitted
         try:

@@ -133,5 +133,19 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a live process (all its threads) has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # Fields after "(comm)": state is index 0, so utime (14th) and stime (15th) are 11, 12.
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
 def self_peak_rss_mb() -> float | None:
     return peak_rss_mb(os.getpid())

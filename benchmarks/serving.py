@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from benchmarks.clients import GrpcStreamClient, OpenAIStreamClient, run_closed_loop
-from benchmarks.metrics import RequestRecord, summarize
+from benchmarks.metrics import RequestRecord, cpu_seconds, summarize
 from benchmarks.procs import ProcessRegistry, ServerProc, free_port, llmcluster_argv, stop_all
 from benchmarks.workload import Workload, build_workload, load_tokenizer
 
@@ -152,8 +152,12 @@ async def measure_client(
     *,
     warmup_requests: int,
     expect_workers: int = 0,
+    procs: list[ServerProc] = (),
 ) -> dict[str, dict]:
-    """Warms the system up, then runs each (concurrency, requests) level in turn."""
+    """Warms the system up, then runs each (concurrency, requests) level in turn.
+
+    Each level also records the CPU seconds every server process and this client used
+    during it: on a 2-core machine that shows where the time goes."""
     warm_tokens = min(4, workload.max_new_tokens)
 
     async def warm(prompt, record):
@@ -171,8 +175,15 @@ async def measure_client(
             break
     levels_out: dict[str, dict] = {}
     for concurrency, n_requests in levels:
+        cpu_before = _cpu_snapshot(procs)
         records = await run_closed_loop(workload.cycle(n_requests), concurrency, client.request)
+        cpu_after = _cpu_snapshot(procs)
         summary = summarize(records, workload.max_new_tokens)
+        summary["cpu_s"] = {
+            name: round(cpu_after[name] - cpu_before[name], 2)
+            for name in cpu_before
+            if cpu_after.get(name) is not None and cpu_before[name] is not None
+        }
         by_worker = Counter(r.worker_id for r in records if r.worker_id)
         if by_worker:
             summary["by_worker"] = dict(by_worker)
@@ -188,6 +199,12 @@ async def measure_client(
     return levels_out
 
 
+def _cpu_snapshot(procs: list[ServerProc]) -> dict[str, float | None]:
+    snapshot = {p.name: cpu_seconds(p.pid) for p in procs}
+    snapshot["client"] = time.process_time()
+    return snapshot
+
+
 def run_async(coro: Awaitable, timeout_s: float):
     async def bounded():
         return await asyncio.wait_for(coro, timeout_s)
@@ -196,7 +213,12 @@ def run_async(coro: Awaitable, timeout_s: float):
 
 
 def measure_grpc(
-    address: str, workload: Workload, levels, settings: Settings, expect_workers: int = 0
+    address: str,
+    workload: Workload,
+    levels,
+    settings: Settings,
+    procs: list[ServerProc],
+    expect_workers: int = 0,
 ) -> dict[str, dict]:
     async def go():
         async with GrpcStreamClient(address, workload.max_new_tokens) as client:
@@ -206,6 +228,7 @@ def measure_grpc(
                 levels,
                 warmup_requests=min(4, max(c for c, _ in levels)),
                 expect_workers=expect_workers,
+                procs=procs,
             )
 
     return run_async(go(), settings.system_timeout_s)
@@ -226,6 +249,7 @@ class Phase:
         self.registry = registry
         self.procs: list[ServerProc] = []
         self.wanted = [s for s in self.provides if s in settings.systems]
+        self.done: dict[str, dict] = {}  # systems measured so far (kept on Ctrl-C)
 
     def skip_reason(self) -> str | None:
         """Why this phase cannot run here (None = it can)."""
@@ -372,18 +396,18 @@ class OursPhase(Phase):
                 continue
             logger.info("measuring %s", system)
             try:
+                s, w = self.settings, self.workload
                 if system == "ours1":
-                    lv = measure_grpc(self.r1.address, self.workload, levels, self.settings)
+                    lv = measure_grpc(self.r1.address, w, levels, s, [self.r1, self.w1])
                     procs = self.processes("router1", "worker1")
                 elif system == "direct":
-                    lv = measure_grpc(self.w1.address, self.workload, levels, self.settings)
+                    lv = measure_grpc(self.w1.address, w, levels, s, [self.w1])
                     procs = self.processes("worker1")
                 else:
-                    lv = measure_grpc(
-                        self.r2.address, self.workload, levels, self.settings, expect_workers=2
-                    )
+                    servers = [self.r2, self.w2a, self.w2b]
+                    lv = measure_grpc(self.r2.address, w, levels, s, servers, expect_workers=2)
                     procs = self.processes("router2", self.w2a.name, self.w2b.name)
-                out[system] = {"levels": lv, "processes": procs}
+                out[system] = self.done[system] = {"levels": lv, "processes": procs}
             except Exception as exc:  # noqa: BLE001 - the others still run
                 logger.exception("%s failed", system)
                 out[system] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
@@ -409,7 +433,9 @@ class NaivePhase(Phase):
         self.procs = [self.server]
 
     def measure(self) -> dict[str, dict]:
-        lv = measure_grpc(self.server.address, self.workload, self.settings.levels, self.settings)
+        lv = measure_grpc(
+            self.server.address, self.workload, self.settings.levels, self.settings, self.procs
+        )
         return {"naive": {"levels": lv, "processes": self.processes()}}
 
 
@@ -467,7 +493,7 @@ class NullPhase(Phase):
         s = self.settings
         workload = dataclasses.replace(self.workload, max_new_tokens=s.null_new_tokens)
         levels = [(s.null_streams, 2 * s.null_streams)]
-        lv = measure_grpc(self.router.address, workload, levels, s)
+        lv = measure_grpc(self.router.address, workload, levels, s, self.procs)
         return {"null": {"levels": lv, "processes": self.processes()}}
 
 
@@ -521,6 +547,7 @@ class PeerPhase(Phase):
                 self.workload,
                 s.levels,
                 warmup_requests=min(4, max(s.concurrency)),
+                procs=self.procs,
             )
 
         lv = run_async(go(), s.system_timeout_s)
@@ -530,8 +557,8 @@ class PeerPhase(Phase):
 PHASES: tuple[type[Phase], ...] = (LimitPhase, OursPhase, NaivePhase, PeerPhase, NullPhase)
 
 
-def run_phases(settings: Settings, workload: Workload) -> dict[str, dict]:
-    """Starts, measures and stops each phase. In --smoke every process starts at once
+def run_phases(settings: Settings, workload: Workload) -> tuple[dict[str, dict], bool]:
+    """Starts, measures and stops each phase; returns (systems, interrupted). In --smoke every process starts at once
     (seconds matter, timings do not); in the full mode one phase runs at a time so
     idle servers and start-ups do not steal the measured system's cores."""
     # In --smoke every process shares the cores at once: one torch thread each keeps
@@ -540,6 +567,7 @@ def run_phases(settings: Settings, workload: Workload) -> dict[str, dict]:
     registry = ProcessRegistry({"OMP_NUM_THREADS": "1"} if settings.smoke else None)
     systems: dict[str, dict] = {}
     phases: list[Phase] = []
+    interrupted = False
     try:
         for cls in PHASES:
             phase = cls(settings, workload, registry)
@@ -570,6 +598,11 @@ def run_phases(settings: Settings, workload: Workload) -> dict[str, dict]:
                     s: {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
                     for s in phase.wanted
                 }
+            except KeyboardInterrupt:
+                # Ctrl-C / SIGTERM: keep what was measured, report it, run nothing more.
+                logger.warning("interrupted during %s: reporting what was measured", phase.name)
+                interrupted = True
+                results = dict(phase.done)
             finally:
                 phase.stop()
             for system, result in results.items():
@@ -582,12 +615,17 @@ def run_phases(settings: Settings, workload: Workload) -> dict[str, dict]:
                     if proc is not None and proc.peak_rss_mb is not None and name != "limit":
                         info["peak_rss_mb"] = proc.peak_rss_mb
                 systems[system] = result
+            if interrupted:
+                break
     finally:
         registry.stop_all()
     for system in settings.systems:
-        systems.setdefault(system, {"status": "skipped", "reason": "not run"})
+        reason = "interrupted" if interrupted else "not run"
+        systems.setdefault(
+            system, {"status": "failed" if interrupted else "skipped", "reason": reason}
+        )
         systems[system]["description"] = DESCRIPTIONS[system]
-    return {s: systems[s] for s in ALL_SYSTEMS if s in systems}
+    return {s: systems[s] for s in ALL_SYSTEMS if s in systems}, interrupted
 
 
 # ----- ratios, targets, report -----------------------------------------------------------
@@ -829,6 +867,12 @@ def format_report(report: dict) -> str:
                 f"{_fmt(t.get('p90')):>8} {_fmt(t.get('p99')):>8} {_fmt(i.get('p50')):>8} "
                 f"{_fmt(i.get('p90')):>7} {_fmt(i.get('p99')):>7} {lv['errors']:>4}"
             )
+    lines += ["", "CPU seconds used during each level (where the time goes):"]
+    for name, result in report["systems"].items():
+        for c, lv in (result.get("levels") or {}).items():
+            if lv.get("cpu_s"):
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in lv["cpu_s"].items())
+                lines.append(f"  {name:<8} {c:>5}  wall {_fmt(lv.get('wall_s'))}s: {parts}")
     lines += ["", "peak RSS (MB):"]
     for name, result in report["systems"].items():
         for proc, info in (result.get("processes") or {}).items():
@@ -950,7 +994,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _raise_interrupt(signum, frame):
-    # SIGTERM takes the same path as Ctrl-C, so the finally blocks stop every process.
+    # SIGTERM takes the same path as Ctrl-C, so the finally blocks stop every process;
+    # a second SIGTERM must not cut that clean-up short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -973,10 +1019,10 @@ def run(settings: Settings) -> tuple[dict, int]:
         min_prompt_tokens=settings.min_prompt_tokens,
         max_prompt_tokens=settings.max_prompt_tokens,
     )
-    systems = run_phases(settings, workload)
+    systems, interrupted = run_phases(settings, workload)
     report = build_report(settings, workload, systems, started, load_start)
     failed = [s for s, r in systems.items() if r.get("status") == "failed"]
-    code = 2 if failed else 0
+    code = 130 if interrupted else 2 if failed else 0
     if settings.fail_on_miss and any(t["status"] == "MISS" for t in report["targets"]):
         code = code or 1
     return report, code

@@ -14,7 +14,7 @@ from tests.engine_helpers import CollectingSink
 from worker.adapters import AdapterSet
 from worker.engine import Engine, EngineConfig, EngineRequest
 
-PROMPTS = ["The weather today is", "My favourite food is", "Once upon a time"]
+PROMPTS = ["The weather today is", "Once upon a time"]
 
 
 def make_lora(base, out_dir, seed: int) -> None:
@@ -41,7 +41,7 @@ def store(tmp_path_factory):
     return store
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def engine(store):
     # A private model: peft injects LoRA layers into the module it wraps.
     model, tokenizer = load_model(resolve_model(None), dtype="float32")
@@ -58,7 +58,7 @@ def run(eng, tokenizer, jobs):
     keys = [
         eng.submit(
             EngineRequest(
-                tokenizer(p)["input_ids"], SamplingParams(max_new_tokens=12), sink, adapter=ref
+                tokenizer(p)["input_ids"], SamplingParams(max_new_tokens=8), sink, adapter=ref
             )
         )
         for p, ref in jobs

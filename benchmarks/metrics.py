@@ -27,6 +27,7 @@ class RequestRecord:
     server_tokens: int | None = None
     worker_id: str | None = None
     error: str | None = None
+    _last_s: float = field(default=0.0, repr=False)  # arrival of the previous message
 
     @property
     def ttft_s(self) -> float | None:
@@ -52,6 +53,7 @@ class RequestRecord:
     def to_json(self) -> dict:
         data = asdict(self)
         data.pop("gaps_s")
+        data.pop("_last_s")
         data.update(ttft_s=self.ttft_s, total_s=self.total_s)
         return data
 
@@ -93,7 +95,7 @@ def summarize(records: list[RequestRecord], expected_tokens: int | None = None) 
     }
     if not ok:
         return summary
-    wall_s = max(r.end_s for r in ok) - min(r.start_s for r in ok)  # type: ignore[type-var]
+    wall_s = max(r.end_s or 0.0 for r in ok) - min(r.start_s for r in ok)
     tokens = sum(r.tokens for r in ok)
     summary.update(
         wall_s=round(wall_s, 4),

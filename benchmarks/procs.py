@@ -170,8 +170,16 @@ class ProcessRegistry:
         self.procs: list[ServerProc] = []
         self.env = dict(env or {})  # under every process's own env
 
-    def start(self, *args, env: dict[str, str] | None = None, **kwargs) -> ServerProc:
-        proc = ServerProc(*args, env={**self.env, **(env or {})}, **kwargs)
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int,
+        health: str = "grpc",
+        env: dict[str, str] | None = None,
+    ) -> ServerProc:
+        """Starts a :class:`ServerProc` (the registry's env under ``env``) and tracks it."""
+        proc = ServerProc(name, argv, port, health, env={**self.env, **(env or {})})
         self.procs.append(proc)
         return proc
 

@@ -39,8 +39,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks.clients import GrpcStreamClient, OpenAIStreamClient, run_closed_loop
 from benchmarks.metrics import RequestRecord, cpu_seconds, summarize
@@ -152,7 +153,7 @@ async def measure_client(
     *,
     warmup_requests: int,
     expect_workers: int = 0,
-    procs: list[ServerProc] = (),
+    procs: Sequence[ServerProc] = (),
 ) -> dict[str, dict]:
     """Warms the system up, then runs each (concurrency, requests) level in turn.
 
@@ -180,9 +181,9 @@ async def measure_client(
         cpu_after = _cpu_snapshot(procs)
         summary = summarize(records, workload.max_new_tokens)
         summary["cpu_s"] = {
-            name: round(cpu_after[name] - cpu_before[name], 2)
-            for name in cpu_before
-            if cpu_after.get(name) is not None and cpu_before[name] is not None
+            name: round(after - before, 2)
+            for name, before in cpu_before.items()
+            if before is not None and (after := cpu_after.get(name)) is not None
         }
         by_worker = Counter(r.worker_id for r in records if r.worker_id)
         if by_worker:
@@ -199,7 +200,7 @@ async def measure_client(
     return levels_out
 
 
-def _cpu_snapshot(procs: list[ServerProc]) -> dict[str, float | None]:
+def _cpu_snapshot(procs: Sequence[ServerProc]) -> dict[str, float | None]:
     snapshot = {p.name: cpu_seconds(p.pid) for p in procs}
     snapshot["client"] = time.process_time()
     return snapshot
@@ -359,8 +360,13 @@ class OursPhase(Phase):
         )
         return self.registry.start(name, argv, port=port)
 
+    w1: ServerProc | None = None
+    w2a: ServerProc | None = None
+    w2b: ServerProc | None = None
+    r1: ServerProc | None = None
+    r2: ServerProc | None = None
+
     def start(self) -> None:
-        self.w1 = self.w2a = self.w2b = self.r1 = self.r2 = None
         if "ours1" in self.wanted or "direct" in self.wanted:
             self.w1 = self._worker("worker1")
             self.procs.append(self.w1)
@@ -380,10 +386,12 @@ class OursPhase(Phase):
         # Routers start once their workers serve, so their first health check passes.
         super().wait_ready()
         if "ours1" in self.wanted:
+            assert self.w1 is not None
             self.r1 = self._router("router1", [self.w1])
             self.procs.append(self.r1)
             self.r1.wait_healthy(self.settings.start_timeout_s)
         if "ours2" in self.wanted:
+            assert self.w2a is not None and self.w2b is not None
             self.r2 = self._router("router2", [self.w2a, self.w2b])
             self.procs.append(self.r2)
             self.r2.wait_healthy(self.settings.start_timeout_s)
@@ -398,12 +406,15 @@ class OursPhase(Phase):
             try:
                 s, w = self.settings, self.workload
                 if system == "ours1":
+                    assert self.r1 is not None and self.w1 is not None
                     lv = measure_grpc(self.r1.address, w, levels, s, [self.r1, self.w1])
                     procs = self.processes("router1", "worker1")
                 elif system == "direct":
+                    assert self.w1 is not None
                     lv = measure_grpc(self.w1.address, w, levels, s, [self.w1])
                     procs = self.processes("worker1")
                 else:
+                    assert self.r2 and self.w2a and self.w2b
                     servers = [self.r2, self.w2a, self.w2b]
                     lv = measure_grpc(self.r2.address, w, levels, s, servers, expect_workers=2)
                     procs = self.processes("router2", self.w2a.name, self.w2b.name)
@@ -646,7 +657,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _per_level(
-    systems: dict, concurrency: tuple[int, ...], a: str, b: str, metric: Callable[[dict], float]
+    systems: dict,
+    concurrency: tuple[int, ...],
+    a: str,
+    b: str,
+    metric: Callable[[dict], float | None],
 ) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for c in concurrency:
@@ -655,11 +670,13 @@ def _per_level(
     return out
 
 
-def _tps(level: dict) -> float:
+def _tps(level: dict) -> float | None:
     return level.get("tokens_per_s")
 
 
-def _ttft50(level: dict) -> float:
+def _ttft50(level: dict | None) -> float | None:
+    if level is None:
+        return None
     return (level.get("ttft_ms") or {}).get("p50")
 
 
@@ -686,16 +703,14 @@ def compute_ratios(systems: dict, settings: Settings) -> dict:
         for q in ("p50", "p99"):
             if a.get(q) is not None and b.get(q) is not None:
                 overhead[q] = round(a[q] - b[q], 3)
-        overhead["ttft_p50_difference_ms"] = {
-            str(c): (
-                round(
-                    _ttft50(_level(systems, "ours1", c)) - _ttft50(_level(systems, "direct", c)), 3
-                )
-                if _level(systems, "ours1", c) and _level(systems, "direct", c)
-                else None
+        differences: dict[str, float | None] = {}
+        for c in conc:
+            a50 = _ttft50(_level(systems, "ours1", c))
+            b50 = _ttft50(_level(systems, "direct", c))
+            differences[str(c)] = (
+                round(a50 - b50, 3) if a50 is not None and b50 is not None else None
             )
-            for c in conc
-        }
+        overhead["ttft_p50_difference_ms"] = differences
     ratios["router_ttft_overhead_ms"] = overhead
     null = _level(systems, "null", settings.null_streams)
     ratios["null_tokens_per_s"] = {
@@ -970,7 +985,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    values = dict(SMOKE_DEFAULTS) if args.smoke else {}
+    values: dict[str, Any] = dict(SMOKE_DEFAULTS) if args.smoke else {}
     values["smoke"] = args.smoke
     values["fail_on_miss"] = not args.smoke and not args.no_fail
     for name in (

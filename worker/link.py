@@ -15,11 +15,20 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from common import __version__
 from common.errors import Unavailable, status_of
 from common.pb import worker_pb2, worker_pb2_grpc
-from common.tracing import context_from_dict
+from common.tracing import (
+    ATTR_BATCH_ID,
+    ATTR_BATCH_SIZE,
+    ATTR_LINK_KIND,
+    ATTR_WORKER_ID,
+    context_from_dict,
+    get_tracer,
+    link_from_dict,
+)
 from common.validation import generation_spec_from_pb
 from worker.convert import FINISH_REASON_PB, token_to_pb, usage_to_pb
 from worker.engine import SeqOutput
@@ -148,7 +157,47 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             )
         )
 
-    def _submit(self, sink: _LinkSink, item: worker_pb2.WorkItem) -> None:
+    def _submit_batch(self, sink: _LinkSink, batch: worker_pb2.SubmitBatch) -> None:
+        """One span per SubmitBatch, in its own trace: it links to each request it carried,
+        and each request's span links back to it (linked, not parented: a batch mixes
+        requests of many traces)."""
+        items = list(batch.items)
+        request_links = [
+            link
+            for link in (
+                link_from_dict(item.trace_context, {ATTR_LINK_KIND: "request"}) for item in items
+            )
+            if link is not None
+        ]
+        span = get_tracer(__name__).start_span(
+            "worker.batch",
+            context=context_from_dict(None),
+            attributes={
+                ATTR_BATCH_ID: int(batch.batch_id),
+                ATTR_BATCH_SIZE: len(items),
+                ATTR_WORKER_ID: self._state.worker_id,
+            },
+            links=request_links,
+        )
+        try:
+            ctx = span.get_span_context()
+            batch_link = (
+                [trace.Link(ctx, {ATTR_LINK_KIND: "batch"})]
+                if ctx.is_valid and ctx.trace_flags.sampled
+                else []
+            )
+            for item in items:
+                self.requests_received += 1
+                self._submit(sink, item, batch_link)
+        finally:
+            span.end()
+
+    def _submit(
+        self,
+        sink: _LinkSink,
+        item: worker_pb2.WorkItem,
+        links: list[trace.Link] | None = None,
+    ) -> None:
         link_id = item.link_request_id
         state = self._state
         observer = None
@@ -166,6 +215,7 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
                 state.worker_id,
                 context_from_dict(item.trace_context),
                 req.adapter,
+                links=links,
                 served_model=state.runtime.source.name,
             )
             req.on_admitted = observer.admitted
@@ -193,9 +243,7 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             kind = msg.WhichOneof("kind")
             if kind == "submit_batch":
                 self.batches_received += 1
-                for item in msg.submit_batch.items:
-                    self.requests_received += 1
-                    self._submit(sink, item)
+                self._submit_batch(sink, msg.submit_batch)
             elif kind == "cancel":
                 wanted = set(msg.cancel.link_request_ids)
                 for key, link_id in list(sink.link_ids.items()):

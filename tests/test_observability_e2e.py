@@ -6,8 +6,8 @@ one trace with router and worker spans, the right parents, the GenAI attributes 
 ``first_token`` event; a health check is a span; ``/metrics`` on both processes shows
 TTFT / inter-token histograms and the queue depth moving, and requests counted by code.
 
-Slow (real model): a LoRA job is one trace holding worker and trainer spans, and a request
-served with the new adapter links to that trace.
+Slow (real model): a LoRA job created through the router is one trace holding router,
+worker and trainer spans, and a request served with the new adapter links to that trace.
 """
 
 from __future__ import annotations
@@ -406,8 +406,11 @@ def test_finetune_job_is_one_trace_and_its_adapter_links_to_it(tmp_path: Path) -
             ),
             300,
         )
+        router: Proc | None = None
         try:
-            with grpc.insecure_channel(worker.address) as ch:
+            router = _started(start_router([worker.address], env=_otel_env(receiver)), 120)
+            # Through the router: the job's trace then spans router, worker and trainer.
+            with grpc.insecure_channel(router.address) as ch:
                 ft = finetune_pb2_grpc.FineTuneStub(ch)
                 job = ft.CreateJob(
                     finetune_pb2.CreateJobRequest(
@@ -450,13 +453,23 @@ def test_finetune_job_is_one_trace_and_its_adapter_links_to_it(tmp_path: Path) -
 
             spans = receiver.wait_for(job_done, timeout_s=60)
         finally:
+            if router is not None:
+                router.stop()
             worker.stop()
 
     trace = [s for s in spans if s.trace_id == job_trace]
     by_id = {s.span_id: s for s in trace}
-    assert {s.service_name for s in trace} == {t.SERVICE_WORKER, t.SERVICE_TRAINER}
-    (create,) = [s for s in trace if s.service_name == t.SERVICE_WORKER and s.is_root]
-    assert create.name.endswith("CreateJob") and create.kind == SERVER_KIND
+    assert {s.service_name for s in trace} == {
+        t.SERVICE_ROUTER,
+        t.SERVICE_WORKER,
+        t.SERVICE_TRAINER,
+    }
+    (proxy,) = [s for s in trace if s.is_root]
+    assert proxy.service_name == t.SERVICE_ROUTER and proxy.name.endswith("CreateJob")
+    (create,) = [
+        s for s in trace if s.service_name == t.SERVICE_WORKER and s.name.endswith("CreateJob")
+    ]
+    assert create.kind == SERVER_KIND and _descends(create, proxy, by_id)
     assert create.attributes[t.ATTR_JOB_ID] == job.job_id
     (job_span,) = [s for s in trace if s.name == "finetune job"]
     assert job_span.service_name == t.SERVICE_TRAINER
@@ -473,6 +486,9 @@ def test_finetune_job_is_one_trace_and_its_adapter_links_to_it(tmp_path: Path) -
         if s.name == "worker.request" and s.attributes.get(t.ATTR_REQUEST_ID) == request_id
     ]
     assert served.trace_id != job_trace, "serving is its own trace, linked not parented"
+    assert any(
+        s.service_name == t.SERVICE_ROUTER and s.span_id == served.parent_span_id for s in spans
+    ), "served through the router"
     assert served.attributes[t.ATTR_ADAPTER] == "obs-bot@1"
     training = [ln for ln in served.links if ln.attributes.get(t.ATTR_LINK_KIND) == "training_job"]
     assert len(training) == 1, served.links

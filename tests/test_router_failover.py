@@ -4,6 +4,10 @@ Workers run with ``--max-running 8`` so that each holds queued requests (no toke
 besides running ones when it dies: the queued ones must complete on the survivor
 without the client noticing; the running ones must end promptly with UNAVAILABLE and
 a message saying how many tokens were delivered.
+
+Two variants: workers with the default model (slow: two model loads and real decoding
+on CPU), and the same worker processes with ``--engine null`` (real processes, real
+link code, tokens without a model) which keeps the failover path in the default run.
 """
 
 from __future__ import annotations
@@ -17,16 +21,32 @@ import pytest
 
 from common.pb import generate_pb2, generate_pb2_grpc
 from tests.procs import start_router, start_worker
-from tests.test_router_e2e import worker_load
+from tests.test_router_e2e import NO_SELF_TEST, worker_load
 
 CALL_TIMEOUT_S = 240.0
 
 
+# engine -> (worker flags, max_new_tokens): null-engine requests last ~2 s (5 ms steps)
+# so that the kill lands mid-stream; real-model ones are kept short.
+ENGINES = {
+    "null": (("--engine", "null", "--null-step-ms", "5"), 400),
+    "model": (("--dtype", "float32"), 8),
+}
+
+
 @pytest.fixture
-def cluster():
+def cluster(request):
+    engine_flags, max_new_tokens = ENGINES[request.param]
     workers = [
         start_worker(
-            "--dtype", "float32", "--worker-id", wid, "--max-running", "8", "--max-queue", "64"
+            *engine_flags,
+            "--worker-id",
+            wid,
+            "--max-running",
+            "8",
+            "--max-queue",
+            "64",
+            *NO_SELF_TEST,
         )
         for wid in ("failover-victim", "failover-survivor")
     ]
@@ -37,15 +57,23 @@ def cluster():
         router = start_router([w.address for w in workers], "--reconnect-max-s", "1")
         procs.append(router)
         router.wait_healthy(timeout_s=60)
-        yield router, workers
+        yield router, workers, max_new_tokens
     finally:
         for p in procs:
             p.stop()
 
 
-@pytest.mark.slow  # ~90 s on a busy 2-core box (two model loads, 32 streams)
+@pytest.mark.parametrize(
+    "cluster",
+    [
+        pytest.param("null", id="null-engine"),
+        # ~90 s on a busy 2-core box (two model loads, 32 streams).
+        pytest.param("model", id="default-model", marks=pytest.mark.slow),
+    ],
+    indirect=True,
+)
 def test_sigkill_a_worker_mid_stream(cluster):
-    router, (victim, survivor) = cluster
+    router, (victim, survivor), max_new_tokens = cluster
 
     async def scenario():
         async with grpc.aio.insecure_channel(router.address) as channel:
@@ -57,7 +85,9 @@ def test_sigkill_a_worker_mid_stream(cluster):
                 call = stub.GenerateStream(
                     generate_pb2.GenerateRequest(
                         prompt=f"Tell story number {i} about a lighthouse keeper.",
-                        params=generate_pb2.SamplingParams(max_new_tokens=8, ignore_eos=True),
+                        params=generate_pb2.SamplingParams(
+                            max_new_tokens=max_new_tokens, ignore_eos=True
+                        ),
                     ),
                     timeout=CALL_TIMEOUT_S,
                 )

@@ -58,6 +58,11 @@ PEER_PACKAGES = {
     "openai": "openai==3.57.0",
 }
 
+# The workers' periodic self-test stays on (its small cost is part of what is measured),
+# but with a long timeout: its probe queues behind a full batch, and on an oversubscribed
+# machine a 30 s default fails, rebuilding the engine mid-run (seen at load 17).
+SELF_TEST_ARGS = ("--self-test-timeout-s", "600")
+
 DESCRIPTIONS = {
     "limit": "engine in-process, no gRPC",
     "ours1": "router + 1 worker (gRPC, loopback)",
@@ -343,6 +348,7 @@ class OursPhase(Phase):
             name,
             "--max-running",
             str(self.settings.max_running),
+            *SELF_TEST_ARGS,
         )
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None
         return self.registry.start(name, argv, port=port, env=env)
@@ -478,6 +484,7 @@ class NullPhase(Phase):
             str(max(65536, 2 * streams * (s.max_prompt_tokens + 8 + s.null_new_tokens))),
             "--max-new-tokens-limit",
             str(max(2048, s.null_new_tokens)),
+            *SELF_TEST_ARGS,
         )
         self.worker = self.registry.start("null-worker", argv, port=worker_port)
         self.procs = [self.worker]

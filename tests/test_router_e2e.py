@@ -273,7 +273,7 @@ def test_queue_bound_refuses_the_excess_at_once_and_the_rest_complete(small_rout
                 start = time.monotonic()
                 try:
                     reply = await stub.Generate(
-                        prompt_request(f"Item {i}:", 8), timeout=CALL_TIMEOUT_S
+                        prompt_request(f"Item {i}:", 4), timeout=CALL_TIMEOUT_S
                     )
                     return "OK", reply, time.monotonic() - start
                 except grpc.aio.AioRpcError as exc:

@@ -114,9 +114,9 @@ def test_sigkill_a_worker_mid_stream(cluster):
             killed_at = time.monotonic()
             victim.signal(signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*tasks), CALL_TIMEOUT_S)
-            return results, tokens, ended, killed_at
+            return results, tokens, ended, killed_at, load
 
-    results, tokens, ended, killed_at = asyncio.run(scenario())
+    results, tokens, ended, killed_at, load_at_kill = asyncio.run(scenario())
     ok = [(i, r) for i, r in enumerate(results) if r[0] == "OK"]
     failed = [(i, r) for i, r in enumerate(results) if r[0] != "OK"]
     # Every call ended; failures are only streams that had already produced tokens.
@@ -126,7 +126,9 @@ def test_sigkill_a_worker_mid_stream(cluster):
         assert "tokens were delivered" in details and "failover-victim" in details, details
         assert tokens[i] >= 1
         assert ended[i] - killed_at < 5.0  # promptly, not at some timeout
-    assert 1 <= len(failed) <= 8  # at most the victim's running batch
+    # Only what had started on the victim fails (its running batch, plus any that started
+    # between the last Load poll and the kill); never the whole burst.
+    assert 1 <= len(failed) < 32 - load_at_kill.queued, (len(failed), load_at_kill)
     # Requests the victim had not started were re-routed and completed on the survivor.
     rerouted = [r for _, r in ok if r[2].get("llmcluster-attempts") == "2"]
     assert rerouted, "no request was re-routed"

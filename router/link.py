@@ -227,15 +227,12 @@ class WorkerLink:
     def snapshot(self) -> WorkerState:
         """This worker as the policy sees it."""
         info = self.info
-        adapters = set(self.load.loaded_adapters)
-        if info is not None:
-            adapters.update(info.adapters)
         return WorkerState(
             address=self.address,
             worker_id=info.worker_id if info is not None else "",
             healthy=self.healthy,
             models=tuple(info.models) if info is not None else (),
-            loaded_adapters=frozenset(adapters),
+            loaded_adapters=frozenset(self.load.loaded_adapters),
             queued_tokens=self.load.queued_tokens,
             running_tokens=self.load.running_tokens,
             router_tokens=self._router_tokens,
@@ -317,8 +314,12 @@ class WorkerLink:
         self.info = await self._worker.Info(
             worker_pb2.InfoRequest(), timeout=self.connect_timeout_s
         )
+        # Load (Info's, then each report) is the current adapter set; Info.adapters
+        # only stands in until the first report.
         if self.info.HasField("load"):
             self.load = self.info.load
+        else:
+            self.load = worker_pb2.Load(loaded_adapters=self.info.adapters)
         call = self._worker.Serve()
         self._call = call
         loop = asyncio.get_running_loop()

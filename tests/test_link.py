@@ -57,6 +57,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer, generate_pb2_grpc.GenerateServi
     health: HealthServicer = field(default_factory=HealthServicer)
     server: grpc.aio.Server | None = None
     garbage: bool = False
+    adapters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -85,6 +86,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer, generate_pb2_grpc.GenerateServi
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id,
             models=[MODEL],
+            adapters=list(self.adapters),
             max_new_tokens_limit=512,
             max_context_tokens=2048,
         )
@@ -201,6 +203,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer, generate_pb2_grpc.GenerateServi
 
     def load(self) -> worker_pb2.Load:
         return worker_pb2.Load(
+            loaded_adapters=list(self.adapters),
             running=len(self.active),
             running_tokens=sum(
                 s.item.request.params.max_new_tokens - s.produced for s in self.active.values()
@@ -498,6 +501,25 @@ def test_worker_not_serving_stops_routing_without_breaking_the_stream():
             assert not link_a.healthy and link_a.connected
             ends = [await collect(cluster.generate(request(max_new_tokens=1))) for _ in range(5)]
             assert {end.usage.worker_id for _, end in ends} == {"b"}
+
+    run(body)
+
+
+def test_requests_for_an_adapter_go_where_it_is_loaded():
+    async def body() -> None:
+        a, b = FakeWorker("a", adapters=("tone@1",)), FakeWorker("b")
+        async with started(a, b) as cluster:
+            with_adapter = request(max_new_tokens=50)
+            with_adapter.adapter = "tone"
+            gens = [cluster.generate(with_adapter) for _ in range(6)]
+            firsts = [asyncio.ensure_future(g.__anext__()) for g in gens]
+            await asyncio.gather(*firsts)
+            assert len(a.received) == 6 and b.received == []
+            # Plain requests go to the idle worker instead.
+            _, end = await collect(cluster.generate(request(max_new_tokens=1)))
+            assert end.usage.worker_id == "b"
+            for g in gens:
+                await g.aclose()
 
     run(body)
 

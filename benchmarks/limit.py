@@ -116,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency, n_requests in json.loads(args.levels):
             records = run_level(engine, tokenizer, workload, n_requests, concurrency)
             results[str(concurrency)] = [r.to_json() | {"gaps_s": r.gaps_s} for r in records]
+            # Written after every level, so an interrupted run still reports the done ones.
+            out = {"levels": results, "peak_rss_mb": self_peak_rss_mb()}
+            tmp = Path(args.out + ".tmp")
+            tmp.write_text(json.dumps(out))
+            tmp.replace(args.out)  # atomic: the driver never reads half a file
             print(f"limit c={concurrency} done", file=sys.stderr, flush=True)
     finally:
         engine.stop()
-    Path(args.out).write_text(json.dumps({"levels": results, "peak_rss_mb": self_peak_rss_mb()}))
     return 0
 
 

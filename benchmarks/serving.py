@@ -315,9 +315,17 @@ class LimitPhase(Phase):
 
     def measure(self) -> dict[str, dict]:
         timeout = self.settings.start_timeout_s + self.settings.system_timeout_s
-        code = self.proc.popen.wait(timeout)
+        try:
+            code = self.proc.popen.wait(timeout)
+        except KeyboardInterrupt:
+            if self.out_path.exists():  # the levels finished so far
+                self.done = self._results()
+            raise
         if code != 0:
             raise RuntimeError(f"limit runner exited with {code}:\n{self.proc.output()}")
+        return self._results()
+
+    def _results(self) -> dict[str, dict]:
         data = json.loads(self.out_path.read_text())
         levels = {}
         for c, raw in data["levels"].items():

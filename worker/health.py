@@ -51,7 +51,8 @@ class SelfTester:
         ) as span:
             try:
                 engine = runtime.engine
-                if engine.stats()["queued"] > 0:
+                stats = engine.stats()
+                if stats["queued"] > 0 or stats["running"] >= engine.config.max_running:
                     # Saturated: a probe would wait behind real work. Progress is the test.
                     stalled_s = time.monotonic() - engine.last_step_monotonic
                     if stalled_s > self.timeout_s or not engine.alive:

@@ -1,7 +1,7 @@
 """The router's public ``Generate`` servicer: thin translation onto :class:`Cluster`.
 
 The FineTune proxy belongs beside it (``FineTuneProxy`` in its own module, registered
-in :func:`router.server.build_server`), added by the fine-tuning issue.
+in :func:`router.server.start_router`), added by the fine-tuning issue.
 """
 
 from __future__ import annotations

@@ -129,9 +129,7 @@ def test_deadline_reaches_the_worker_and_cancels_there():
         async with Env(fake) as env:
             start_ms = time.time() * 1000
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                async for _ in env.stub.GenerateStream(
-                    request(max_new_tokens=500), timeout=0.5
-                ):
+                async for _ in env.stub.GenerateStream(request(max_new_tokens=500), timeout=0.5):
                     pass
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             (item,) = fake.received

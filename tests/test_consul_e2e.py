@@ -174,3 +174,15 @@ def test_a_hung_engine_turns_not_serving_and_leaves_the_routing_set(agent, clust
     assert all(generate(router) != "w5" for _ in range(10))
     os.remove(fault)
     wait_for(lambda: "llmcluster-worker-w5" in passing_ids(agent), 30, "w5 recovered")
+
+
+def test_sigkill_turns_the_check_critical_and_routing_stops(agent, cluster):
+    router, procs = cluster
+    victim = null_worker(agent, "w6")
+    procs.append(victim)
+    wait_for(lambda: "llmcluster-worker-w6" in passing_ids(agent), 120, "w6 passing")
+    wait_for(lambda: generate(router) == "w6", 15, "w6 serving", poll_s=0)
+    victim.signal(signal.SIGKILL)
+    wait_for(lambda: "llmcluster-worker-w6" not in passing_ids(agent), 15, "w6 critical")
+    # Requests keep succeeding on the others (failover covers any caught mid-flight).
+    assert all(generate(router) != "w6" for _ in range(10))

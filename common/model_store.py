@@ -333,7 +333,15 @@ class ModelStore:
         if isinstance(ref, str):
             ref = self.resolve(ref)
         else:
+            expected_sha = ref.sha256
             ref = self._ref(validate_name(ref.name), ref.version)
+            # A ref resolved earlier must still describe the same weights (the worker
+            # keys loaded adapters by this hash).
+            if expected_sha and expected_sha != ref.sha256:
+                raise IntegrityError(
+                    f"{ref.ref}: weights changed since it was resolved "
+                    f"({expected_sha[:16]}... -> {ref.sha256[:16]}...)"
+                )
         recorded: dict[str, str] = ref.metadata.get("files", {})
         present = {
             p.relative_to(ref.path).as_posix()

@@ -180,6 +180,19 @@ def test_checksum_mismatch_is_detected(store: ModelStore, tmp_path: Path) -> Non
     assert status_of(info.value)[0] == grpc.StatusCode.DATA_LOSS
 
 
+def test_rewritten_metadata_is_detected_against_a_resolved_ref(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    ref = store.publish("bot", make_adapter(tmp_path / "a"))
+    meta_path = ref.path / METADATA_FILE
+    record = json.loads(meta_path.read_text())
+    record["weights_sha256"] = "0" * 64
+    meta_path.chmod(0o644)
+    meta_path.write_text(json.dumps(record))
+    with pytest.raises(IntegrityError, match="weights changed since it was resolved"):
+        store.verify(ref)
+
+
 def test_missing_or_extra_file_is_detected(store: ModelStore, tmp_path: Path) -> None:
     ref = store.publish("bot", make_adapter(tmp_path / "a"))
     (ref.path / "adapter_model.bin").write_bytes(b"planted")

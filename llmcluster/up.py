@@ -25,9 +25,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log_level: str) -> subprocess.Popen[bytes]:
     # Own process group: Ctrl-C reaches us once, and we stop children in order.
-    return subprocess.Popen([sys.executable, "-m", "llmcluster", *args], start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmcluster", "--log-level", log_level, *args],
+        start_new_session=True,
+    )
 
 
 def _wait_serving(address: str, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
@@ -93,8 +96,11 @@ def _run(args: argparse.Namespace) -> int:
         cmd = ["worker", "--port", str(port), "--worker-id", f"local-{i}", "--dtype", args.dtype]
         if args.model:
             cmd += ["--model", args.model]
-        workers.append(_spawn(cmd))
-    router = _spawn(["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)])
+        workers.append(_spawn(cmd, args.child_log_level))
+    router = _spawn(
+        ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)],
+        args.child_log_level,
+    )
     procs = [router, *workers]
     address = f"127.0.0.1:{args.port}"
     stop = {"now": False}
@@ -130,6 +136,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--model", default="", help="base model (default: the offline default)")
     up.add_argument("--dtype", default="auto", help="worker dtype (default: auto)")
     up.add_argument("--demo", action="store_true", help="stream a sample answer once healthy")
+    up.add_argument(
+        "--child-log-level",
+        default="WARNING",
+        help="log level of the router and worker processes (default: WARNING)",
+    )
     up.add_argument(
         "--start-timeout-s", type=float, default=600.0, help="wait for health (default: 600)"
     )

@@ -156,37 +156,31 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
 
         return await self._unary("CreateJob", "", context, body)
 
-    async def GetJob(  # noqa: N802 - gRPC method name
-        self, request: finetune_pb2.GetJobRequest, context: grpc.aio.ServicerContext
-    ) -> finetune_pb2.Job:
-        async def body(span: trace.Span) -> finetune_pb2.Job:
+    async def _job_call(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """A unary call about one job, forwarded to the worker that holds it."""
+
+        async def body(span: trace.Span) -> Any:
             return await self._on_job_worker(
                 request.job_id,
                 context,
-                lambda link: _stub(link).GetJob(
+                lambda link: getattr(_stub(link), method)(
                     request,
                     timeout=_timeout(context, UNARY_TIMEOUT_S),
                     metadata=tracing.grpc_metadata_from_context(),
                 ),
             )
 
-        return await self._unary("GetJob", request.job_id, context, body)
+        return await self._unary(method, request.job_id, context, body)
+
+    async def GetJob(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.Job:
+        return await self._job_call("GetJob", request, context)
 
     async def CancelJob(  # noqa: N802 - gRPC method name
         self, request: finetune_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> finetune_pb2.Job:
-        async def body(span: trace.Span) -> finetune_pb2.Job:
-            return await self._on_job_worker(
-                request.job_id,
-                context,
-                lambda link: _stub(link).CancelJob(
-                    request,
-                    timeout=_timeout(context, UNARY_TIMEOUT_S),
-                    metadata=tracing.grpc_metadata_from_context(),
-                ),
-            )
-
-        return await self._unary("CancelJob", request.job_id, context, body)
+        return await self._job_call("CancelJob", request, context)
 
     async def ListJobs(  # noqa: N802 - gRPC method name
         self, request: finetune_pb2.ListJobsRequest, context: grpc.aio.ServicerContext

@@ -239,28 +239,9 @@ def parse_row(row: Any, index: int, source: str = "line") -> Example | None:
     return Example("completion", prompt=prompt, completion=completion, where=where)
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON) for each non-blank line; invalid JSON raises DatasetError."""
+def _parse_lines(lines: Iterable[str]) -> list[tuple[int, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DatasetError(
-                    f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})",
-                    line=number,
-                    field=None,
-                ) from None
-    return rows
-
-
-def parse_jsonl_text(text: str) -> list[tuple[int, Any]]:
-    """Like :func:`read_jsonl` for a dataset passed inline as a string."""
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -272,6 +253,17 @@ def parse_jsonl_text(text: str) -> list[tuple[int, Any]]:
                 field=None,
             ) from None
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; invalid JSON raises DatasetError."""
+    with open(path, encoding="utf-8") as fh:
+        return _parse_lines(fh)
+
+
+def parse_jsonl_text(text: str) -> list[tuple[int, Any]]:
+    """Like :func:`read_jsonl` for a dataset passed inline as a string."""
+    return _parse_lines(text.splitlines())
 
 
 def load_examples(

@@ -84,47 +84,63 @@ def _stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float = 15.0) -> 
             p.wait()
 
 
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM: raised from the signal handler so that every wait (health,
+    demo stream, foreground loop) ends at once and the cluster is stopped."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers must be >= 1", file=sys.stderr)
         return 2
-    worker_addresses = []
-    workers = []
-    for i in range(args.workers):
-        port = _free_port()
-        worker_addresses.append(f"127.0.0.1:{port}")
-        cmd = ["worker", "--port", str(port), "--worker-id", f"local-{i}", "--dtype", args.dtype]
-        if args.model:
-            cmd += ["--model", args.model]
-        workers.append(_spawn(cmd, args.child_log_level))
-    router = _spawn(
-        ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)],
-        args.child_log_level,
-    )
-    procs = [router, *workers]
-    address = f"127.0.0.1:{args.port}"
-    stop = {"now": False}
-
-    def _on_signal(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        worker_addresses = []
+        workers = []
+        for i in range(args.workers):
+            port = _free_port()
+            worker_addresses.append(f"127.0.0.1:{port}")
+            cmd = ["worker", "--port", str(port), "--worker-id", f"local-{i}"]
+            cmd += ["--dtype", args.dtype]
+            if args.model:
+                cmd += ["--model", args.model]
+            workers.append(_spawn(cmd, args.child_log_level))
+            procs.append(workers[-1])
+        router = _spawn(
+            ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)],
+            args.child_log_level,
+        )
+        procs.insert(0, router)  # stopped first, so workers drain what it sent
+        address = f"127.0.0.1:{args.port}"
         print(f"starting router on {address} and {args.workers} worker(s)...", flush=True)
+        # Every worker, then the router: the router is SERVING once any one worker is, and
+        # "up --workers 2" should not hand out its address with one still loading.
+        for i, worker_address in enumerate(worker_addresses):
+            _wait_serving(worker_address, procs, args.start_timeout_s)
+            print(f"worker local-{i} serving on {worker_address}", flush=True)
         _wait_serving(address, procs, args.start_timeout_s)
         print(f"router listening on {address}", flush=True)
         print(f'try: llmcluster generate --chat "Hello!" --target {address}', flush=True)
         if args.demo:
             _demo(address)
         print("cluster running; Ctrl-C to stop", flush=True)
-        while not stop["now"]:
+        while True:
             if any(p.poll() is not None for p in procs):
                 print("a cluster process exited; stopping", file=sys.stderr)
                 return 1
             time.sleep(0.5)
+    except _Interrupted:
         return 0
     finally:
+        # A second Ctrl-C must not cut the shutdown short and orphan the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping cluster...", flush=True)
         _stop_all(procs)
 

@@ -308,8 +308,27 @@ def test_metrics_move_after_traffic(cluster: dict[str, Any]) -> None:
     wport, rport = cluster["worker_metrics"], cluster["router_metrics"]
     before_w, before_r = _scrape(wport), _scrape(rport)
 
-    # A burst larger than the worker's one running slot: the rest wait in its queue.
+    # The worker has one running slot. A long stream holds it (gated on its first token,
+    # so the queueing below does not depend on how fast threads start on a busy machine);
+    # the short ones sent meanwhile must wait in the worker's queue.
     errors: list[BaseException] = []
+    holding = threading.Event()
+
+    def long_one() -> None:
+        request = generate_pb2.GenerateRequest(
+            prompt="Observability is",
+            params=generate_pb2.SamplingParams(max_new_tokens=150, temperature=0.0),
+        )
+        try:
+            messages = []
+            for message in stub.GenerateStream(request, timeout=90):
+                messages.append(message)
+                holding.set()
+            assert messages and messages[-1].usage.completion_tokens == 150
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+        finally:
+            holding.set()
 
     def one() -> None:
         try:
@@ -317,13 +336,17 @@ def test_metrics_move_after_traffic(cluster: dict[str, Any]) -> None:
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=one) for _ in range(5)]
-    for th in threads:
+    threads = [threading.Thread(target=long_one)]
+    threads[0].start()
+    assert holding.wait(60), "the long stream never produced a token"
+    assert not errors, errors
+    threads += [threading.Thread(target=one) for _ in range(4)]
+    for th in threads[1:]:
         th.start()
     depth = _wait(
         lambda: _total(_scrape(wport), "llmcluster_queue_depth") > 0,
         timeout_s=30,
-        what="worker queue depth > 0 during a burst",
+        what="worker queue depth > 0 while its one slot is held",
     )
     assert depth
     for th in threads:
@@ -359,7 +382,7 @@ def test_metrics_move_after_traffic(cluster: dict[str, Any]) -> None:
 
         assert moved("llmcluster_time_to_first_token_seconds_count") >= 5, name
         assert moved("llmcluster_time_to_first_token_seconds_sum") > 0, name
-        # Each 6-token stream has 5 gaps between tokens.
+        # Four 6-token streams have 5 gaps each, the long one 149.
         assert moved("llmcluster_inter_token_latency_seconds_count") >= 5 * 5, name
         assert moved("llmcluster_inter_token_latency_seconds_sum") > 0, name
         buckets = [

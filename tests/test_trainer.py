@@ -272,8 +272,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model, tmp_path: Path) 
     )
     assert losses(ev_acc) == pytest.approx(losses(ev_big), rel=1e-5)
     wa, wb = adapter_weights(big), adapter_weights(acc)
+    # Adam divides by sqrt(v): where a gradient is ~0 the summation order of the two runs
+    # flips the update's sign (1.4e-5 seen on one of 2048 weights). A wrong batch split
+    # moves weights by about the learning rate (1e-2), far above this tolerance.
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4)
 
 
 def test_max_steps_and_no_eval_split(tiny_model, tmp_path: Path) -> None:

@@ -1,0 +1,181 @@
+"""``llmcluster up``, the README's main command, run as a user runs it: a router and two
+real workers on the default model, the demo answer streamed, the cluster serving other
+clients, and Ctrl-C stopping every process (also while the workers are still loading)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from common.pb import generate_pb2, generate_pb2_grpc
+from tests.procs import REPO_ROOT, free_port
+
+
+class UpProcess:
+    """``llmcluster up`` with its stdout read line by line on a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "llmcluster", "up", *args],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout_s: float) -> re.Match[str]:
+        """The first line (from now on) matching ``pattern``; fails with the output so far."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(0.01, left))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                raise AssertionError(f"up exited before {pattern!r}:\n" + "\n".join(self.lines))
+            if line:
+                self.lines.append(line)
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in {timeout_s}s:\n" + "\n".join(self.lines))
+
+    def interrupt(self, timeout_s: float) -> int:
+        """Ctrl-C (SIGINT to ``up`` alone; its children are in their own sessions)."""
+        self.popen.send_signal(signal.SIGINT)
+        return self.popen.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+
+@pytest.fixture
+def up_factory() -> Iterator[list[UpProcess]]:
+    started: list[UpProcess] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+def _port_is_free(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def _llmcluster_cmdlines() -> list[list[str]]:
+    """argv of every live (non-zombie) ``python -m llmcluster ...`` process."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and "llmcluster" in argv:
+            found.append(argv)
+    return found
+
+
+def _cluster_ports(router_port: int) -> list[str]:
+    """The router's port and its workers' ports, read off the router's command line."""
+    for argv in _llmcluster_cmdlines():
+        if "router" in argv and str(router_port) in argv:
+            workers = argv[argv.index("--workers") + 1].split(",")
+            return [str(router_port), *(w.rsplit(":", 1)[1] for w in workers)]
+    raise AssertionError(f"no router process on port {router_port}")
+
+
+def _wait_stopped(ports: list[str], timeout_s: float) -> None:
+    """No process of the cluster is left and none of its ports is still bound."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [a for a in _llmcluster_cmdlines() if any(p in a for p in ports)]
+        bound = [p for p in ports if not _port_is_free(f"127.0.0.1:{p}")]
+        if not alive and not bound:
+            return
+        assert time.monotonic() < deadline, f"left after up exited: {alive} {bound}"
+        time.sleep(0.2)
+
+
+def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
+    up_factory: list[UpProcess],
+) -> None:
+    port = free_port()
+    up = UpProcess("--workers", "2", "--port", str(port), "--dtype", "float32", "--demo")
+    up_factory.append(up)
+    workers = [up.wait_for(r"worker (local-\d) serving on (\S+)", 300) for _ in range(2)]
+    assert sorted(m.group(1) for m in workers) == ["local-0", "local-1"]
+    router = up.wait_for(r"router listening on (\S+)", 120).group(1)
+    assert router == f"127.0.0.1:{port}"
+    # The demo: a real streamed answer, then its finish reason and usage.
+    served = up.wait_for(r"\[(LENGTH|EOS|STOP): (\d+) tokens, .* served by (local-\d)\]", 300)
+    assert int(served.group(2)) > 0
+    up.wait_for(r"cluster running; Ctrl-C to stop", 30)
+    demo_text = "\n".join(up.lines)
+    assert "continuous batching" in demo_text  # the question, echoed before the answer
+
+    # Another client gets served while up is in the foreground.
+    with grpc.insecure_channel(router) as channel:
+        request = generate_pb2.GenerateRequest(
+            prompt="The capital of France is",
+            params=generate_pb2.SamplingParams(max_new_tokens=4, temperature=0.0),
+        )
+        messages = list(
+            generate_pb2_grpc.GenerateStub(channel).GenerateStream(request, timeout=120)
+        )
+    assert messages[-1].usage.completion_tokens == 4
+    assert messages[-1].usage.worker_id in {"local-0", "local-1"}
+
+    ports = _cluster_ports(port)
+    assert sorted(ports[1:]) == sorted(m.group(2).rsplit(":", 1)[1] for m in workers)
+    assert up.interrupt(timeout_s=60) == 0
+    up.wait_for(r"stopping cluster", 5)
+    _wait_stopped(ports, timeout_s=10)
+
+
+def test_ctrl_c_while_workers_load_stops_everything(up_factory: list[UpProcess]) -> None:
+    port = free_port()
+    up = UpProcess("--workers", "1", "--port", str(port), "--dtype", "float32")
+    up_factory.append(up)
+    up.wait_for(r"starting router on", 60)
+    ports = _cluster_ports(port)
+    started = time.monotonic()
+    # Interrupted before anything is healthy: up must not sit in its health wait.
+    assert up.interrupt(timeout_s=60) == 0
+    assert time.monotonic() - started < 30
+    _wait_stopped(ports, timeout_s=10)

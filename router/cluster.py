@@ -23,7 +23,7 @@ from common.metrics import RouterMetrics
 from common.pb import generate_pb2
 from common.validation import GenerationLimits, generation_spec_from_pb
 from router.config import RouterConfig
-from router.link import Delta, Failed, Finished, LinkRequest, LinkStats, WorkerLink
+from router.link import Delta, Event, Failed, Finished, LinkRequest, LinkStats, WorkerLink
 from router.policy import LeastOutstandingPolicy, Policy
 
 logger = logging.getLogger(__name__)
@@ -223,9 +223,12 @@ class Cluster:
                         span.set_attribute(tracing.ATTR_WORKER_ID, link.info.worker_id)
                 routed.link, routed.request = link, lr
                 delivered = 0
+                held: Event | None = None
                 while True:
-                    event = await lr.events.get()
+                    event = held if held is not None else await lr.events.get()
+                    held = None
                     if isinstance(event, Delta):
+                        event, held = _merge_queued_deltas(event, lr.events)
                         delivered += len(event.tokens)
                         yield event
                     elif isinstance(event, Finished):
@@ -266,3 +269,20 @@ class Cluster:
             raise last_error
         chosen = self.policy.choose(request.model, request.adapter, candidates)
         return self.links[chosen.address]
+
+
+def _merge_queued_deltas(first: Delta, events: asyncio.Queue[Event]) -> tuple[Delta, Event | None]:
+    """``first`` plus every delta already queued behind it, as one delta, and the terminal
+    event if one was reached. A client stream that falls behind (a slow reader, or a
+    router fanning out to hundreds of streams) then gets fewer, fuller messages instead
+    of a growing backlog of one-token ones; a stream that keeps up sees no change."""
+    tokens, text = first.tokens, first.text
+    while not events.empty():
+        event = events.get_nowait()
+        if not isinstance(event, Delta):
+            return Delta(tokens, text), event
+        if tokens is first.tokens:
+            tokens = list(tokens)
+        tokens.extend(event.tokens)
+        text += event.text
+    return (first, None) if tokens is first.tokens else (Delta(tokens, text), None)

@@ -56,10 +56,13 @@ def references(default_model):
     return refs
 
 
-@pytest.fixture
-def engine(default_model):
+@pytest.fixture(params=[True, False], ids=["packed-step", "staged-step"])
+def engine(request, default_model):
+    """The engine on both forward paths: one packed forward per iteration (Llama models,
+    the default) and one model.forward per stage (every other architecture)."""
     model, tokenizer = default_model
-    eng = Engine(model, tokenizer, EngineConfig(max_running=16))
+    eng = Engine(model, tokenizer, EngineConfig(max_running=16, packed_step=request.param))
+    assert (eng._packed is not None) == request.param
     batch_sizes: list[int] = []
     eng.on_step = lambda batch, new: batch_sizes.append(batch)
     eng.batch_sizes = batch_sizes  # type: ignore[attr-defined]

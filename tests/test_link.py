@@ -21,7 +21,7 @@ from grpc_health.v1._async import HealthServicer
 
 from common.errors import RequestError, ResourceExhausted
 from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
-from router.cluster import Cluster
+from router.cluster import Cluster, _merge_queued_deltas
 from router.config import RouterConfig
 from router.link import Delta, Failed, Finished, WorkerLink
 from tests.procs import free_port
@@ -551,3 +551,25 @@ def test_link_on_unreachable_address_never_hangs_a_request():
         await link.close()
 
     run(body)
+
+
+def test_deltas_queued_behind_a_lagging_client_leave_as_one_message() -> None:
+    def token(i: int) -> generate_pb2.Token:
+        return generate_pb2.Token(id=i, text=f"t{i}")
+
+    async def scenario() -> None:
+        events: asyncio.Queue = asyncio.Queue()
+        first = Delta([token(1)], "t1")
+        # A client that keeps up: nothing queued, the delta passes unchanged.
+        assert _merge_queued_deltas(first, events) == (first, None)
+        for i in (2, 3):
+            events.put_nowait(Delta([token(i)], f"t{i}"))
+        end = Finished(generate_pb2.LENGTH, generate_pb2.Usage())
+        events.put_nowait(end)
+        events.put_nowait(Delta([token(9)], "late"))  # never reached: the end comes first
+        merged, held = _merge_queued_deltas(first, events)
+        assert [t.id for t in merged.tokens] == [1, 2, 3] and merged.text == "t1t2t3"
+        assert held is end
+        assert [t.id for t in first.tokens] == [1]  # the original is not mutated
+
+    asyncio.run(scenario())

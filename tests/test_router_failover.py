@@ -147,3 +147,72 @@ def test_sigkill_a_worker_mid_stream(cluster):
             )
             assert reply.usage.worker_id == "failover-survivor"
     assert survivor.popen.poll() is None
+
+
+def test_sigterm_hands_queued_requests_back_for_rerouting():
+    """A draining worker finishes what runs and hands what waits back to the router,
+    which re-routes it: no client sees an error, and the worker exits cleanly."""
+    victim = start_worker(
+        "--engine", "null", "--null-step-ms", "5", "--worker-id", "drain-victim",
+        "--max-running", "2", "--max-queue", "64", "--grace-period-s", "30", *NO_SELF_TEST,
+    )  # fmt: skip
+    survivor = start_worker(
+        "--engine", "null", "--null-step-ms", "5", "--worker-id", "drain-survivor",
+        "--max-running", "32", *NO_SELF_TEST,
+    )  # fmt: skip
+    procs = [victim, survivor]
+    try:
+        for w in procs:
+            w.wait_healthy(timeout_s=120)
+        router = start_router([w.address for w in procs], "--reconnect-max-s", "1")
+        procs.append(router)
+        router.wait_healthy(timeout_s=60)
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(router.address) as channel:
+                stub = generate_pb2_grpc.GenerateStub(channel)
+                tokens = [0] * 16
+
+                async def one(i):
+                    call = stub.GenerateStream(
+                        generate_pb2.GenerateRequest(
+                            prompt=f"Drain story {i}.",
+                            params=generate_pb2.SamplingParams(max_new_tokens=200, ignore_eos=True),
+                        ),
+                        timeout=CALL_TIMEOUT_S,
+                    )
+                    last = None
+                    async for m in call:
+                        tokens[i] += len(m.tokens)
+                        last = m
+                    return last, dict(await call.trailing_metadata() or ())
+
+                tasks = [asyncio.ensure_future(one(i)) for i in range(16)]
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    load = await asyncio.to_thread(worker_load, victim)
+                    if load.running >= 1 and load.queued >= 1:
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError(f"victim never queued anything: {load}")
+                victim.signal(signal.SIGTERM)
+                results = await asyncio.wait_for(asyncio.gather(*tasks), CALL_TIMEOUT_S)
+                return results, tokens, load
+
+        results, tokens, load = asyncio.run(scenario())
+        # Nothing failed and nothing was cut short.
+        assert tokens == [200] * 16
+        assert all(r[0].usage.completion_tokens == 200 for r in results)
+        rerouted = [r for r in results if r[1].get("llmcluster-attempts") == "2"]
+        assert rerouted, "no queued request was handed back and re-routed"
+        assert all(r[0].usage.worker_id == "drain-survivor" for r in rerouted)
+        # The victim finished only what had started: its running batch at the signal, plus
+        # at most one admission racing the signal per free slot.
+        on_victim = [r for r in results if r[0].usage.worker_id == "drain-victim"]
+        assert len(on_victim) <= load.finished_total + load.running + 2, (len(on_victim), load)
+        victim.popen.wait(60)
+        assert victim.popen.returncode == 0, victim.output()[-2000:]
+    finally:
+        for p in procs:
+            p.stop()

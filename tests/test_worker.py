@@ -245,3 +245,23 @@ def test_cli_generate_streams_to_stdout(worker_proc):
         timeout=60,
     )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--dtype", "float64"], "dtype must be one of"),
+        (["--max-running", "0"], "max_running must be >= 1, got 0"),
+        (["--engine", "fast"], "engine must be 'model' or 'null'"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(flags, fragment):
+    out = subprocess.run(
+        [sys.executable, "-m", "llmcluster", "worker", "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert fragment in out.stderr
+    assert "Traceback" not in out.stderr

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from common.config import add_arguments, from_arguments
 from common.registry import RegistryConfig
 from common.tracing import add_tracing_arguments
 from worker.config import WorkerConfig
 
+logger = logging.getLogger(__name__)
+
 
 def _run(args: argparse.Namespace) -> int:
     from common.tracing import TracingConfig
     from worker.server import run_worker
 
-    return run_worker(
-        from_arguments(WorkerConfig, args),
-        TracingConfig.from_args(args),
-        from_arguments(RegistryConfig, args),
-    )
+    try:
+        config = from_arguments(WorkerConfig, args)
+        tracing_config = TracingConfig.from_args(args)
+        registry_config = from_arguments(RegistryConfig, args)
+    except ValueError as exc:  # a bad flag: say which, no traceback
+        logger.error("invalid worker configuration: %s", exc)
+        return 2
+    return run_worker(config, tracing_config, registry_config)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

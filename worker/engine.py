@@ -42,6 +42,7 @@ from common.errors import (
 from common.validation import SamplingParams
 from worker.detokenizer import IncrementalDetokenizer
 from worker.kv_cache import cache_views, slab_cache
+from worker.packed_llama import PackedLlama, supports_packed
 from worker.sampling import TokenChoice, make_generator, select_tokens
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class EngineConfig:
     # Prompt tokens prefilled per iteration before decoding the running batch again:
     # bounds how long a burst of long prompts stalls the streams already running.
     max_prefill_tokens_per_step: int = 512
+    # Llama-architecture models: decode rows and newcomers' prompts in one packed forward
+    # per iteration (worker.packed_llama); False = one model.forward per stage.
+    packed_step: bool = True
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class Engine:
         self.config = config
         self.device = self._init_device(model)
         self.eos_ids = self._eos_ids(model, tokenizer)
+        self._packed = PackedLlama(model) if config.packed_step and supports_packed(model) else None
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._keys = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -331,15 +336,21 @@ class Engine:
                 sinks[seq.req.key] = seq.req.sink
                 drop.append(i)
         self._remove_rows(drop)
-        # Decode the running batch first, then prefill newcomers: a newcomer's first token
-        # comes from its prefill, so it must not ride in this iteration's decode.
-        if self._rows:
-            self._decode(outputs, sinks)
-            self._remove_finished(outputs)
-        admitted = self._admit(outputs, sinks)
-        if admitted:
-            self._prefill(admitted, outputs, sinks)
-            self._remove_finished(outputs)
+        if self._packed is not None:
+            admitted = self._admit(outputs, sinks)
+            if self._rows or admitted:
+                self._packed_step(admitted, outputs, sinks)
+                self._remove_finished(outputs)
+        else:
+            # Decode the running batch first, then prefill newcomers: a newcomer's first
+            # token comes from its prefill, so it must not ride in this iteration's decode.
+            if self._rows:
+                self._decode(outputs, sinks)
+                self._remove_finished(outputs)
+            admitted = self._admit(outputs, sinks)
+            if admitted:
+                self._prefill(admitted, outputs, sinks)
+                self._remove_finished(outputs)
         if outputs:
             self.step += 1
             self._deliver(outputs, sinks)
@@ -429,6 +440,36 @@ class Engine:
             )
         self._merge(admitted, new_caches)
         self._emit(admitted, torch.cat(logits_rows, dim=0), outputs, sinks)
+
+    def _packed_step(
+        self, admitted: list[_Sequence], outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]
+    ) -> None:
+        """One forward for the whole iteration: the next token of every running row and
+        the first token of every newcomer (whose cache then joins the batch)."""
+        assert self._packed is not None
+        running = list(self._rows)
+        decode_ids = positions = None
+        if running:
+            assert self._mask is not None
+            decode_ids = torch.tensor(
+                [s.generated[-1] for s in running], dtype=torch.long, device=self.device
+            )
+            positions = torch.tensor(
+                [s.length - 1 for s in running], dtype=torch.long, device=self.device
+            )
+            self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        prompts = [
+            torch.tensor(s.req.prompt_ids, dtype=torch.long, device=self.device) for s in admitted
+        ]
+        names = self._adapter_kwargs([*running, *admitted]).get("adapter_names")
+        out = self._packed.forward(decode_ids, positions, self._cache, self._mask, prompts, names)
+        if running:
+            assert out.decode_logits is not None
+            self._emit(running, out.decode_logits, outputs, sinks)
+        if admitted:
+            assert out.prompt_logits is not None
+            self._merge(admitted, out.prompt_kv)
+            self._emit(admitted, out.prompt_logits, outputs, sinks)
 
     def _merge(
         self,

@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.models import load_model, resolve_model
     from common.validation import SamplingParams
+    from worker.cpu_layout import use_column_major_linear_weights
     from worker.engine import Engine, EngineConfig, EngineRequest
 
     workload = Workload.load(Path(args.workload))
     model, tokenizer = load_model(resolve_model(None), dtype=args.dtype, device="cpu")
+    use_column_major_linear_weights(model)  # as the worker prepares it (worker/runtime.py)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
     engine = Engine(
         model,

@@ -21,8 +21,9 @@ class RouterConfig:
     )
     coalesce_window_ms: float = field(
         5.0,
-        help="requests bound for one worker within this window leave as one SubmitBatch "
-        "(0 sends whatever is queued at once)",
+        help="coalescing: requests bound for a worker within this window after its last "
+        "SubmitBatch leave together as the next one; a request on an idle link leaves at "
+        "once (0 = never hold)",
     )
     max_batch: int = field(64, help="most requests in one SubmitBatch")
     max_queue: int = field(

@@ -2,8 +2,10 @@
 
 A :class:`WorkerLink` owns the channel to one worker and keeps one bidirectional
 ``Serve`` stream open on it, reconnecting with exponential backoff. Requests bound
-for the worker wait in an outbox; the writer task sends everything queued within
-``coalesce_window_s`` of the first (or up to ``max_batch``) as one ``SubmitBatch``.
+for the worker wait in an outbox; the writer task sends them as one ``SubmitBatch``
+(at most ``max_batch``): at once when the link has sent nothing for
+``coalesce_window_s`` (a lone request pays no wait), else when that window since the
+last send has passed, so a burst leaves as a few full batches.
 The reader fans ``StepEvents`` deltas out to per-request ``asyncio.Queue`` s.
 
 When the stream breaks, every request of the link gets an answer at once: those
@@ -170,6 +172,7 @@ class WorkerLink:
         self._full = asyncio.Event()
         self._connected_event = asyncio.Event()
         self._batch_ids = itertools.count(1)
+        self._last_send_monotonic = float("-inf")
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -426,10 +429,13 @@ class WorkerLink:
                     )
                     self.stats.cancels_sent += len(ids)
             if self._outbox:
-                if self.coalesce_window_s > 0 and len(self._outbox) < self.max_batch:
-                    # Hold the first request for the window so others bound here join it.
+                hold_s = self._last_send_monotonic + self.coalesce_window_s - time.monotonic()
+                if hold_s > 0 and len(self._outbox) < self.max_batch:
+                    # A batch left less than a window ago: this is a burst, so wait for
+                    # the rest of the window and let others bound here join. An idle link
+                    # sends at once (coalescing would only add latency to a lone request).
                     self._full.clear()
-                    await _wait_event(self._full, self.coalesce_window_s)
+                    await _wait_event(self._full, hold_s)
                 batch: list[LinkRequest] = []
                 while self._outbox and len(batch) < self.max_batch:
                     lr = self._outbox.popleft()
@@ -448,6 +454,7 @@ class WorkerLink:
         msg = worker_pb2.RouterMessage(
             submit_batch=worker_pb2.SubmitBatch(batch_id=batch_id, items=[lr.item for lr in batch])
         )
+        self._last_send_monotonic = time.monotonic()
         await call.write(msg)
         self.stats.batches_sent += 1
         self.stats.requests_sent += len(batch)

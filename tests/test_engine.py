@@ -56,13 +56,31 @@ def references(default_model):
     return refs
 
 
-@pytest.fixture(params=[True, False], ids=["packed-step", "staged-step"])
-def engine(request, default_model):
-    """The engine on both forward paths: one packed forward per iteration (Llama models,
-    the default) and one model.forward per stage (every other architecture)."""
+@pytest.fixture(scope="module")
+def column_major_model(default_model):
+    """A copy of the default model with the weight layout the worker serves on CPU."""
+    import copy
+
+    from worker.cpu_layout import use_column_major_linear_weights
+
     model, tokenizer = default_model
-    eng = Engine(model, tokenizer, EngineConfig(max_running=16, packed_step=request.param))
-    assert (eng._packed is not None) == request.param
+    served = copy.deepcopy(model)
+    assert use_column_major_linear_weights(served) > 0
+    return served, tokenizer
+
+
+@pytest.fixture(
+    params=[(True, False), (False, False), (True, True)],
+    ids=["packed-step", "staged-step", "packed-step-column-major"],
+)
+def engine(request, default_model, column_major_model):
+    """The engine on both forward paths (one packed forward per iteration, for Llama
+    models; one model.forward per stage, for every other architecture) and with the
+    worker's CPU weight layout. References always come from the untouched model."""
+    packed, column_major = request.param
+    model, tokenizer = column_major_model if column_major else default_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=16, packed_step=packed))
+    assert (eng._packed is not None) == packed
     batch_sizes: list[int] = []
     eng.on_step = lambda batch, new: batch_sizes.append(batch)
     eng.batch_sizes = batch_sizes  # type: ignore[attr-defined]

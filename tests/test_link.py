@@ -297,7 +297,22 @@ def test_window_gathers_requests_arriving_over_several_loop_turns():
                 for _ in range(5):  # let the writer run between arrivals
                     await asyncio.sleep(0)
             await asyncio.gather(*(drain(lr) for lr in lrs))
-            assert fake.batch_sizes == [10]
+            # The first finds the link idle and leaves at once; the rest of the burst
+            # arrives within the window after it and leaves together.
+            assert fake.batch_sizes == [1, 9]
+
+    run(body)
+
+
+def test_a_request_on_an_idle_link_is_not_held_for_the_window():
+    async def body() -> None:
+        fake = FakeWorker("w1")
+        # A window far longer than the test's patience: only an idle-link send passes.
+        async with started(fake, coalesce_window_ms=60_000) as cluster:
+            link = cluster.links[fake.address]
+            _, end = await asyncio.wait_for(drain(link.submit(request("alone", 1))), 10)
+            assert isinstance(end, Finished)
+            assert fake.batch_sizes == [1]
 
     run(body)
 

@@ -3,17 +3,23 @@
 One engine thread owns the model and the batched KV cache. Each iteration it
 1. applies control messages (new requests, cancels),
 2. drops sequences that were cancelled or passed their deadline,
-3. admits waiting requests within the running-sequence and KV-token budgets: each is
-   prefilled alone (no padding inside a prompt) and its cache is merged into the batch
-   cache, left-padded with zeros so every row ends at the same column,
-4. runs one decode step for every running sequence (per-row position ids and a 2-D
-   attention mask hide the padding), and
-5. hands each sink the outputs of its sequences for this iteration in one call.
+3. admits waiting requests within the running-sequence, KV-token and per-iteration
+   prompt-token budgets,
+4. computes the next token of every running sequence and the first token of every
+   newcomer: on Llama-architecture models (the default) in one packed forward
+   (``worker.packed_llama``: all tokens of the iteration share the projections and the
+   MLP, attention is split per sequence); on other models one decode step over the
+   batch (per-row position ids and a 2-D attention mask hide the padding) and then a
+   prefill per newcomer (no padding inside a prompt),
+5. merges each newcomer's cache into the batch cache, left-padded with zeros so every
+   row ends at the same column, and
+6. hands each sink the outputs of its sequences for this iteration in one call.
 Finished or cancelled rows leave the batch at once; nobody restarts.
 
 Why not transformers' own continuous batching (``generate_batch``): measured on this
 model it was slower than padded decoding and takes no per-row LoRA adapter, which the
-fine-tuning issue needs (peft's ``adapter_names=`` works per row on a padded batch).
+fine-tuning issue needs (peft's ``adapter_names=`` works per row on a padded batch, and
+per token in the packed forward).
 """
 
 from __future__ import annotations

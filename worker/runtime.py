@@ -17,6 +17,7 @@ from common.models import ModelSource, load_model, load_tokenizer, resolve_model
 from common.validation import GenerationLimits, GenerationSpec, SamplingParams
 from worker.adapters import AdapterSet
 from worker.config import WorkerConfig
+from worker.cpu_layout import use_column_major_linear_weights
 from worker.engine import Engine, EngineConfig, EngineRequest, SeqOutput
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class ModelRuntime:
         else:
             self.model, self.tokenizer = load_model(self.source, config.dtype, config.device)
             self.device = str(next(self.model.parameters()).device)
+            if self.device == "cpu":
+                use_column_major_linear_weights(self.model)
             self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
             model_limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 8192
         context = config.max_context_tokens or model_limit

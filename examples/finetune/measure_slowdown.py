@@ -1,10 +1,11 @@
-"""Measures how much decoding slows while a LoRA job trains on the same worker, and the
-job's training throughput.
+"""Measures how much decoding slows while a fine-tuning job trains on the same worker,
+and the job's training throughput.
 
     python examples/finetune/measure_slowdown.py [--runs 3] [--new-tokens 64] [--job-threads 1]
+        [--method lora|full]
 
 Starts a worker (float32, temp LLMCLUSTER_HOME sharing the converted model), times a
-fixed greedy generation with no job, starts a LoRA job on the learnable test dataset,
+fixed greedy generation with no job, starts a job (LoRA or full) on the learnable test dataset,
 times the same generation while it trains, cancels the job and prints JSON.
 """
 
@@ -58,7 +59,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--job-threads", type=int, default=1)
+    parser.add_argument("--method", choices=("lora", "full"), default="lora")
     args = parser.parse_args()
+    method = {"lora": finetune_pb2.LORA, "full": finetune_pb2.FULL}[args.method]
 
     home = Path(tempfile.mkdtemp(prefix="llmcluster-measure-"))
     (home / "models").symlink_to(home_dir() / "models", target_is_directory=True)
@@ -80,6 +83,7 @@ def main() -> int:
             job = ft.CreateJob(
                 finetune_pb2.CreateJobRequest(
                     output_name="measure",
+                    method=method,
                     dataset_jsonl=data,
                     hyperparameters=finetune_pb2.Hyperparameters(
                         max_steps=1000, batch_size=8, max_seq_length=64
@@ -109,6 +113,7 @@ def main() -> int:
                     "training_tokens_per_s_median": round(statistics.median(train_rates), 1),
                     "training_steps_seen": len(train_rates),
                     "measured_while_training_s": round(busy_s, 1),
+                    "method": args.method,
                     "job_threads": args.job_threads,
                     "cpu_count": os.cpu_count(),
                     "load_average": os.getloadavg(),

@@ -236,3 +236,26 @@ def test_kv_budget_makes_requests_wait_not_fail(tiny_model):
     assert all(sink.final[k].finish_reason == "LENGTH" for k in keys)
     # Same prompt, greedy: identical outputs whichever batch they ran in.
     assert all(sink.tokens[k] == sink.tokens[keys[0]] for k in keys)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-step", "staged-step"])
+def test_max_running_holds_when_many_are_admitted_in_one_iteration(tiny_model, packed):
+    model, tokenizer = tiny_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=2, packed_step=packed))
+    eng.eos_ids = set()
+    sink = CollectingSink()
+    running: list[int] = []
+    eng.on_step = lambda batch, new: running.append(eng.stats()["running"])
+    # Submitted before the engine starts: all six wait for the first iteration, whose
+    # prompt-token budget would fit them all.
+    keys = [
+        eng.submit(EngineRequest(list(range(100, 110)), SamplingParams(max_new_tokens=5), sink))
+        for _ in range(6)
+    ]
+    eng.start()
+    try:
+        sink.wait_done(keys)
+    finally:
+        eng.stop()
+    assert max(running) == 2
+    assert all(len(sink.tokens[k]) == 5 for k in keys)

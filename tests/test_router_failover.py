@@ -26,11 +26,12 @@ from tests.test_router_e2e import NO_SELF_TEST, worker_load
 CALL_TIMEOUT_S = 240.0
 
 
-# engine -> (worker flags, max_new_tokens): null-engine requests last ~2 s (5 ms steps)
-# so that the kill lands mid-stream; real-model ones are kept short.
+# engine -> (worker flags, max_new_tokens): long enough that the kill lands while the
+# victim has sequences both running and queued (null: ~2 s at 5 ms steps; real model:
+# two waves of 8 rows x 48 steps on each worker).
 ENGINES = {
     "null": (("--engine", "null", "--null-step-ms", "5"), 400),
-    "model": (("--dtype", "float32"), 8),
+    "model": (("--dtype", "float32"), 48),
 }
 
 

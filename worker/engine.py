@@ -382,7 +382,7 @@ class Engine:
         admitted: list[_Sequence] = []
         prefill_tokens = 0
         now = time.monotonic()
-        while self._waiting and len(self._rows) < self.config.max_running:
+        while self._waiting and len(self._rows) + len(admitted) < self.config.max_running:
             req = self._waiting[0]
             if self._reserved_kv + req.kv_tokens > self.config.max_kv_tokens:
                 break  # FIFO: the head waits for KV space rather than being overtaken

@@ -255,6 +255,13 @@ class Engine:
         (drain: the router re-routes them); running sequences go on."""
         self._control.put(("hand_back", None))
 
+    def set_compute_threads(self, threads: int) -> None:
+        """Torch threads of the engine's forward passes from the next iteration on. A
+        worker lowers it while a training process uses some cores: more busy threads than
+        cores makes every OpenMP barrier wait for a descheduled thread, and decoding
+        crawls (seen here: seconds per token with 2 engine threads + 1 trainer on 2 cores)."""
+        self._control.put(("threads", max(1, int(threads))))
+
     def cancel(self, key: int, reason: str = "cancelled") -> None:
         """Frees the sequence at the next iteration (no-op if it already ended)."""
         self._control.put(("cancel", (key, reason)))
@@ -307,6 +314,8 @@ class Engine:
                 cancels.append(payload)
             elif kind == "hand_back":
                 self._hand_back = True
+            elif kind == "threads":
+                torch.set_num_threads(payload)  # on the thread that runs the forward passes
 
     def _iteration(self) -> None:
         while self.fault_file and os.path.exists(self.fault_file) and not self._stopping.is_set():

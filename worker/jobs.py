@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,10 @@ class JobManager:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake = asyncio.Event()  # set by create/cancel: run the loop now
+        # Called with the number of live training processes whenever it changes: the
+        # worker hands their cores over from its engine (worker/server.py).
+        self.on_training_processes: Callable[[int], None] | None = None
+        self._training_processes = 0
         config.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._load()
 
@@ -393,7 +397,12 @@ class JobManager:
                 break
             if job.pb.state == finetune_pb2.QUEUED and not job.cancel_requested:
                 await self._spawn(job)
-                running += 1
+                if job.process is not None:
+                    running += 1
+        if running != self._training_processes:
+            self._training_processes = running
+            if self.on_training_processes is not None:
+                self.on_training_processes(running)
 
     # ------------------------------------------------------------ processes
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -115,6 +116,7 @@ class WorkerServer:
             await asyncio.to_thread(run_engine_probe, runtime)
         self.state.runtime = runtime
         self.jobs.attach_runtime(runtime)
+        self.jobs.on_training_processes = self._share_cores_with_training()
         await self.jobs.start()  # resumes jobs a crash cut off, then runs the queue
         self.state.accepting.set()
         await self._set_health(True)
@@ -157,6 +159,20 @@ class WorkerServer:
             },
         )
         await asyncio.to_thread(self.registry.register, self.instance)
+
+    def _share_cores_with_training(self) -> Callable[[int], None]:
+        """While training processes run here, the engine gives up the cores they use
+        (``--job-threads`` each), keeping at least one; all return when they end."""
+        import torch
+
+        serving_threads = torch.get_num_threads()
+
+        def on_training_processes(count: int) -> None:
+            threads = max(1, serving_threads - count * self.config.job_threads)
+            logger.info("%d training process(es): engine uses %d thread(s)", count, threads)
+            self.state.runtime.engine.set_compute_threads(threads)
+
+        return on_training_processes
 
     def _attach_metrics(self, runtime: ModelRuntime) -> None:
         engine, metrics = runtime.engine, self.metrics

@@ -85,8 +85,10 @@ def main() -> int:
                     output_name="measure",
                     method=method,
                     dataset_jsonl=data,
+                    # Far more steps than the measurement needs: the job must still be
+                    # training when the last timed generation ends (it is cancelled then).
                     hyperparameters=finetune_pb2.Hyperparameters(
-                        max_steps=1000, batch_size=8, max_seq_length=64
+                        epochs=100, max_steps=1000, batch_size=8, max_seq_length=64
                     ),
                 ),
                 timeout=120,
@@ -100,6 +102,12 @@ def main() -> int:
             t0 = time.monotonic()
             busy = decode_rate(gen, args.new_tokens, args.runs)
             busy_s = time.monotonic() - t0
+            still_training = (
+                ft.GetJob(finetune_pb2.GetJobRequest(job_id=job.job_id), timeout=30).state
+                == finetune_pb2.RUNNING
+            )
+            if not still_training:
+                raise SystemExit("the job ended before the measurement did: raise its steps")
             ft.CancelJob(finetune_pb2.CancelJobRequest(job_id=job.job_id), timeout=30)
             for event in stream:
                 if event.WhichOneof("event") == "metrics":

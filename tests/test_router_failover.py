@@ -35,22 +35,19 @@ ENGINES = {
 }
 
 
+def _worker(engine_flags: tuple[str, ...], worker_id: str, max_running: int, *extra: str):
+    """A worker without self-tests (they would ride in the measured batches)."""
+    return start_worker(
+        *engine_flags,
+        "--worker-id", worker_id, "--max-running", str(max_running), "--max-queue", "64",
+        *extra, *NO_SELF_TEST,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def cluster(request):
     engine_flags, max_new_tokens = ENGINES[request.param]
-    workers = [
-        start_worker(
-            *engine_flags,
-            "--worker-id",
-            wid,
-            "--max-running",
-            "8",
-            "--max-queue",
-            "64",
-            *NO_SELF_TEST,
-        )
-        for wid in ("failover-victim", "failover-survivor")
-    ]
+    workers = [_worker(engine_flags, wid, 8) for wid in ("failover-victim", "failover-survivor")]
     procs = list(workers)
     try:
         for w in workers:
@@ -153,14 +150,9 @@ def test_sigkill_a_worker_mid_stream(cluster):
 def test_sigterm_hands_queued_requests_back_for_rerouting():
     """A draining worker finishes what runs and hands what waits back to the router,
     which re-routes it: no client sees an error, and the worker exits cleanly."""
-    victim = start_worker(
-        "--engine", "null", "--null-step-ms", "5", "--worker-id", "drain-victim",
-        "--max-running", "2", "--max-queue", "64", "--grace-period-s", "30", *NO_SELF_TEST,
-    )  # fmt: skip
-    survivor = start_worker(
-        "--engine", "null", "--null-step-ms", "5", "--worker-id", "drain-survivor",
-        "--max-running", "32", *NO_SELF_TEST,
-    )  # fmt: skip
+    null = ENGINES["null"][0]
+    victim = _worker(null, "drain-victim", 2, "--grace-period-s", "30")
+    survivor = _worker(null, "drain-survivor", 32)
     procs = [victim, survivor]
     try:
         for w in procs:

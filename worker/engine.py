@@ -465,14 +465,7 @@ class Engine:
         running = list(self._rows)
         decode_ids = positions = None
         if running:
-            assert self._mask is not None
-            decode_ids = torch.tensor(
-                [s.generated[-1] for s in running], dtype=torch.long, device=self.device
-            )
-            positions = torch.tensor(
-                [s.length - 1 for s in running], dtype=torch.long, device=self.device
-            )
-            self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+            decode_ids, positions = self._next_decode_inputs()
         prompts = [
             torch.tensor(s.req.prompt_ids, dtype=torch.long, device=self.device) for s in admitted
         ]
@@ -522,20 +515,26 @@ class Engine:
         self._mask = torch.cat(masks, dim=0)
         self._rows.extend(admitted)
 
-    def _decode(self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]) -> None:
+    def _next_decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each running row's last token and its position (``[rows]``); the batch mask
+        gains the column that this step's keys/values will fill."""
         assert self._mask is not None
         last = torch.tensor(
-            [[s.generated[-1]] for s in self._rows], dtype=torch.long, device=self.device
+            [s.generated[-1] for s in self._rows], dtype=torch.long, device=self.device
         )
         positions = torch.tensor(
-            [[s.length - 1] for s in self._rows], dtype=torch.long, device=self.device
+            [s.length - 1 for s in self._rows], dtype=torch.long, device=self.device
         )
         self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        return last, positions
+
+    def _decode(self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]) -> None:
+        last, positions = self._next_decode_inputs()
         out = self._forward(
-            last,
+            last[:, None],
             past_key_values=self._cache,  # grows in place
             attention_mask=self._mask,
-            position_ids=positions,
+            position_ids=positions[:, None],
             **self._adapter_kwargs(self._rows),
         )
         self._emit(self._rows, out.logits[:, -1, :], outputs, sinks)

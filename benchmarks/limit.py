@@ -5,12 +5,19 @@ RSS is its own and the driver never imports torch. The same closed loop as the
 streaming clients keeps ``concurrency`` requests in the engine; timestamps are taken
 on the engine thread the moment a step's outputs are handed over, which is the earliest
 any server built on this engine could send them.
+
+It stays up between levels, so the driver can interleave its levels with the other
+systems' (the same machine state for both sides of a ratio): once warm it writes the
+``--ready`` file, then runs one level per JSON line ``{"concurrency": C, "requests": N,
+"out": PATH}`` read from stdin, writing each level's records to PATH (atomically).
+It exits when stdin closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import sys
 import time
@@ -72,14 +79,19 @@ def run_level(engine, tokenizer, workload: Workload, n_requests: int, concurrenc
     return records
 
 
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)  # the driver never reads half a file
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", required=True, help="workload JSON from the driver")
-    parser.add_argument("--levels", required=True, help="JSON list of [concurrency, requests]")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-running", type=int, default=32)
     parser.add_argument("--max-kv-tokens", type=int, default=65536)
-    parser.add_argument("--out", required=True, help="where to write the records (JSON)")
+    parser.add_argument("--ready", required=True, help="file written once the engine is warm")
     args = parser.parse_args(argv)
 
     from common.models import load_model, resolve_model
@@ -114,16 +126,20 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         done.get(timeout=600)
-        results = {}
-        for concurrency, n_requests in json.loads(args.levels):
-            records = run_level(engine, tokenizer, workload, n_requests, concurrency)
-            results[str(concurrency)] = [r.to_json() | {"gaps_s": r.gaps_s} for r in records]
-            # Written after every level, so an interrupted run still reports the done ones.
-            out = {"levels": results, "peak_rss_mb": self_peak_rss_mb()}
-            tmp = Path(args.out + ".tmp")
-            tmp.write_text(json.dumps(out))
-            tmp.replace(args.out)  # atomic: the driver never reads half a file
-            print(f"limit c={concurrency} done", file=sys.stderr, flush=True)
+        _write_json_atomically(Path(args.ready), {"pid": os.getpid()})
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            command = json.loads(line)
+            records = run_level(
+                engine, tokenizer, workload, int(command["requests"]), int(command["concurrency"])
+            )
+            out = {
+                "records": [r.to_json() | {"gaps_s": r.gaps_s} for r in records],
+                "peak_rss_mb": self_peak_rss_mb(),
+            }
+            _write_json_atomically(Path(command["out"]), out)
+            print(f"limit c={command['concurrency']} done", file=sys.stderr, flush=True)
     finally:
         engine.stop()
     return 0

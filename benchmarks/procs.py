@@ -47,6 +47,7 @@ class ServerProc:
         port: int,
         health: str = "grpc",
         env: dict[str, str] | None = None,
+        stdin_pipe: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -62,7 +63,7 @@ class ServerProc:
             cwd=REPO_ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             env=full_env,
             start_new_session=True,  # own process group: killpg reaches its children
         )
@@ -145,6 +146,11 @@ class ServerProc:
             logger.error("%s (pid %d) survived SIGKILL", self.name, self.pid)
         if not self._log.closed:
             self._log.close()
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            try:
+                self.popen.stdin.close()
+            except BrokenPipeError:
+                pass
 
 
 def stop_all(procs: Sequence[ServerProc], timeout_s: float = 10.0) -> None:
@@ -177,9 +183,12 @@ class ProcessRegistry:
         port: int,
         health: str = "grpc",
         env: dict[str, str] | None = None,
+        stdin_pipe: bool = False,
     ) -> ServerProc:
         """Starts a :class:`ServerProc` (the registry's env under ``env``) and tracks it."""
-        proc = ServerProc(name, argv, port, health, env={**self.env, **(env or {})})
+        proc = ServerProc(
+            name, argv, port, health, env={**self.env, **(env or {})}, stdin_pipe=stdin_pipe
+        )
         self.procs.append(proc)
         return proc
 

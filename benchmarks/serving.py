@@ -3,7 +3,7 @@ transformers' own server, in one run, with ratios (issue 7).
 
     python -m benchmarks.serving [--smoke] [--concurrency 1,8,32,64]
         [--dtype float32|bfloat16] [--systems limit,ours1,ours2,direct,naive,null,peer]
-        [--json out.json]
+        [--rounds 5] [--json out.json]
 
 Systems (same model, dtype and prompts):
   limit   the continuous-batching engine driven in-process, no gRPC (a child process)
@@ -13,6 +13,12 @@ Systems (same model, dtype and prompts):
   naive   one ``model.generate`` per request, one at a time, behind gRPC
   null    router + a ``--engine null`` worker: the router+gRPC ceiling at many streams
   peer    ``transformers serve MODEL --continuous-batching --device cpu`` (OpenAI SSE)
+
+limit, ours1 and direct run the judged levels (the target concurrency, where ours/limit
+is judged, and the lowest, where the router overhead is) ``--rounds`` times each,
+interleaved, and the other levels once: this machine's speed drifts by about 10% over
+minutes. A level's figures are its median round's; ours/limit and the router overhead
+are medians of the per-round comparisons.
 
 Every request is greedy with ``ignore_eos``, so each generates exactly max_new_tokens.
 Clients are real streaming clients (grpc.aio, or HTTP SSE for the peer) in this process,
@@ -35,6 +41,7 @@ import logging
 import os
 import platform
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -93,6 +100,8 @@ class Settings:
     null_new_tokens: int = 256
     null_step_ms: float = 5.0
     target_concurrency: int = 32
+    # limit, ours1 and direct: each judged level this many times, interleaved (OursPhase).
+    rounds: int = 5
     # transformers serve sizes its paged KV cache from free RAM by default (~10 GB here,
     # ~50 s to allocate); None keeps that default, as a user would run it.
     peer_cb_num_blocks: int | None = None
@@ -108,6 +117,8 @@ class Settings:
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.num_prompts < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 f"need num_prompts >= 1 and max_new_tokens >= 1, got "
@@ -119,6 +130,12 @@ class Settings:
         state), at least 8, at most the prompt set (or the streams, when more)."""
         return min(max(2 * concurrency, 8), max(self.num_prompts, concurrency))
 
+    def rounds_at(self, concurrency: int) -> int:
+        """Interleaved rounds at a level: ``rounds`` where a target is judged (the target
+        concurrency; the lowest level, for the router overhead), else one."""
+        judged = (self.target_concurrency, min(self.concurrency))
+        return self.rounds if concurrency in judged else 1
+
     @property
     def levels(self) -> list[tuple[int, int]]:
         return [(c, self.requests_at(c)) for c in self.concurrency]
@@ -126,6 +143,7 @@ class Settings:
 
 SMOKE_DEFAULTS = {
     "concurrency": (2,),
+    "rounds": 1,
     "num_prompts": 4,
     "max_new_tokens": 4,
     "max_prompt_tokens": 48,
@@ -283,64 +301,108 @@ class Phase:
         stop_all(list(reversed(self.procs)))  # routers before their workers
 
 
-class LimitPhase(Phase):
-    name = "limit"
-    provides = ("limit",)
+class LimitRunner:
+    """The limit child (``benchmarks.limit``): a warm engine that runs one level per
+    command, so its levels can be interleaved with the gRPC systems'."""
 
-    def start(self) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix="bench-limit-"))
-        self.workload_path = tmp / "workload.json"
-        self.out_path = tmp / "records.json"
-        self.workload.save(self.workload_path)
+    def __init__(self, settings: Settings, workload: Workload, registry: ProcessRegistry):
+        self.settings = settings
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-limit-"))
+        self.ready_path = self.dir / "ready.json"
+        workload_path = self.dir / "workload.json"
+        workload.save(workload_path)
         argv = [
             sys.executable,
             "-m",
             "benchmarks.limit",
             "--workload",
-            str(self.workload_path),
-            "--levels",
-            json.dumps(self.settings.levels),
+            str(workload_path),
             "--dtype",
-            self.settings.dtype,
+            settings.dtype,
             "--max-running",
-            str(self.settings.max_running),
-            "--out",
-            str(self.out_path),
+            str(settings.max_running),
+            "--ready",
+            str(self.ready_path),
         ]
-        self.proc = self.registry.start("limit", argv, port=0, health="none")
-        self.procs = [self.proc]
+        self.proc = registry.start("limit", argv, port=0, health="none", stdin_pipe=True)
+        self.peak_rss_mb: float | None = None
+        self._levels_run = 0
+
+    def _wait_for(self, path: Path, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            if self.proc.popen.poll() is not None:
+                raise RuntimeError(
+                    f"limit runner exited with {self.proc.popen.returncode} {what}:\n"
+                    f"{self.proc.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"limit runner not done {what} in {timeout_s}s")
+            time.sleep(0.05)
 
     def wait_ready(self) -> None:
-        pass  # it runs its workload on its own; measure() waits for it to finish
+        self._wait_for(self.ready_path, self.settings.start_timeout_s, "loading the model")
 
-    def measure(self) -> dict[str, dict]:
-        timeout = self.settings.start_timeout_s + self.settings.system_timeout_s
-        try:
-            code = self.proc.popen.wait(timeout)
-        except KeyboardInterrupt:
-            if self.out_path.exists():  # the levels finished so far
-                self.done = self._results()
-            raise
-        if code != 0:
-            raise RuntimeError(f"limit runner exited with {code}:\n{self.proc.output()}")
-        return self._results()
+    def run_level(self, concurrency: int, n_requests: int) -> dict:
+        """Runs one closed-loop level in the child; returns its summary."""
+        self._levels_run += 1
+        out_path = self.dir / f"level-{self._levels_run}.json"
+        command = {"concurrency": concurrency, "requests": n_requests, "out": str(out_path)}
+        stdin = self.proc.popen.stdin
+        assert stdin is not None
+        cpu_before = cpu_seconds(self.proc.pid)
+        stdin.write((json.dumps(command) + "\n").encode())
+        stdin.flush()
+        self._wait_for(out_path, self.settings.system_timeout_s, f"with level {concurrency}")
+        cpu_after = cpu_seconds(self.proc.pid)
+        data = json.loads(out_path.read_text())
+        self.peak_rss_mb = data.get("peak_rss_mb")
+        records = [RequestRecord.from_json(r) for r in data["records"]]
+        summary = summarize(records, self.settings.max_new_tokens)
+        if cpu_before is not None and cpu_after is not None:
+            summary["cpu_s"] = {"limit": round(cpu_after - cpu_before, 2)}
+        return summary
 
-    def _results(self) -> dict[str, dict]:
-        data = json.loads(self.out_path.read_text())
-        levels = {}
-        for c, raw in data["levels"].items():
-            records = [RequestRecord.from_json(r) for r in raw]
-            levels[c] = summarize(records, self.workload.max_new_tokens) | {"concurrency": int(c)}
-        procs = {"limit": {"pid": self.proc.pid, "peak_rss_mb": data.get("peak_rss_mb")}}
-        return {"limit": {"levels": levels, "processes": procs}}
+
+def combine_rounds(summaries: list[dict]) -> dict:
+    """One level measured in several interleaved rounds: the median round (by
+    throughput) stands for it; ``rounds`` keeps each round's key figures, for the
+    paired ratios; requests / completed / errors count every round."""
+    if len(summaries) == 1:
+        return summaries[0]
+    measured = sorted(
+        (s for s in summaries if s.get("tokens_per_s") is not None),
+        key=lambda s: s["tokens_per_s"],
+    )
+    out = dict(measured[(len(measured) - 1) // 2] if measured else summaries[-1])
+    out["rounds"] = [
+        {
+            "tokens_per_s": s.get("tokens_per_s"),
+            "ttft_ms": {"p50": (s.get("ttft_ms") or {}).get("p50")},
+            "client_minus_server_ttft_ms": s.get("client_minus_server_ttft_ms"),
+            "errors": s.get("errors"),
+        }
+        for s in summaries
+    ]
+    for key in ("requests", "completed", "errors"):
+        out[key] = sum(s.get(key, 0) for s in summaries)
+    out["first_errors"] = [e for s in summaries for e in s.get("first_errors", [])][:3]
+    return out
 
 
 class OursPhase(Phase):
-    """ours1 and direct share one worker; ours2 gets two fresh workers with half the
-    cores each (two full-width torch pools on the same cores would thrash)."""
+    """limit, ours1, direct and ours2 on processes started together.
+
+    limit, ours1 and direct (which share ours1's worker) are measured level by level
+    in interleaved rounds (``Settings.rounds_at``), the order rotating each round: a machine whose
+    speed drifts over minutes then drifts under both sides of ours/limit alike (seen
+    here: +/-10% between measurements minutes apart). ours2 gets two workers with
+    half the cores each (two full-width torch pools on the same cores would thrash)
+    and is measured once, after them. Idle processes wait on sockets and use no CPU.
+    """
 
     name = "ours"
-    provides = ("ours1", "direct", "ours2")
+    provides = ("limit", "ours1", "direct", "ours2")
 
     def _worker(self, name: str, threads: int | None = None) -> ServerProc:
         port = free_port()
@@ -374,6 +436,7 @@ class OursPhase(Phase):
         )
         return self.registry.start(name, argv, port=port)
 
+    limit: LimitRunner | None = None
     w1: ServerProc | None = None
     w2a: ServerProc | None = None
     w2b: ServerProc | None = None
@@ -381,6 +444,9 @@ class OursPhase(Phase):
     r2: ServerProc | None = None
 
     def start(self) -> None:
+        if "limit" in self.wanted:
+            self.limit = LimitRunner(self.settings, self.workload, self.registry)
+            self.procs.append(self.limit.proc)
         if "ours1" in self.wanted or "direct" in self.wanted:
             self.w1 = self._worker("worker1")
             self.procs.append(self.w1)
@@ -397,8 +463,12 @@ class OursPhase(Phase):
                 self.procs += [self.w2a, self.w2b]
 
     def wait_ready(self) -> None:
+        for proc in self.procs:
+            if proc.health != "none":
+                proc.wait_healthy(self.settings.start_timeout_s)
+        if self.limit is not None:
+            self.limit.wait_ready()
         # Routers start once their workers serve, so their first health check passes.
-        super().wait_ready()
         if "ours1" in self.wanted:
             assert self.w1 is not None
             self.r1 = self._router("router1", [self.w1])
@@ -410,33 +480,75 @@ class OursPhase(Phase):
             self.procs.append(self.r2)
             self.r2.wait_healthy(self.settings.start_timeout_s)
 
+    def _measure_level(self, system: str, concurrency: int, n_requests: int) -> dict:
+        if system == "limit":
+            assert self.limit is not None
+            return self.limit.run_level(concurrency, n_requests)
+        expect_workers = 0
+        if system == "ours1":
+            assert self.r1 is not None and self.w1 is not None
+            address, servers = self.r1.address, [self.r1, self.w1]
+        elif system == "direct":
+            assert self.w1 is not None
+            address, servers = self.w1.address, [self.w1]
+        else:
+            assert self.r2 and self.w2a and self.w2b
+            address, servers = self.r2.address, [self.r2, self.w2a, self.w2b]
+            expect_workers = 2
+        level = [(concurrency, n_requests)]
+        by_level = measure_grpc(
+            address, self.workload, level, self.settings, servers, expect_workers
+        )
+        return by_level[str(concurrency)]
+
+    def _processes_of(self, system: str) -> dict[str, dict]:
+        if system == "limit":
+            assert self.limit is not None
+            return {"limit": {"pid": self.limit.proc.pid, "peak_rss_mb": self.limit.peak_rss_mb}}
+        names = {
+            "ours1": ("router1", "worker1"),
+            "direct": ("worker1",),
+            "ours2": ("router2", "worker2a", "worker2b"),
+        }[system]
+        return self.processes(*names)
+
     def measure(self) -> dict[str, dict]:
-        out: dict[str, dict] = {}
-        levels = self.settings.levels
-        for system in ("ours1", "direct", "ours2"):
-            if system not in self.wanted:
+        interleaved: list[str] = [x for x in ("limit", "ours1", "direct") if x in self.wanted]
+        schedule: list[tuple[str, int, int]] = []  # (system, concurrency, requests), in order
+        for concurrency, n_requests in self.settings.levels:
+            for r in range(self.settings.rounds_at(concurrency)):
+                shift = r % max(1, len(interleaved))
+                for name in interleaved[shift:] + interleaved[:shift]:
+                    schedule.append((name, concurrency, n_requests))
+        if "ours2" in self.wanted:
+            schedule += [("ours2", c, n) for c, n in self.settings.levels]
+        rounds: dict[str, dict[str, list[dict]]] = {x: {} for x in self.wanted}
+        failed: dict[str, str] = {}
+        for system, concurrency, n_requests in schedule:
+            if system in failed:
                 continue
-            logger.info("measuring %s", system)
+            logger.info("measuring %s at %d streams", system, concurrency)
             try:
-                s, w = self.settings, self.workload
-                if system == "ours1":
-                    assert self.r1 is not None and self.w1 is not None
-                    lv = measure_grpc(self.r1.address, w, levels, s, [self.r1, self.w1])
-                    procs = self.processes("router1", "worker1")
-                elif system == "direct":
-                    assert self.w1 is not None
-                    lv = measure_grpc(self.w1.address, w, levels, s, [self.w1])
-                    procs = self.processes("worker1")
-                else:
-                    assert self.r2 and self.w2a and self.w2b
-                    servers = [self.r2, self.w2a, self.w2b]
-                    lv = measure_grpc(self.r2.address, w, levels, s, servers, expect_workers=2)
-                    procs = self.processes("router2", self.w2a.name, self.w2b.name)
-                out[system] = self.done[system] = {"levels": lv, "processes": procs}
+                summary = self._measure_level(system, concurrency, n_requests)
             except Exception as exc:  # noqa: BLE001 - the others still run
                 logger.exception("%s failed", system)
-                out[system] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+                failed[system] = f"{type(exc).__name__}: {exc}"
+                continue
+            summary["concurrency"] = concurrency
+            rounds[system].setdefault(str(concurrency), []).append(summary)
+            # Kept as it goes, so Ctrl-C still reports the levels measured so far.
+            self.done[system] = self._result(system, rounds[system])
+        out: dict[str, dict] = {}
+        for system in self.wanted:
+            if system in failed:
+                out[system] = {"status": "failed", "reason": failed[system]}
+            else:
+                out[system] = self._result(system, rounds[system])
         return out
+
+    def _result(self, system: str, by_level: dict[str, list[dict]]) -> dict:
+        levels = {c: combine_rounds(summaries) for c, summaries in by_level.items()}
+        return {"levels": levels, "processes": self._processes_of(system)}
 
 
 class NaivePhase(Phase):
@@ -580,12 +692,13 @@ class PeerPhase(Phase):
         return {"peer": {"levels": lv, "processes": self.processes()}}
 
 
-PHASES: tuple[type[Phase], ...] = (LimitPhase, OursPhase, NaivePhase, PeerPhase, NullPhase)
+PHASES: tuple[type[Phase], ...] = (OursPhase, NaivePhase, PeerPhase, NullPhase)
 
 
 def run_phases(settings: Settings, workload: Workload) -> tuple[dict[str, dict], bool]:
-    """Starts, measures and stops each phase; returns (systems, interrupted). In --smoke every process starts at once
-    (seconds matter, timings do not); in the full mode one phase runs at a time so
+    """Starts, measures and stops each phase; returns (systems, interrupted). In --smoke
+    every process starts at once (seconds matter, timings do not); in the full mode one
+    phase runs at a time so
     idle servers and start-ups do not steal the measured system's cores."""
     # In --smoke every process shares the cores at once: one torch thread each keeps
     # OpenMP from spinning on preempted threads, which slows an oversubscribed machine
@@ -671,6 +784,30 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def _paired(
+    la: dict,
+    lb: dict,
+    metric: Callable[[dict], float | None],
+    compare: Callable[[float | None, float | None], float | None] = _ratio,
+) -> float | None:
+    """``compare(metric(a), metric(b))`` of two levels. Where both were measured in the
+    same interleaved rounds, the median over rounds of each round's comparison: the two
+    measurements of a round ran minutes apart at most, so drift cancels."""
+    ra, rb = la.get("rounds"), lb.get("rounds")
+    if ra and rb and len(ra) == len(rb):
+        values = sorted(
+            v
+            for x, y in zip(ra, rb, strict=True)
+            if (v := compare(metric(x), metric(y))) is not None
+        )
+        return round(statistics.median(values), 3) if values else None
+    return compare(metric(la), metric(lb))
+
+
 def _per_level(
     systems: dict,
     concurrency: tuple[int, ...],
@@ -681,7 +818,7 @@ def _per_level(
     out: dict[str, float | None] = {}
     for c in concurrency:
         la, lb = _level(systems, a, c), _level(systems, b, c)
-        out[str(c)] = _ratio(metric(la), metric(lb)) if la and lb else None
+        out[str(c)] = _paired(la, lb, metric) if la and lb else None
     return out
 
 
@@ -713,18 +850,16 @@ def compute_ratios(systems: dict, settings: Settings) -> dict:
     ours, direct = _level(systems, "ours1", c0), _level(systems, "direct", c0)
     overhead: dict = {"concurrency": c0, "p50": None, "p99": None}
     if ours and direct:
-        a = ours.get("client_minus_server_ttft_ms") or {}
-        b = direct.get("client_minus_server_ttft_ms") or {}
         for q in ("p50", "p99"):
-            if a.get(q) is not None and b.get(q) is not None:
-                overhead[q] = round(a[q] - b[q], 3)
+
+            def transport(level: dict, q: str = q) -> float | None:
+                return (level.get("client_minus_server_ttft_ms") or {}).get(q)
+
+            overhead[q] = _paired(ours, direct, transport, _difference)
         differences: dict[str, float | None] = {}
         for c in conc:
-            a50 = _ttft50(_level(systems, "ours1", c))
-            b50 = _ttft50(_level(systems, "direct", c))
-            differences[str(c)] = (
-                round(a50 - b50, 3) if a50 is not None and b50 is not None else None
-            )
+            la, lb = _level(systems, "ours1", c), _level(systems, "direct", c)
+            differences[str(c)] = _paired(la, lb, _ttft50, _difference) if la and lb else None
         overhead["ttft_p50_difference_ms"] = differences
     ratios["router_ttft_overhead_ms"] = overhead
     null = _level(systems, "null", settings.null_streams)
@@ -827,7 +962,10 @@ def build_report(
     peak_rss_mb}}, levels {concurrency: summary}}}, where a summary holds requests,
     completed, errors, wall_s, generated_tokens, tokens_per_s, requests_per_s,
     ttft_ms / itl_ms / e2e_ms {p50, p90, p99, mean}, short_requests,
-    client_minus_server_ttft_ms), ``ratios`` (see :func:`compute_ratios`) and
+    client_minus_server_ttft_ms, cpu_s, and for interleaved systems rounds [{tokens_per_s,
+    ttft_ms {p50}, client_minus_server_ttft_ms, errors}]: the summary is then the median
+    round's, with requests / completed / errors over all rounds}), ``ratios`` (see
+    :func:`compute_ratios`; paired per round where both systems have rounds) and
     ``targets`` ([{name, target, value, at, status PASS|MISS|n/a}]).
     """
     ratios = compute_ratios(systems, settings)
@@ -897,6 +1035,15 @@ def format_report(report: dict) -> str:
                 f"{_fmt(t.get('p90')):>8} {_fmt(t.get('p99')):>8} {_fmt(i.get('p50')):>8} "
                 f"{_fmt(i.get('p90')):>7} {_fmt(i.get('p99')):>7} {lv['errors']:>4}"
             )
+    rounds_lines = []
+    for name, result in report["systems"].items():
+        for c, lv in (result.get("levels") or {}).items():
+            if lv.get("rounds"):
+                values = ", ".join(_fmt(r.get("tokens_per_s")) for r in lv["rounds"])
+                rounds_lines.append(f"  {name:<8} {c:>5}  {values}")
+    if rounds_lines:
+        lines += ["", "tok/s of each interleaved round (the table shows the median round):"]
+        lines += rounds_lines
     lines += ["", "CPU seconds used during each level (where the time goes):"]
     for name, result in report["systems"].items():
         for c, lv in (result.get("levels") or {}).items():
@@ -973,6 +1120,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="workload seed (default 0)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"interleaved rounds of limit, ours1 and direct at the judged levels (the "
+        f"target concurrency and the lowest); the median round stands, ratios are medians "
+        f"of per-round ratios (default {d.rounds}; --smoke: 1)",
+    )
+    parser.add_argument(
         "--max-running",
         type=int,
         help=f"engine batch cap, limit and workers (default {d.max_running})",
@@ -1011,6 +1165,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "num_prompts",
         "max_new_tokens",
         "seed",
+        "rounds",
         "max_running",
         "null_streams",
         "null_new_tokens",

@@ -97,10 +97,70 @@ def test_workload_is_seeded_and_within_lengths():
     assert [len(hf(p.text, add_special_tokens=True)["input_ids"]) for p in a.prompts] == lengths
 
 
+def _round(tokens_per_s: float, transport_p50_ms: float = 1.0) -> dict:
+    return {
+        "tokens_per_s": tokens_per_s,
+        "ttft_ms": {"p50": 100.0},
+        "client_minus_server_ttft_ms": {"p50": transport_p50_ms, "p99": transport_p50_ms},
+        "errors": 0,
+        "requests": 8,
+        "completed": 8,
+        "first_errors": [],
+    }
+
+
+def test_rounds_combine_to_the_median_round_and_count_every_request():
+    from benchmarks.serving import combine_rounds
+
+    level = combine_rounds([_round(100.0), _round(80.0), _round(120.0)])
+    assert level["tokens_per_s"] == 100.0
+    assert [r["tokens_per_s"] for r in level["rounds"]] == [100.0, 80.0, 120.0]
+    assert level["requests"] == level["completed"] == 24
+    single = _round(90.0)
+    assert combine_rounds([single]) is single  # one round: no rounds key
+
+
+def test_ratios_of_interleaved_systems_pair_each_round():
+    from benchmarks.serving import Settings, combine_rounds, compute_ratios
+
+    # The machine slows in round 2: each round's ratio is 0.9, the medians' ratio is not.
+    limit = combine_rounds([_round(100.0, 1.0), _round(50.0, 1.0), _round(120.0, 1.0)])
+    ours = combine_rounds([_round(90.0, 3.0), _round(45.0, 4.0), _round(108.0, 5.0)])
+    direct = combine_rounds([_round(95.0, 1.5), _round(48.0, 1.5), _round(110.0, 1.5)])
+    systems = {
+        name: {"status": "ok", "levels": {"32": level | {"concurrency": 32}}}
+        for name, level in (("limit", limit), ("ours1", ours), ("direct", direct))
+    }
+    naive = _round(18.0)
+    systems["naive"] = {"status": "ok", "levels": {"32": naive}}
+    ratios = compute_ratios(systems, Settings(concurrency=(32,)))
+    assert ratios["ours_limit_throughput"]["32"] == 0.9
+    # A system measured once compares with the other's median round.
+    assert ratios["ours_naive_throughput"]["32"] == 5.0
+    assert ratios["router_ttft_overhead_ms"]["p50"] == 2.5  # median of 1.5, 2.5, 3.5
+
+
+def test_judged_levels_get_every_round():
+    from benchmarks.serving import Settings
+
+    s = Settings(concurrency=(1, 8, 32, 64), rounds=5)
+    assert [s.rounds_at(c) for c in s.concurrency] == [5, 1, 5, 1]
+
+
 def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):
     out = tmp_path / "smoke.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.serving", "--smoke", "--json", str(out)],
+        # Two rounds: the interleaved limit / ours1 / direct path runs for real.
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.serving",
+            "--smoke",
+            "--rounds",
+            "2",
+            "--json",
+            str(out),
+        ],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -142,6 +202,9 @@ def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):
 
     ratios = report["ratios"]
     (c,) = report["settings"]["concurrency"]
+    for name in ("limit", "ours1", "direct"):
+        rounds = systems[name]["levels"][str(c)]["rounds"]
+        assert len(rounds) == 2 and all(r["tokens_per_s"] > 0 for r in rounds), (name, rounds)
     for key in ("ours_limit_throughput", "ours2_limit_throughput", "ours_naive_throughput"):
         assert ratios[key][str(c)] is not None, key
     for key in ("ours_peer_throughput", "ours_peer_ttft_p50"):

@@ -190,6 +190,61 @@ def test_logprobs_and_alternatives(engine, default_model, references):
         assert token.logprob <= 0
 
 
+def test_repetition_penalty_matches_generate_in_a_batch(engine, default_model):
+    """The penalty covers prompt and output tokens, as transformers' logits processor
+    does; rows with and without it share the batch."""
+    model, tokenizer = default_model
+    prompts = [PROMPTS[6], PROMPTS[3]]
+    penalty = 1.3
+    refs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = chat_ids(tokenizer, prompt)
+            out = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=16,
+                do_sample=False,
+                repetition_penalty=penalty,
+            )
+            refs.append(out[0, len(ids) :].tolist())
+    sink = CollectingSink()
+    plain = submit(engine, sink, chat_ids(tokenizer, PROMPTS[0]), max_new_tokens=16)
+    keys = [
+        submit(engine, sink, chat_ids(tokenizer, p), max_new_tokens=16, repetition_penalty=penalty)
+        for p in prompts
+    ]
+    sink.wait_done([plain, *keys])
+    for prompt, key, ref in zip(prompts, keys, refs, strict=True):
+        assert sink.tokens[key] == ref, f"divergence for {prompt!r}"
+    assert refs[0] != refs[1]
+
+
+def test_top_k_keeps_samples_among_the_k_most_likely(engine, default_model, references):
+    _, tokenizer = default_model
+    chosen: dict[int, list] = {}
+
+    class Sink(CollectingSink):
+        def on_outputs(self, step, outputs):
+            for out in outputs:
+                chosen.setdefault(out.key, []).extend(out.tokens)
+            super().on_outputs(step, outputs)
+
+    sink = Sink()
+    ids = chat_ids(tokenizer, PROMPTS[2])
+    # top_k=1 leaves one candidate: any temperature and seed give the greedy tokens.
+    one = submit(engine, sink, ids, max_new_tokens=MAX_NEW, temperature=1.5, top_k=1, seed=3)
+    sampled = submit(
+        engine, sink, ids, max_new_tokens=MAX_NEW, temperature=1.5, top_k=3, seed=3, logprobs=3
+    )
+    sink.wait_done([one, sampled])
+    assert sink.tokens[one] == references[2]
+    assert len(chosen[sampled]) == MAX_NEW
+    # Logprob alternatives come from the raw distribution: the sample is one of its top 3.
+    assert all(t.token_id in [alt[0] for alt in t.top] for t in chosen[sampled])
+    assert sink.tokens[sampled] != references[2]  # temperature 1.5 left the greedy path
+
+
 def test_deadline_and_budgets(default_model):
     model, tokenizer = default_model
     eng = Engine(model, tokenizer, EngineConfig(max_running=1, max_queue=2, max_kv_tokens=300))
@@ -259,3 +314,32 @@ def test_max_running_holds_when_many_are_admitted_in_one_iteration(tiny_model, p
         eng.stop()
     assert max(running) == 2
     assert all(len(sink.tokens[k]) == 5 for k in keys)
+
+
+def test_compute_threads_change_on_the_engine_thread_from_the_next_iteration(tiny_model):
+    """What the worker does while a training process shares its cores: the engine's
+    forward passes use fewer torch threads, and all of them again once it ends."""
+    model, tokenizer = tiny_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=2))
+    eng.eos_ids = set()
+    threads_seen: list[int] = []
+
+    class ThreadsSink(CollectingSink):
+        def on_outputs(self, step, outputs):  # called on the engine thread
+            threads_seen.append(torch.get_num_threads())
+            super().on_outputs(step, outputs)
+
+    original = torch.get_num_threads()
+    eng.start()
+    try:
+        for threads in (1, original):
+            eng.set_compute_threads(threads)
+            threads_seen.clear()
+            sink = ThreadsSink()
+            key = eng.submit(EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=3), sink))
+            sink.wait_done([key])
+            assert threads_seen and set(threads_seen) == {threads}
+    finally:
+        eng.set_compute_threads(original)
+        eng.stop()
+    assert torch.get_num_threads() == original  # this thread's pool was never touched

@@ -99,6 +99,8 @@ class Settings:
     null_streams: int = 256
     null_new_tokens: int = 256
     null_step_ms: float = 5.0
+    # The null router's --stream-interval-ms (0 = a message per delta, the default).
+    null_stream_interval_ms: float = 0.0
     target_concurrency: int = 32
     # limit, ours1 and direct: each judged level this many times, interleaved (OursPhase).
     rounds: int = 5
@@ -622,6 +624,8 @@ class NullPhase(Phase):
             self.worker.address,
             "--max-queue",
             str(max(1024, 4 * self.settings.null_streams)),
+            "--stream-interval-ms",
+            str(self.settings.null_stream_interval_ms),
         )
         self.router = self.registry.start("null-router", argv, port=port)
         self.procs.append(self.router)
@@ -1143,6 +1147,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--null-step-ms", type=float, help="null engine iteration time (default 5)")
     parser.add_argument(
+        "--null-stream-interval-ms",
+        type=float,
+        help="the null router's --stream-interval-ms (default 0: a message per delta)",
+    )
+    parser.add_argument(
         "--peer-cb-num-blocks",
         type=int,
         help="transformers serve --cb-num-blocks (default: its own, sized from free RAM; "
@@ -1170,6 +1179,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "null_streams",
         "null_new_tokens",
         "null_step_ms",
+        "null_stream_interval_ms",
         "peer_cb_num_blocks",
     ):
         value = getattr(args, name, None)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import logging
 import sys
 import threading
@@ -240,8 +241,11 @@ def add_tracing_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, TracingConfig)
 
 
+@functools.cache
 def package_version() -> str:
-    """The installed ``llmcluster`` version, or ``0.0.0`` when run from a bare checkout."""
+    """The installed ``llmcluster`` version, or ``0.0.0`` when run from a bare checkout.
+    Cached: get_tracer asks for it on every span, and each look-up reads the package
+    metadata from disk (a fifth of a null-engine worker's CPU before it was cached)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -174,8 +174,12 @@ class Cluster:
         deadline_unix_ms: int = 0,
         trace_context: Mapping[str, str] | None = None,
         routed: Routed | None = None,
+        stream_interval_s: float = 0.0,
     ) -> AsyncGenerator[Delta | Finished, None]:
         """Yields the request's deltas and then its Finished; raises RequestError.
+
+        ``stream_interval_s`` > 0: after a delta, the next is held until that long after
+        it, merged with whatever arrived meanwhile (``--stream-interval-ms``).
 
         Admission happens at the first ``__anext__``; close the generator (``aclosing``)
         when the caller goes away so the worker gets a Cancel.
@@ -188,6 +192,7 @@ class Cluster:
             )
         self._in_flight += 1
         self._stats.admitted += 1
+        loop = asyncio.get_running_loop()
         routed = routed if routed is not None else Routed()
         tried: set[str] = set()
         last_error: RequestError | None = None
@@ -224,13 +229,20 @@ class Cluster:
                 routed.link, routed.request = link, lr
                 delivered = 0
                 held: Event | None = None
+                last_yield: float | None = None
                 while True:
                     event = held if held is not None else await lr.events.get()
                     held = None
                     if isinstance(event, Delta):
+                        if stream_interval_s > 0 and last_yield is not None:
+                            # Let the next tokens (or the end) join this message.
+                            wait_s = last_yield + stream_interval_s - loop.time()
+                            if wait_s > 0:
+                                await asyncio.sleep(wait_s)
                         event, held = _merge_queued_deltas(event, lr.events)
                         delivered += len(event.tokens)
                         yield event
+                        last_yield = loop.time()
                     elif isinstance(event, Finished):
                         lr = None
                         yield event

@@ -26,6 +26,12 @@ class RouterConfig:
         "once (0 = never hold)",
     )
     max_batch: int = field(64, help="most requests in one SubmitBatch")
+    stream_interval_ms: float = field(
+        0.0,
+        help="least time between two messages of one client stream: tokens that arrive "
+        "sooner are merged into the next message (fewer, fuller messages for many-stream "
+        "throughput); the first token is never held (0 = every delta at once)",
+    )
     max_queue: int = field(
         1024,
         help="most requests the router holds at once (waiting, queued or running on "
@@ -50,6 +56,8 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.coalesce_window_ms < 0:
             raise ValueError(f"coalesce_window_ms must be >= 0, got {self.coalesce_window_ms}")
+        if self.stream_interval_ms < 0:
+            raise ValueError(f"stream_interval_ms must be >= 0, got {self.stream_interval_ms}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queue < 1:

@@ -139,7 +139,10 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             with self._span("GenerateStream", request, context) as span:
                 self.cluster.validate(request)
                 events = self.cluster.generate(
-                    request, deadline_unix_ms=_deadline_unix_ms(context), routed=routed
+                    request,
+                    deadline_unix_ms=_deadline_unix_ms(context),
+                    routed=routed,
+                    stream_interval_s=self.cluster.config.stream_interval_ms / 1000.0,
                 )
                 # aclosing: on client cancel / deadline the generator's finally sends Cancel.
                 async with contextlib.aclosing(events):

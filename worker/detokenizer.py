@@ -3,6 +3,7 @@ matched across token boundaries (held back until they can no longer start a stop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # Byte-level BPE decodes an incomplete UTF-8 sequence to U+FFFD; wait for more tokens.
@@ -12,11 +13,22 @@ _REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 5
 
 
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, straight through the Rust
+    backend when that gives the same text (no clean-up pass configured): the engine
+    decodes twice per generated token, and transformers' Python wrapper around the
+    backend call costs several times the decode itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: str(backend.decode(ids, skip_special_tokens=True))
+    return lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True))
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of generated token ids into text deltas."""
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
-        self._tokenizer = tokenizer
+        self._decode = text_decoder(tokenizer)
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -25,9 +37,6 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text so far (stop string excluded once matched)
         self._emitted = 0  # characters of self.text already returned
         self.stopped = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
     def add_token(self, token_id: int) -> str:
         """Adds one token; returns the text that is now safe to emit (may be empty)."""

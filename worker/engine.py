@@ -177,6 +177,9 @@ class Engine:
         self.config = config
         self.device = self._init_device(model)
         self.eos_ids = self._eos_ids(model, tokenizer)
+        # Each token's own text, decoded once per id (at most the vocabulary): a decode
+        # through transformers costs more per token than a small model's share of a step.
+        self._token_texts: dict[int, str] = {}
         self._packed = PackedLlama(model) if config.packed_step and supports_packed(model) else None
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._keys = itertools.count(1)
@@ -582,12 +585,12 @@ class Engine:
             seq.first_token = now
         if seq.seen is not None:
             seq.seen = torch.cat([seq.seen, torch.tensor([tok])])
-        decode = self.tokenizer.decode
+        text_of = self._token_text
         token = TokenOut(
             tok,
-            decode([tok]),
+            text_of(tok),
             choice.logprob,
-            tuple((i, decode([i]), lp) for i, lp in choice.top),
+            tuple((i, text_of(i), lp) for i, lp in choice.top),
         )
         finish: str | None = None
         if tok in self.eos_ids and not seq.req.params.ignore_eos:
@@ -613,6 +616,12 @@ class Engine:
             )
             self.finished_total += 1
         return out
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = str(self.tokenizer.decode([token_id]))
+        return text
 
     def _remove_rows(self, indices: list[int]) -> None:
         if not indices:

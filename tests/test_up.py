@@ -138,8 +138,13 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
     port = free_port()
     up = UpProcess("--workers", "2", "--port", str(port), "--dtype", "float32", "--demo")
     up_factory.append(up)
-    workers = [up.wait_for(r"worker (local-\d) serving on (\S+)", 300) for _ in range(2)]
-    assert sorted(m.group(1) for m in workers) == ["local-0", "local-1"]
+    # up prints this line for each worker once it serves, and each worker prints the same
+    # line itself (children share the terminal): read until both ids were seen.
+    seen: dict[str, str] = {}  # worker id -> its address
+    while set(seen) != {"local-0", "local-1"}:
+        match = up.wait_for(r"worker (local-\d) serving on (\S+)", 300)
+        seen[match.group(1)] = match.group(2)
+        assert set(seen) <= {"local-0", "local-1"}, seen
     router = up.wait_for(r"router listening on (\S+)", 120).group(1)
     assert router == f"127.0.0.1:{port}"
     # The demo: a real streamed answer, then its finish reason and usage.
@@ -162,7 +167,7 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
     assert messages[-1].usage.worker_id in {"local-0", "local-1"}
 
     ports = _cluster_ports(port)
-    assert sorted(ports[1:]) == sorted(m.group(2).rsplit(":", 1)[1] for m in workers)
+    assert sorted(ports[1:]) == sorted(a.rsplit(":", 1)[1] for a in seen.values())
     assert up.interrupt(timeout_s=60) == 0
     up.wait_for(r"stopping cluster", 5)
     _wait_stopped(ports, timeout_s=10)

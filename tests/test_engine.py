@@ -38,22 +38,24 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     )
 
 
+def generate_alone(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> list[int]:
+    """model.generate(do_sample=False) for one prompt alone: the ground truth."""
+    ids = chat_ids(tokenizer, prompt)
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **kwargs,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 @pytest.fixture(scope="module")
 def references(default_model):
-    """model.generate(do_sample=False) for each prompt alone: the ground truth."""
     model, tokenizer = default_model
-    refs = []
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            ids = chat_ids(tokenizer, prompt)
-            out = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=MAX_NEW,
-                do_sample=False,
-            )
-            refs.append(out[0, len(ids) :].tolist())
-    return refs
+    return [generate_alone(model, tokenizer, prompt, MAX_NEW) for prompt in PROMPTS]
 
 
 @pytest.fixture(scope="module")
@@ -196,18 +198,7 @@ def test_repetition_penalty_matches_generate_in_a_batch(engine, default_model):
     model, tokenizer = default_model
     prompts = [PROMPTS[6], PROMPTS[3]]
     penalty = 1.3
-    refs = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = chat_ids(tokenizer, prompt)
-            out = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=16,
-                do_sample=False,
-                repetition_penalty=penalty,
-            )
-            refs.append(out[0, len(ids) :].tolist())
+    refs = [generate_alone(model, tokenizer, p, 16, repetition_penalty=penalty) for p in prompts]
     sink = CollectingSink()
     plain = submit(engine, sink, chat_ids(tokenizer, PROMPTS[0]), max_new_tokens=16)
     keys = [

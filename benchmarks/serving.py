@@ -465,9 +465,7 @@ class OursPhase(Phase):
                 self.procs += [self.w2a, self.w2b]
 
     def wait_ready(self) -> None:
-        for proc in self.procs:
-            if proc.health != "none":
-                proc.wait_healthy(self.settings.start_timeout_s)
+        super().wait_ready()  # the limit's "none" health passes at once
         if self.limit is not None:
             self.limit.wait_ready()
         # Routers start once their workers serve, so their first health check passes.
@@ -482,24 +480,28 @@ class OursPhase(Phase):
             self.procs.append(self.r2)
             self.r2.wait_healthy(self.settings.start_timeout_s)
 
+    def _servers(self, system: str) -> list[ServerProc]:
+        """The processes a gRPC system runs on; the first is the one clients call."""
+        servers = {
+            "ours1": [self.r1, self.w1],
+            "direct": [self.w1],
+            "ours2": [self.r2, self.w2a, self.w2b],
+        }[system]
+        assert all(p is not None for p in servers), system
+        return [p for p in servers if p is not None]
+
     def _measure_level(self, system: str, concurrency: int, n_requests: int) -> dict:
         if system == "limit":
             assert self.limit is not None
             return self.limit.run_level(concurrency, n_requests)
-        expect_workers = 0
-        if system == "ours1":
-            assert self.r1 is not None and self.w1 is not None
-            address, servers = self.r1.address, [self.r1, self.w1]
-        elif system == "direct":
-            assert self.w1 is not None
-            address, servers = self.w1.address, [self.w1]
-        else:
-            assert self.r2 and self.w2a and self.w2b
-            address, servers = self.r2.address, [self.r2, self.w2a, self.w2b]
-            expect_workers = 2
-        level = [(concurrency, n_requests)]
+        servers = self._servers(system)
         by_level = measure_grpc(
-            address, self.workload, level, self.settings, servers, expect_workers
+            servers[0].address,
+            self.workload,
+            [(concurrency, n_requests)],
+            self.settings,
+            servers,
+            expect_workers=2 if system == "ours2" else 0,
         )
         return by_level[str(concurrency)]
 
@@ -507,12 +509,7 @@ class OursPhase(Phase):
         if system == "limit":
             assert self.limit is not None
             return {"limit": {"pid": self.limit.proc.pid, "peak_rss_mb": self.limit.peak_rss_mb}}
-        names = {
-            "ours1": ("router1", "worker1"),
-            "direct": ("worker1",),
-            "ours2": ("router2", "worker2a", "worker2b"),
-        }[system]
-        return self.processes(*names)
+        return self.processes(*(p.name for p in self._servers(system)))
 
     def measure(self) -> dict[str, dict]:
         interleaved: list[str] = [x for x in ("limit", "ours1", "direct") if x in self.wanted]

@@ -204,6 +204,7 @@ class Engine:
         self.fatal_error: BaseException | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
         self.on_step: Callable[[int, int], None] | None = None  # (batch size, new tokens)
+        self.compute_threads: int | None = None  # set_compute_threads' last value, if any
 
     def _init_device(self, model: Any) -> torch.device:
         return next(model.parameters()).device
@@ -263,7 +264,8 @@ class Engine:
         worker lowers it while a training process uses some cores: more busy threads than
         cores makes every OpenMP barrier wait for a descheduled thread, and decoding
         crawls (seen here: seconds per token with 2 engine threads + 1 trainer on 2 cores)."""
-        self._control.put(("threads", max(1, int(threads))))
+        self.compute_threads = max(1, int(threads))
+        self._control.put(("threads", self.compute_threads))
 
     def cancel(self, key: int, reason: str = "cancelled") -> None:
         """Frees the sequence at the next iteration (no-op if it already ended)."""

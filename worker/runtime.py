@@ -74,13 +74,16 @@ class ModelRuntime:
         return Engine(self.model, self.tokenizer, config, adapters=self.adapters)
 
     def rebuild_engine(self, old: Engine) -> Engine:
-        """A fresh engine on the same model, keeping the old one's hooks."""
+        """A fresh engine on the same model, keeping the old one's hooks and its thread
+        count (lowered while a training process shares the cores)."""
         engine = self._new_engine()
         engine.on_step, engine.on_fatal, engine.fault_file = (
             old.on_step,
             old.on_fatal,
             old.fault_file,
         )
+        if old.compute_threads is not None:
+            engine.set_compute_threads(old.compute_threads)
         return engine
 
     @property

@@ -14,11 +14,12 @@ Systems (same model, dtype and prompts):
   null    router + a ``--engine null`` worker: the router+gRPC ceiling at many streams
   peer    ``transformers serve MODEL --continuous-batching --device cpu`` (OpenAI SSE)
 
-limit, ours1 and direct run the judged levels (the target concurrency, where ours/limit
-is judged, and the lowest, where the router overhead is) ``--rounds`` times each,
-interleaved, and the other levels once: this machine's speed drifts by about 10% over
-minutes. A level's figures are its median round's; ours/limit and the router overhead
-are medians of the per-round comparisons.
+Every system but null runs with its processes up together. At the target concurrency
+(where ours/limit, ours/naive and ours/peer are judged) limit, ours1, direct, peer and
+naive run ``--rounds`` interleaved rounds (naive ``--naive-rounds``); at the lowest level
+(router overhead) limit, ours1 and direct do; other levels run once. This machine's speed
+drifts by 10% and more over minutes. A level's figures are its median round's; every
+ratio between two interleaved systems is the median of its per-round ratios.
 
 Every request is greedy with ``ignore_eos``, so each generates exactly max_new_tokens.
 Clients are real streaming clients (grpc.aio, or HTTP SSE for the peer) in this process,
@@ -59,6 +60,8 @@ logger = logging.getLogger("benchmarks.serving")
 
 SCHEMA = "llmcluster.bench.serving/1"
 ALL_SYSTEMS = ("limit", "ours1", "ours2", "direct", "naive", "null", "peer")
+# Measured level by level in interleaved rounds (ModelPhase), in this order in round 0.
+INTERLEAVED = ("limit", "ours1", "direct", "peer", "naive")
 PEER_PACKAGES = {
     "fastapi": "fastapi==0.165.0",
     "uvicorn": "uvicorn==0.54.0",
@@ -102,8 +105,10 @@ class Settings:
     # The null router's --stream-interval-ms (0 = a message per delta, the default).
     null_stream_interval_ms: float = 0.0
     target_concurrency: int = 32
-    # limit, ours1 and direct: each judged level this many times, interleaved (OursPhase).
+    # Each judged level this many times, interleaved (ModelPhase, ``rounds_at``).
     rounds: int = 5
+    # naive's rounds at the target concurrency: each takes minutes (one request at a time).
+    naive_rounds: int = 3
     # transformers serve sizes its paged KV cache from free RAM by default (~10 GB here,
     # ~50 s to allocate); None keeps that default, as a user would run it.
     peer_cb_num_blocks: int | None = None
@@ -119,8 +124,10 @@ class Settings:
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.rounds < 1 or self.naive_rounds < 1:
+            raise ValueError(
+                f"rounds and naive rounds must be >= 1, got {self.rounds} and {self.naive_rounds}"
+            )
         if self.num_prompts < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 f"need num_prompts >= 1 and max_new_tokens >= 1, got "
@@ -132,11 +139,17 @@ class Settings:
         state), at least 8, at most the prompt set (or the streams, when more)."""
         return min(max(2 * concurrency, 8), max(self.num_prompts, concurrency))
 
-    def rounds_at(self, concurrency: int) -> int:
-        """Interleaved rounds at a level: ``rounds`` where a target is judged (the target
-        concurrency; the lowest level, for the router overhead), else one."""
-        judged = (self.target_concurrency, min(self.concurrency))
-        return self.rounds if concurrency in judged else 1
+    def rounds_at(self, concurrency: int, system: str) -> int:
+        """Interleaved rounds of one system at a level: ``rounds`` where a target on it is
+        judged, else one. At the target concurrency every system of the ratios (naive:
+        ``naive_rounds``); at the lowest level limit, ours1 and direct (router overhead)."""
+        if system not in INTERLEAVED:
+            return 1
+        if concurrency == self.target_concurrency:
+            return min(self.rounds, self.naive_rounds) if system == "naive" else self.rounds
+        if concurrency == min(self.concurrency) and system in ("limit", "ours1", "direct"):
+            return self.rounds
+        return 1
 
     @property
     def levels(self) -> list[tuple[int, int]]:
@@ -260,6 +273,27 @@ def measure_grpc(
     return run_async(go(), settings.system_timeout_s)
 
 
+def measure_peer(
+    port: int,
+    workload: Workload,
+    concurrency: int,
+    n_requests: int,
+    settings: Settings,
+    procs: list[ServerProc],
+) -> dict[str, dict]:
+    async def go():
+        client = OpenAIStreamClient("127.0.0.1", port, workload.max_new_tokens)
+        return await measure_client(
+            client,
+            workload,
+            [(concurrency, n_requests)],
+            warmup_requests=min(4, concurrency),
+            procs=procs,
+        )
+
+    return run_async(go(), settings.system_timeout_s)
+
+
 # ----- phases: which processes to start for which systems -----------------------------
 
 
@@ -277,9 +311,9 @@ class Phase:
         self.wanted = [s for s in self.provides if s in settings.systems]
         self.done: dict[str, dict] = {}  # systems measured so far (kept on Ctrl-C)
 
-    def skip_reason(self) -> str | None:
-        """Why this phase cannot run here (None = it can)."""
-        return None
+    def skip_reasons(self) -> dict[str, str]:
+        """{system: why it cannot run here}, for the wanted systems that cannot."""
+        return {}
 
     def start(self) -> None:
         """Launches the processes (does not wait for them)."""
@@ -379,12 +413,13 @@ def combine_rounds(summaries: list[dict]) -> dict:
     out = dict(measured[(len(measured) - 1) // 2] if measured else summaries[-1])
     out["rounds"] = [
         {
+            "round": s.get("round", i),
             "tokens_per_s": s.get("tokens_per_s"),
             "ttft_ms": {"p50": (s.get("ttft_ms") or {}).get("p50")},
             "client_minus_server_ttft_ms": s.get("client_minus_server_ttft_ms"),
             "errors": s.get("errors"),
         }
-        for s in summaries
+        for i, s in enumerate(summaries)
     ]
     for key in ("requests", "completed", "errors"):
         out[key] = sum(s.get(key, 0) for s in summaries)
@@ -392,19 +427,46 @@ def combine_rounds(summaries: list[dict]) -> dict:
     return out
 
 
-class OursPhase(Phase):
-    """limit, ours1, direct and ours2 on processes started together.
+def peer_skip_reason() -> str | None:
+    """Why the peer cannot run here (None = it can): ``transformers serve``'s packages."""
+    missing = [m for m in PEER_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        pins = " ".join(PEER_PACKAGES[m] for m in PEER_PACKAGES)
+        return f"transformers serve needs {', '.join(missing)}: pip install {pins}"
+    return None
 
-    limit, ours1 and direct (which share ours1's worker) are measured level by level
-    in interleaved rounds (``Settings.rounds_at``), the order rotating each round: a machine whose
-    speed drifts over minutes then drifts under both sides of ours/limit alike (seen
-    here: +/-10% between measurements minutes apart). ours2 gets two workers with
-    half the cores each (two full-width torch pools on the same cores would thrash)
-    and is measured once, after them. Idle processes wait on sockets and use no CPU.
+
+class ModelPhase(Phase):
+    """Every system that runs the model, on processes up together.
+
+    limit, ours1, direct (ours1's worker, no router), peer and naive are measured level
+    by level in interleaved rounds (``Settings.rounds_at``), the order rotating each
+    round: a machine whose speed drifts over minutes (seen here: +/-10%, and -40% in a
+    bad hour, between measurements minutes apart) then drifts under both sides of a
+    ratio alike. ours2 gets two workers with half the cores each (two full-width torch
+    pools on the same cores would thrash) and is measured once, after them. Idle
+    processes wait on sockets or stdin and use no CPU (the idle peer: 0.5% of a core).
     """
 
-    name = "ours"
-    provides = ("limit", "ours1", "direct", "ours2")
+    name = "model"
+    provides = ("limit", "ours1", "direct", "peer", "naive", "ours2")
+
+    limit: LimitRunner | None = None
+    w1: ServerProc | None = None
+    w2a: ServerProc | None = None
+    w2b: ServerProc | None = None
+    r1: ServerProc | None = None
+    r2: ServerProc | None = None
+    naive: ServerProc | None = None
+    peer: ServerProc | None = None
+
+    def __init__(self, settings: Settings, workload: Workload, registry: ProcessRegistry):
+        super().__init__(settings, workload, registry)
+        self.start_failed: dict[str, str] = {}  # {system: why its server did not start}
+
+    def skip_reasons(self) -> dict[str, str]:
+        reason = peer_skip_reason() if "peer" in self.wanted else None
+        return {"peer": reason} if reason else {}
 
     def _worker(self, name: str, threads: int | None = None) -> ServerProc:
         port = free_port()
@@ -438,12 +500,44 @@ class OursPhase(Phase):
         )
         return self.registry.start(name, argv, port=port)
 
-    limit: LimitRunner | None = None
-    w1: ServerProc | None = None
-    w2a: ServerProc | None = None
-    w2b: ServerProc | None = None
-    r1: ServerProc | None = None
-    r2: ServerProc | None = None
+    def _start_naive(self) -> ServerProc:
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.naive_server",
+            "--port",
+            str(port),
+            "--dtype",
+            self.settings.dtype,
+        ]
+        return self.registry.start("naive", argv, port=port)
+
+    def _start_peer(self) -> ServerProc:
+        from common.models import resolve_model
+
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "transformers.cli.transformers",
+            "serve",
+            resolve_model(None).path,
+            "--continuous-batching",
+            "--device",
+            "cpu",
+            "--dtype",
+            self.settings.dtype,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        if self.settings.peer_cb_num_blocks:
+            argv += ["--cb-num-blocks", str(self.settings.peer_cb_num_blocks)]
+        # Offline, and no "new version available" look-up at start.
+        env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+        return self.registry.start("peer", argv, port=port, health="http", env=env)
 
     def start(self) -> None:
         if "limit" in self.wanted:
@@ -463,6 +557,12 @@ class OursPhase(Phase):
                 self.w2a = self._worker("worker2a", threads=half)
                 self.w2b = self._worker("worker2b", threads=half)
                 self.procs += [self.w2a, self.w2b]
+        if "naive" in self.wanted:
+            self.naive = self._start_naive()
+            self.procs.append(self.naive)
+        if "peer" in self.wanted and self.settings.smoke:
+            self.peer = self._start_peer()
+            self.procs.append(self.peer)
 
     def wait_ready(self) -> None:
         super().wait_ready()  # the limit's "none" health passes at once
@@ -479,13 +579,26 @@ class OursPhase(Phase):
             self.r2 = self._router("router2", [self.w2a, self.w2b])
             self.procs.append(self.r2)
             self.r2.wait_healthy(self.settings.start_timeout_s)
+        if "peer" in self.wanted and self.peer is None:
+            # Last: transformers serve sizes its KV cache from the RAM left free, so it
+            # must see the others' memory already taken.
+            self.peer = self._start_peer()
+            self.procs.append(self.peer)
+        if self.peer is not None:
+            try:
+                self.peer.wait_healthy(self.settings.start_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - ours are still measured
+                logger.exception("the peer did not start")
+                self.start_failed["peer"] = f"{type(exc).__name__}: {exc}"
 
     def _servers(self, system: str) -> list[ServerProc]:
-        """The processes a gRPC system runs on; the first is the one clients call."""
+        """The processes a served system runs on; the first is the one clients call."""
         servers = {
             "ours1": [self.r1, self.w1],
             "direct": [self.w1],
             "ours2": [self.r2, self.w2a, self.w2b],
+            "naive": [self.naive],
+            "peer": [self.peer],
         }[system]
         assert all(p is not None for p in servers), system
         return [p for p in servers if p is not None]
@@ -495,14 +608,19 @@ class OursPhase(Phase):
             assert self.limit is not None
             return self.limit.run_level(concurrency, n_requests)
         servers = self._servers(system)
-        by_level = measure_grpc(
-            servers[0].address,
-            self.workload,
-            [(concurrency, n_requests)],
-            self.settings,
-            servers,
-            expect_workers=2 if system == "ours2" else 0,
-        )
+        if system == "peer":
+            by_level = measure_peer(
+                servers[0].port, self.workload, concurrency, n_requests, self.settings, servers
+            )
+        else:
+            by_level = measure_grpc(
+                servers[0].address,
+                self.workload,
+                [(concurrency, n_requests)],
+                self.settings,
+                servers,
+                expect_workers=2 if system == "ours2" else 0,
+            )
         return by_level[str(concurrency)]
 
     def _processes_of(self, system: str) -> dict[str, dict]:
@@ -511,22 +629,27 @@ class OursPhase(Phase):
             return {"limit": {"pid": self.limit.proc.pid, "peak_rss_mb": self.limit.peak_rss_mb}}
         return self.processes(*(p.name for p in self._servers(system)))
 
-    def measure(self) -> dict[str, dict]:
-        interleaved: list[str] = [x for x in ("limit", "ours1", "direct") if x in self.wanted]
-        schedule: list[tuple[str, int, int]] = []  # (system, concurrency, requests), in order
+    def schedule(self) -> list[tuple[str, int, int, int]]:
+        """(system, concurrency, requests, round), in the order they run."""
+        interleaved = [x for x in INTERLEAVED if x in self.wanted]
+        out: list[tuple[str, int, int, int]] = []
         for concurrency, n_requests in self.settings.levels:
-            for r in range(self.settings.rounds_at(concurrency)):
-                shift = r % max(1, len(interleaved))
-                for name in interleaved[shift:] + interleaved[:shift]:
-                    schedule.append((name, concurrency, n_requests))
+            rounds = {x: self.settings.rounds_at(concurrency, x) for x in interleaved}
+            for r in range(max(rounds.values(), default=0)):
+                here = [x for x in interleaved if rounds[x] > r]
+                shift = r % len(here)
+                out += [(x, concurrency, n_requests, r) for x in here[shift:] + here[:shift]]
         if "ours2" in self.wanted:
-            schedule += [("ours2", c, n) for c, n in self.settings.levels]
+            out += [("ours2", c, n, 0) for c, n in self.settings.levels]
+        return out
+
+    def measure(self) -> dict[str, dict]:
         rounds: dict[str, dict[str, list[dict]]] = {x: {} for x in self.wanted}
-        failed: dict[str, str] = {}
-        for system, concurrency, n_requests in schedule:
+        failed = dict(self.start_failed)
+        for system, concurrency, n_requests, r in self.schedule():
             if system in failed:
                 continue
-            logger.info("measuring %s at %d streams", system, concurrency)
+            logger.info("measuring %s at %d streams (round %d)", system, concurrency, r)
             try:
                 summary = self._measure_level(system, concurrency, n_requests)
             except Exception as exc:  # noqa: BLE001 - the others still run
@@ -534,6 +657,7 @@ class OursPhase(Phase):
                 failed[system] = f"{type(exc).__name__}: {exc}"
                 continue
             summary["concurrency"] = concurrency
+            summary["round"] = r
             rounds[system].setdefault(str(concurrency), []).append(summary)
             # Kept as it goes, so Ctrl-C still reports the levels measured so far.
             self.done[system] = self._result(system, rounds[system])
@@ -548,31 +672,6 @@ class OursPhase(Phase):
     def _result(self, system: str, by_level: dict[str, list[dict]]) -> dict:
         levels = {c: combine_rounds(summaries) for c, summaries in by_level.items()}
         return {"levels": levels, "processes": self._processes_of(system)}
-
-
-class NaivePhase(Phase):
-    name = "naive"
-    provides = ("naive",)
-
-    def start(self) -> None:
-        port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "benchmarks.naive_server",
-            "--port",
-            str(port),
-            "--dtype",
-            self.settings.dtype,
-        ]
-        self.server = self.registry.start("naive", argv, port=port)
-        self.procs = [self.server]
-
-    def measure(self) -> dict[str, dict]:
-        lv = measure_grpc(
-            self.server.address, self.workload, self.settings.levels, self.settings, self.procs
-        )
-        return {"naive": {"levels": lv, "processes": self.processes()}}
 
 
 class NullPhase(Phase):
@@ -636,64 +735,7 @@ class NullPhase(Phase):
         return {"null": {"levels": lv, "processes": self.processes()}}
 
 
-class PeerPhase(Phase):
-    """``transformers serve`` with continuous batching, measured over OpenAI SSE."""
-
-    name = "peer"
-    provides = ("peer",)
-
-    def skip_reason(self) -> str | None:
-        missing = [m for m in PEER_PACKAGES if importlib.util.find_spec(m) is None]
-        if missing:
-            pins = " ".join(PEER_PACKAGES[m] for m in PEER_PACKAGES)
-            return f"transformers serve needs {', '.join(missing)}: pip install {pins}"
-        return None
-
-    def start(self) -> None:
-        from common.models import resolve_model
-
-        port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "transformers.cli.transformers",
-            "serve",
-            resolve_model(None).path,
-            "--continuous-batching",
-            "--device",
-            "cpu",
-            "--dtype",
-            self.settings.dtype,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        if self.settings.peer_cb_num_blocks:
-            argv += ["--cb-num-blocks", str(self.settings.peer_cb_num_blocks)]
-        # Offline, and no "new version available" look-up at start.
-        env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-        self.server = self.registry.start("peer", argv, port=port, health="http", env=env)
-        self.procs = [self.server]
-
-    def measure(self) -> dict[str, dict]:
-        s = self.settings
-
-        async def go():
-            client = OpenAIStreamClient("127.0.0.1", self.server.port, self.workload.max_new_tokens)
-            return await measure_client(
-                client,
-                self.workload,
-                s.levels,
-                warmup_requests=min(4, max(s.concurrency)),
-                procs=self.procs,
-            )
-
-        lv = run_async(go(), s.system_timeout_s)
-        return {"peer": {"levels": lv, "processes": self.processes()}}
-
-
-PHASES: tuple[type[Phase], ...] = (OursPhase, NaivePhase, PeerPhase, NullPhase)
+PHASES: tuple[type[Phase], ...] = (ModelPhase, NullPhase)
 
 
 def run_phases(settings: Settings, workload: Workload) -> tuple[dict[str, dict], bool]:
@@ -711,15 +753,12 @@ def run_phases(settings: Settings, workload: Workload) -> tuple[dict[str, dict],
     try:
         for cls in PHASES:
             phase = cls(settings, workload, registry)
-            if not phase.wanted:
-                continue
-            reason = phase.skip_reason()
-            if reason:
-                logger.warning("skipping %s: %s", ", ".join(phase.wanted), reason)
-                for system in phase.wanted:
-                    systems[system] = {"status": "skipped", "reason": reason}
-                continue
-            phases.append(phase)
+            for system, reason in phase.skip_reasons().items():
+                logger.warning("skipping %s: %s", system, reason)
+                systems[system] = {"status": "skipped", "reason": reason}
+                phase.wanted.remove(system)
+            if phase.wanted:
+                phases.append(phase)
         if settings.smoke:
             for phase in phases:
                 phase.start()
@@ -795,17 +834,20 @@ def _paired(
     metric: Callable[[dict], float | None],
     compare: Callable[[float | None, float | None], float | None] = _ratio,
 ) -> float | None:
-    """``compare(metric(a), metric(b))`` of two levels. Where both were measured in the
-    same interleaved rounds, the median over rounds of each round's comparison: the two
-    measurements of a round ran minutes apart at most, so drift cancels."""
+    """``compare(metric(a), metric(b))`` of two levels. Where both were measured in
+    interleaved rounds, the median over their common rounds of each round's comparison:
+    the two measurements of a round ran minutes apart at most, so drift cancels."""
     ra, rb = la.get("rounds"), lb.get("rounds")
-    if ra and rb and len(ra) == len(rb):
+    if ra and rb:
+        by_round = {y["round"]: y for y in rb}
         values = sorted(
             v
-            for x, y in zip(ra, rb, strict=True)
-            if (v := compare(metric(x), metric(y))) is not None
+            for x in ra
+            if (y := by_round.get(x["round"])) is not None
+            and (v := compare(metric(x), metric(y))) is not None
         )
-        return round(statistics.median(values), 3) if values else None
+        if values:
+            return round(statistics.median(values), 3)
     return compare(metric(la), metric(lb))
 
 
@@ -1123,9 +1165,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help=f"interleaved rounds of limit, ours1 and direct at the judged levels (the "
-        f"target concurrency and the lowest); the median round stands, ratios are medians "
-        f"of per-round ratios (default {d.rounds}; --smoke: 1)",
+        help=f"interleaved rounds at the judged levels: limit, ours1, direct, peer and naive "
+        f"at the target concurrency, limit, ours1 and direct at the lowest; a level's "
+        f"figures are its median round's, ratios are medians of per-round ratios "
+        f"(default {d.rounds}; --smoke: 1)",
+    )
+    parser.add_argument(
+        "--naive-rounds",
+        type=int,
+        help=f"naive's rounds at the target concurrency, at most --rounds (each takes "
+        f"minutes; default {d.naive_rounds})",
     )
     parser.add_argument(
         "--max-running",
@@ -1172,6 +1221,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "max_new_tokens",
         "seed",
         "rounds",
+        "naive_rounds",
         "max_running",
         "null_streams",
         "null_new_tokens",

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -140,11 +141,52 @@ def test_ratios_of_interleaved_systems_pair_each_round():
     assert ratios["router_ttft_overhead_ms"]["p50"] == 2.5  # median of 1.5, 2.5, 3.5
 
 
+def test_a_system_measured_in_fewer_rounds_pairs_with_the_same_rounds():
+    from benchmarks.serving import Settings, combine_rounds, compute_ratios
+
+    ours = combine_rounds([_round(100.0), _round(50.0), _round(120.0)])
+    # naive ran in rounds 0 and 1 only, each at a fifth of ours: the medians' ratio
+    # (100 / 30 = 3.3) would mistake the slow round for naive's speed.
+    naive = combine_rounds([_round(20.0), _round(10.0)])
+    systems = {
+        "ours1": {"status": "ok", "levels": {"32": ours}},
+        "naive": {"status": "ok", "levels": {"32": naive}},
+    }
+    ratios = compute_ratios(systems, Settings(concurrency=(32,)))
+    assert ratios["ours_naive_throughput"]["32"] == 5.0
+
+
 def test_judged_levels_get_every_round():
     from benchmarks.serving import Settings
 
-    s = Settings(concurrency=(1, 8, 32, 64), rounds=5)
-    assert [s.rounds_at(c) for c in s.concurrency] == [5, 1, 5, 1]
+    s = Settings(concurrency=(1, 8, 32, 64), rounds=5, naive_rounds=3)
+    by_system = {x: [s.rounds_at(c, x) for c in s.concurrency] for x in ALL_SYSTEMS}
+    assert by_system == {
+        "limit": [5, 1, 5, 1],
+        "ours1": [5, 1, 5, 1],
+        "direct": [5, 1, 5, 1],
+        "peer": [1, 1, 5, 1],  # judged against ours1 at the target concurrency only
+        "naive": [1, 1, 3, 1],
+        "ours2": [1, 1, 1, 1],
+        "null": [1, 1, 1, 1],
+    }
+
+
+def test_schedule_rotates_the_order_and_runs_ours2_after():
+    from benchmarks.serving import ModelPhase, Settings
+
+    s = Settings(concurrency=(1, 32), rounds=3, naive_rounds=2)
+    phase = ModelPhase(s, workload=None, registry=None)  # type: ignore[arg-type]
+    schedule = phase.schedule()
+    at_32 = [(system, r) for system, c, _, r in schedule if c == 32 and system != "ours2"]
+    assert at_32 == [
+        ("limit", 0), ("ours1", 0), ("direct", 0), ("peer", 0), ("naive", 0),
+        ("ours1", 1), ("direct", 1), ("peer", 1), ("naive", 1), ("limit", 1),
+        ("direct", 2), ("peer", 2), ("limit", 2), ("ours1", 2),
+    ]  # fmt: skip
+    at_1 = [system for system, c, _, _ in schedule if c == 1]
+    assert Counter(at_1) == {"limit": 3, "ours1": 3, "direct": 3, "peer": 1, "naive": 1, "ours2": 1}
+    assert [x for x, *_ in schedule[-2:]] == ["ours2", "ours2"]
 
 
 def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):

@@ -105,6 +105,10 @@ ATTR_JOB_ID = "llmcluster.job.id"
 ATTR_JOB_METHOD = "llmcluster.job.method"
 ATTR_EPOCH = "llmcluster.train.epoch"
 ATTR_LOSS = "llmcluster.train.loss"
+# The route span's decision: how many workers could take it, and the chosen one's state.
+ATTR_ROUTE_CANDIDATES = "llmcluster.route.candidates"  # healthy workers serving the model
+ATTR_ROUTE_OUTSTANDING_TOKENS = "llmcluster.route.outstanding_tokens"  # the chosen's queue
+ATTR_ROUTE_ADAPTER_LOADED = "llmcluster.route.adapter_loaded"  # bool; adapter requests only
 ATTR_LINK_KIND = "llmcluster.link.kind"  # on span links: "batch" | "training_job"
 ATTR_HEALTH_CHECK = "llmcluster.health_check"  # bool; marks spans sampled by health ratio
 ATTR_HEALTH_SERVICE = "llmcluster.health.service"  # the checked service name ("" = server)

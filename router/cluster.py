@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
 from common import tracing
 from common.errors import RequestError, ResourceExhausted, Unavailable
@@ -203,7 +204,7 @@ class Cluster:
                 # The route span is closed before streaming: it parents the worker's spans
                 # through WorkItem.trace_context, and never spans an async-generator yield.
                 with self._tracer.start_as_current_span("route") as span:
-                    link = self._choose(request, tried, last_error)
+                    link = self._choose(request, tried, last_error, span)
                     tried.add(link.address)
                     routed.attempts += 1
                     span.set_attribute("llmcluster.attempt", routed.attempts)
@@ -274,12 +275,23 @@ class Cluster:
         request: generate_pb2.GenerateRequest,
         tried: set[str],
         last_error: RequestError | None,
+        span: trace.Span,
     ) -> WorkerLink:
         candidates = [link.snapshot() for a, link in self.links.items() if a not in tried]
         if tried and not any(w.healthy for w in candidates) and last_error is not None:
             # Every worker that could take it has failed it: the client sees why.
             raise last_error
         chosen = self.policy.choose(request.model, request.adapter, candidates)
+        # Why it went there, for whoever reads the trace.
+        span.set_attribute(
+            tracing.ATTR_ROUTE_CANDIDATES,
+            sum(1 for w in candidates if w.healthy and w.serves(request.model)),
+        )
+        span.set_attribute(tracing.ATTR_ROUTE_OUTSTANDING_TOKENS, chosen.outstanding_tokens)
+        if request.adapter:
+            span.set_attribute(
+                tracing.ATTR_ROUTE_ADAPTER_LOADED, chosen.has_adapter(request.adapter)
+            )
         return self.links[chosen.address]
 
 

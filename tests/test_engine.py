@@ -334,3 +334,39 @@ def test_compute_threads_change_on_the_engine_thread_from_the_next_iteration(tin
         eng.set_compute_threads(original)
         eng.stop()
     assert torch.get_num_threads() == original  # this thread's pool was never touched
+
+
+def test_a_rebuilt_engine_keeps_the_hooks_and_the_lowered_thread_count():
+    """After a failed self-test the worker swaps in a fresh engine (worker.health); if a
+    job is training, the new engine must stay on the cores it was left, not take all."""
+    from worker.config import WorkerConfig
+    from worker.runtime import ModelRuntime
+
+    runtime = ModelRuntime(WorkerConfig(engine="null", null_step_ms=1.0))  # no model: fast
+    old = runtime.engine
+
+    def on_step(rows: int, tokens: int) -> None:
+        pass
+
+    old.on_step, old.fault_file = on_step, "/nonexistent/hang"
+    old.set_compute_threads(1)
+    new = runtime.rebuild_engine(old)
+    assert new is not old
+    assert (new.on_step, new.fault_file, new.compute_threads) == (on_step, old.fault_file, 1)
+    threads_seen: list[int] = []
+
+    class ThreadsSink(CollectingSink):
+        def on_outputs(self, step, outputs):  # called on the engine thread
+            threads_seen.append(torch.get_num_threads())
+            super().on_outputs(step, outputs)
+
+    new.start()
+    try:
+        sink = ThreadsSink()
+        key = new.submit(EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=3), sink))
+        sink.wait_done([key])
+        assert threads_seen and set(threads_seen) == {1}
+    finally:
+        new.stop()
+    # An engine never lowered comes back with every thread (no count to carry).
+    assert runtime.rebuild_engine(runtime._new_engine()).compute_threads is None

@@ -18,7 +18,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from common import tracing
 from common.errors import RequestError, ResourceExhausted
 from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router.cluster import Cluster, _merge_queued_deltas
@@ -535,6 +539,19 @@ def test_requests_for_an_adapter_go_where_it_is_loaded():
             assert end.usage.worker_id == "b"
             for g in gens:
                 await g.aclose()
+            # The route span says why: two candidates, the adapter was loaded there.
+            spans = InMemorySpanExporter()
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(spans))
+            cluster._tracer = provider.get_tracer("test")
+            short = request(max_new_tokens=1)
+            short.adapter = "tone"
+            _, end = await collect(cluster.generate(short))
+            assert end.usage.worker_id == "a"
+            (route,) = [s for s in spans.get_finished_spans() if s.name == "route"]
+            assert route.attributes[tracing.ATTR_ROUTE_CANDIDATES] == 2
+            assert route.attributes[tracing.ATTR_ROUTE_ADAPTER_LOADED] is True
+            assert route.attributes[tracing.ATTR_ROUTE_OUTSTANDING_TOKENS] >= 0
 
     run(body)
 

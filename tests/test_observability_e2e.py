@@ -213,6 +213,9 @@ def test_streamed_request_is_one_trace_across_router_and_worker(
     route = next(s for s in trace if s.name == "route")
     assert route.parent_span_id == root.span_id
     assert route.attributes[t.ATTR_WORKER_ID] == "obs-worker"
+    assert route.attributes[t.ATTR_ROUTE_CANDIDATES] == 1
+    assert route.attributes[t.ATTR_ROUTE_OUTSTANDING_TOKENS] >= 0
+    assert t.ATTR_ROUTE_ADAPTER_LOADED not in route.attributes  # no adapter asked
 
     (worker,) = [s for s in trace if s.name == "worker.request"]
     assert worker.service_name == t.SERVICE_WORKER

@@ -2,7 +2,7 @@
 transformers' own server, in one run, with ratios (issue 7).
 
     python -m benchmarks.serving [--smoke] [--concurrency 1,8,32,64]
-        [--dtype float32|bfloat16] [--systems limit,ours1,ours2,direct,naive,null,peer]
+        [--dtype float32|bfloat16] [--systems limit,ours1,ours2,direct,naive,null,null_interval,peer]
         [--rounds 5] [--json out.json]
 
 Systems (same model, dtype and prompts):
@@ -12,9 +12,10 @@ Systems (same model, dtype and prompts):
   direct  clients straight to ours1's worker (router overhead = ours1 - direct)
   naive   one ``model.generate`` per request, one at a time, behind gRPC
   null    router + a ``--engine null`` worker: the router+gRPC ceiling at many streams
+  null_interval  the same worker behind a router run with ``--stream-interval-ms``
   peer    ``transformers serve MODEL --continuous-batching --device cpu`` (OpenAI SSE)
 
-Every system but null runs with its processes up together. At the target concurrency
+Every system but the null ones runs with its processes up together. At the target concurrency
 (where ours/limit, ours/naive and ours/peer are judged) limit, ours1, direct, peer and
 naive run ``--rounds`` interleaved rounds (naive ``--naive-rounds``); at the lowest level
 (router overhead) limit, ours1 and direct do; other levels run once. This machine's speed
@@ -59,7 +60,7 @@ from benchmarks.workload import Workload, build_workload, load_tokenizer
 logger = logging.getLogger("benchmarks.serving")
 
 SCHEMA = "llmcluster.bench.serving/1"
-ALL_SYSTEMS = ("limit", "ours1", "ours2", "direct", "naive", "null", "peer")
+ALL_SYSTEMS = ("limit", "ours1", "ours2", "direct", "naive", "null", "null_interval", "peer")
 # Measured level by level in interleaved rounds (ModelPhase), in this order in round 0.
 INTERLEAVED = ("limit", "ours1", "direct", "peer", "naive")
 PEER_PACKAGES = {
@@ -79,7 +80,8 @@ DESCRIPTIONS = {
     "ours2": "router + 2 workers (gRPC, loopback; cores split between workers)",
     "direct": "clients straight to the ours1 worker (no router)",
     "naive": "one model.generate per request, one at a time, gRPC streaming",
-    "null": "router + null-engine worker (no model): router+gRPC ceiling",
+    "null": "router + null-engine worker (no model): router+gRPC ceiling, a message per token",
+    "null_interval": "null, through a router with --stream-interval-ms (merged messages)",
     "peer": "transformers serve --continuous-batching --device cpu (OpenAI SSE)",
 }
 
@@ -102,8 +104,8 @@ class Settings:
     null_streams: int = 256
     null_new_tokens: int = 256
     null_step_ms: float = 5.0
-    # The null router's --stream-interval-ms (0 = a message per delta, the default).
-    null_stream_interval_ms: float = 0.0
+    # null_interval's router --stream-interval-ms (null's router keeps the default, 0).
+    null_stream_interval_ms: float = 50.0
     target_concurrency: int = 32
     # Each judged level this many times, interleaved (ModelPhase, ``rounds_at``).
     rounds: int = 5
@@ -678,7 +680,7 @@ class NullPhase(Phase):
     """Router + null-engine worker at ``null_streams`` concurrent streams."""
 
     name = "null"
-    provides = ("null",)
+    provides = ("null", "null_interval")
 
     def start(self) -> None:
         s = self.settings
@@ -707,8 +709,7 @@ class NullPhase(Phase):
         self.worker = self.registry.start("null-worker", argv, port=worker_port)
         self.procs = [self.worker]
 
-    def wait_ready(self) -> None:
-        super().wait_ready()
+    def _router(self, name: str, stream_interval_ms: float) -> ServerProc:
         port = free_port()
         argv = llmcluster_argv(
             "router",
@@ -721,18 +722,34 @@ class NullPhase(Phase):
             "--max-queue",
             str(max(1024, 4 * self.settings.null_streams)),
             "--stream-interval-ms",
-            str(self.settings.null_stream_interval_ms),
+            str(stream_interval_ms),
         )
-        self.router = self.registry.start("null-router", argv, port=port)
-        self.procs.append(self.router)
-        self.router.wait_healthy(self.settings.start_timeout_s)
+        return self.registry.start(name, argv, port=port)
+
+    def wait_ready(self) -> None:
+        super().wait_ready()
+        self.routers: dict[str, ServerProc] = {}
+        if "null" in self.wanted:
+            self.routers["null"] = self._router("null-router", 0.0)
+        if "null_interval" in self.wanted:
+            self.routers["null_interval"] = self._router(
+                "null-router-interval", self.settings.null_stream_interval_ms
+            )
+        self.procs += list(self.routers.values())
+        for router in self.routers.values():
+            router.wait_healthy(self.settings.start_timeout_s)
 
     def measure(self) -> dict[str, dict]:
         s = self.settings
         workload = dataclasses.replace(self.workload, max_new_tokens=s.null_new_tokens)
         levels = [(s.null_streams, 2 * s.null_streams)]
-        lv = measure_grpc(self.router.address, workload, levels, s, self.procs)
-        return {"null": {"levels": lv, "processes": self.processes()}}
+        out = {}
+        for system, router in self.routers.items():
+            servers = [router, self.worker]
+            lv = measure_grpc(router.address, workload, levels, s, servers)
+            out[system] = {"levels": lv, "processes": self.processes(*(p.name for p in servers))}
+            self.done[system] = out[system]
+        return out
 
 
 PHASES: tuple[type[Phase], ...] = (ModelPhase, NullPhase)
@@ -906,16 +923,20 @@ def compute_ratios(systems: dict, settings: Settings) -> dict:
         overhead["ttft_p50_difference_ms"] = differences
     ratios["router_ttft_overhead_ms"] = overhead
     null = _level(systems, "null", settings.null_streams)
+    null_interval = _level(systems, "null_interval", settings.null_streams)
     ratios["null_tokens_per_s"] = {
         "streams": settings.null_streams,
         "step_ms": settings.null_step_ms,
         "value": null.get("tokens_per_s") if null else None,
+        "stream_interval_ms": settings.null_stream_interval_ms,
+        "value_with_interval": null_interval.get("tokens_per_s") if null_interval else None,
     }
     router_rss = {}
     for system, names in (
         ("ours1", ["router1"]),
         ("ours2", ["router2"]),
         ("null", ["null-router"]),
+        ("null_interval", ["null-router-interval"]),
     ):
         for name in names:
             info = ((systems.get(system) or {}).get("processes") or {}).get(name)
@@ -981,8 +1002,15 @@ def evaluate_targets(ratios: dict, settings: Settings) -> list[dict]:
             "null engine tokens/s",
             null["value"] if null["streams"] == 256 else None,
             lambda v: v >= 20000,
-            ">= 20000 at 256 streams",
-            f"{null['streams']} streams",
+            ">= 20000",
+            f"{null['streams']} streams, a message per token",
+        ),
+        check(
+            "null engine tokens/s, interval",
+            null["value_with_interval"] if null["streams"] == 256 else None,
+            lambda v: v >= 20000,
+            ">= 20000",
+            f"{null['streams']} streams, --stream-interval-ms {_fmt(null['stream_interval_ms'], 0)}",
         ),
         check(
             "router peak RSS (MB)",
@@ -1062,18 +1090,18 @@ def format_report(report: dict) -> str:
         f"{m['cpus']} cpus, load avg {m['load_avg_start']} -> {m['load_avg_end']}"
     )
     header = (
-        f"{'system':<8} {'conc':>5} {'reqs':>5} {'tok/s':>9} {'req/s':>7} "
+        f"{'system':<13} {'conc':>5} {'reqs':>5} {'tok/s':>9} {'req/s':>7} "
         f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7} {'err':>4}"
     )
     lines += ["", header, "-" * len(header)]
     for name, result in report["systems"].items():
         if result.get("status") != "ok":
-            lines.append(f"{name:<8} {result.get('status')}: {result.get('reason')}")
+            lines.append(f"{name:<13} {result.get('status')}: {result.get('reason')}")
             continue
         for c, lv in result["levels"].items():
             t, i = lv.get("ttft_ms") or {}, lv.get("itl_ms") or {}
             lines.append(
-                f"{name:<8} {c:>5} {lv['requests']:>5} {_fmt(lv.get('tokens_per_s')):>9} "
+                f"{name:<13} {c:>5} {lv['requests']:>5} {_fmt(lv.get('tokens_per_s')):>9} "
                 f"{_fmt(lv.get('requests_per_s'), 2):>7} {_fmt(t.get('p50')):>9} "
                 f"{_fmt(t.get('p90')):>8} {_fmt(t.get('p99')):>8} {_fmt(i.get('p50')):>8} "
                 f"{_fmt(i.get('p90')):>7} {_fmt(i.get('p99')):>7} {lv['errors']:>4}"
@@ -1083,7 +1111,7 @@ def format_report(report: dict) -> str:
         for c, lv in (result.get("levels") or {}).items():
             if lv.get("rounds"):
                 values = ", ".join(_fmt(r.get("tokens_per_s")) for r in lv["rounds"])
-                rounds_lines.append(f"  {name:<8} {c:>5}  {values}")
+                rounds_lines.append(f"  {name:<13} {c:>5}  {values}")
     if rounds_lines:
         lines += ["", "tok/s of each interleaved round (the table shows the median round):"]
         lines += rounds_lines
@@ -1092,11 +1120,11 @@ def format_report(report: dict) -> str:
         for c, lv in (result.get("levels") or {}).items():
             if lv.get("cpu_s"):
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in lv["cpu_s"].items())
-                lines.append(f"  {name:<8} {c:>5}  wall {_fmt(lv.get('wall_s'))}s: {parts}")
+                lines.append(f"  {name:<13} {c:>5}  wall {_fmt(lv.get('wall_s'))}s: {parts}")
     lines += ["", "peak RSS (MB):"]
     for name, result in report["systems"].items():
         for proc, info in (result.get("processes") or {}).items():
-            lines.append(f"  {name:<8} {proc:<12} {_fmt(info.get('peak_rss_mb'))}")
+            lines.append(f"  {name:<13} {proc:<20} {_fmt(info.get('peak_rss_mb'))}")
     r = report["ratios"]
     lines += ["", "ratios (per concurrency):"]
     for key in (
@@ -1114,7 +1142,11 @@ def format_report(report: dict) -> str:
         f"(at {o['concurrency']} stream(s))"
     )
     n = r["null_tokens_per_s"]
-    lines.append(f"  null engine              {_fmt(n['value'])} tok/s at {n['streams']} streams")
+    lines.append(
+        f"  null engine              {_fmt(n['value'])} tok/s at {n['streams']} streams; "
+        f"{_fmt(n['value_with_interval'])} with the router's --stream-interval-ms "
+        f"{_fmt(n['stream_interval_ms'], 0)}"
+    )
     lines.append(f"  router peak RSS          {_fmt(r['router_peak_rss_mb']['max'])} MB")
     lines += ["", "targets:"]
     for t in report["targets"]:
@@ -1195,7 +1227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--null-stream-interval-ms",
         type=float,
-        help="the null router's --stream-interval-ms (default 0: a message per delta)",
+        help=f"null_interval's router --stream-interval-ms (default "
+        f"{d.null_stream_interval_ms:g}; null's router sends a message per delta)",
     )
     parser.add_argument(
         "--peer-cb-num-blocks",

@@ -169,6 +169,7 @@ def test_judged_levels_get_every_round():
         "naive": [1, 1, 3, 1],
         "ours2": [1, 1, 1, 1],
         "null": [1, 1, 1, 1],
+        "null_interval": [1, 1, 1, 1],
     }
 
 
@@ -254,5 +255,6 @@ def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):
     assert ratios["router_ttft_overhead_ms"]["p50"] is not None
     assert ratios["router_ttft_overhead_ms"]["p99"] is not None
     assert ratios["null_tokens_per_s"]["value"] > 0
+    assert ratios["null_tokens_per_s"]["value_with_interval"] > 0
     assert ratios["router_peak_rss_mb"]["max"] > 0
     assert {t["status"] for t in report["targets"]} <= {"PASS", "MISS", "n/a"}

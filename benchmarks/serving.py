@@ -677,10 +677,13 @@ class ModelPhase(Phase):
 
 
 class NullPhase(Phase):
-    """Router + null-engine worker at ``null_streams`` concurrent streams."""
+    """One null-engine worker at ``null_streams`` concurrent streams, behind a router
+    with its default (``null``: a message per token) and, measured after it, one with
+    ``--stream-interval-ms`` (``null_interval``)."""
 
     name = "null"
     provides = ("null", "null_interval")
+    routers: dict[str, ServerProc]  # {system: its router}, set by wait_ready
 
     def start(self) -> None:
         s = self.settings
@@ -728,7 +731,7 @@ class NullPhase(Phase):
 
     def wait_ready(self) -> None:
         super().wait_ready()
-        self.routers: dict[str, ServerProc] = {}
+        self.routers = {}
         if "null" in self.wanted:
             self.routers["null"] = self._router("null-router", 0.0)
         if "null_interval" in self.wanted:
@@ -1033,10 +1036,10 @@ def build_report(
     peak_rss_mb}}, levels {concurrency: summary}}}, where a summary holds requests,
     completed, errors, wall_s, generated_tokens, tokens_per_s, requests_per_s,
     ttft_ms / itl_ms / e2e_ms {p50, p90, p99, mean}, short_requests,
-    client_minus_server_ttft_ms, cpu_s, and for interleaved systems rounds [{tokens_per_s,
-    ttft_ms {p50}, client_minus_server_ttft_ms, errors}]: the summary is then the median
-    round's, with requests / completed / errors over all rounds}), ``ratios`` (see
-    :func:`compute_ratios`; paired per round where both systems have rounds) and
+    client_minus_server_ttft_ms, cpu_s, round, and for interleaved systems rounds [{round,
+    tokens_per_s, ttft_ms {p50}, client_minus_server_ttft_ms, errors}]: the summary is then
+    the median round's, with requests / completed / errors over all rounds}), ``ratios``
+    (see :func:`compute_ratios`; paired by round where both systems have rounds) and
     ``targets`` ([{name, target, value, at, status PASS|MISS|n/a}]).
     """
     ratios = compute_ratios(systems, settings)

@@ -115,6 +115,13 @@ class OpenAIStreamClient:
         self.port = port
         self.max_new_tokens = max_new_tokens
 
+    # A connection per request: nothing to open or close, but used like GrpcStreamClient.
+    async def __aenter__(self) -> OpenAIStreamClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
     def _body(self, prompt: Prompt, max_new_tokens: int) -> bytes:
         # generation_config replaces the server's defaults: greedy, exactly
         # max_new_tokens, and eos_token_id -1 (transformers' "no EOS") so EOS is ignored

@@ -253,16 +253,19 @@ def run_async(coro: Awaitable, timeout_s: float):
     return asyncio.run(bounded())
 
 
-def measure_grpc(
-    address: str,
+def measure_levels(
+    client: GrpcStreamClient | OpenAIStreamClient,
     workload: Workload,
-    levels,
+    levels: list[tuple[int, int]],
     settings: Settings,
     procs: list[ServerProc],
     expect_workers: int = 0,
 ) -> dict[str, dict]:
+    """:func:`measure_client` with ``client`` (opened and closed here), bounded by the
+    system timeout."""
+
     async def go():
-        async with GrpcStreamClient(address, workload.max_new_tokens) as client:
+        async with client:
             return await measure_client(
                 client,
                 workload,
@@ -275,25 +278,12 @@ def measure_grpc(
     return run_async(go(), settings.system_timeout_s)
 
 
-def measure_peer(
-    port: int,
-    workload: Workload,
-    concurrency: int,
-    n_requests: int,
-    settings: Settings,
-    procs: list[ServerProc],
-) -> dict[str, dict]:
-    async def go():
-        client = OpenAIStreamClient("127.0.0.1", port, workload.max_new_tokens)
-        return await measure_client(
-            client,
-            workload,
-            [(concurrency, n_requests)],
-            warmup_requests=min(4, concurrency),
-            procs=procs,
-        )
-
-    return run_async(go(), settings.system_timeout_s)
+def router_argv(workers: Sequence[ServerProc], port: int, *flags: str) -> list[str]:
+    """``llmcluster router`` on loopback ``port`` over ``workers``, plus ``flags``."""
+    addresses = ",".join(w.address for w in workers)
+    return llmcluster_argv(
+        "router", "--host", "127.0.0.1", "--port", str(port), "--workers", addresses, *flags
+    )
 
 
 # ----- phases: which processes to start for which systems -----------------------------
@@ -491,16 +481,7 @@ class ModelPhase(Phase):
 
     def _router(self, name: str, workers: list[ServerProc]) -> ServerProc:
         port = free_port()
-        argv = llmcluster_argv(
-            "router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            ",".join(w.address for w in workers),
-        )
-        return self.registry.start(name, argv, port=port)
+        return self.registry.start(name, router_argv(workers, port), port=port)
 
     def _start_naive(self) -> ServerProc:
         port = free_port()
@@ -563,8 +544,7 @@ class ModelPhase(Phase):
             self.naive = self._start_naive()
             self.procs.append(self.naive)
         if "peer" in self.wanted and self.settings.smoke:
-            self.peer = self._start_peer()
-            self.procs.append(self.peer)
+            self.peer = self._start_peer()  # listed and waited for in wait_ready
 
     def wait_ready(self) -> None:
         super().wait_ready()  # the limit's "none" health passes at once
@@ -581,13 +561,13 @@ class ModelPhase(Phase):
             self.r2 = self._router("router2", [self.w2a, self.w2b])
             self.procs.append(self.r2)
             self.r2.wait_healthy(self.settings.start_timeout_s)
-        if "peer" in self.wanted and self.peer is None:
-            # Last: transformers serve sizes its KV cache from the RAM left free, so it
-            # must see the others' memory already taken.
-            self.peer = self._start_peer()
+        if "peer" in self.wanted:
+            if self.peer is None:
+                # Last: transformers serve sizes its KV cache from the RAM left free, so
+                # it must see the others' memory already taken.
+                self.peer = self._start_peer()
             self.procs.append(self.peer)
-        if self.peer is not None:
-            try:
+            try:  # not in super().wait_ready(): a peer that fails must not stop ours
                 self.peer.wait_healthy(self.settings.start_timeout_s)
             except Exception as exc:  # noqa: BLE001 - ours are still measured
                 logger.exception("the peer did not start")
@@ -610,19 +590,20 @@ class ModelPhase(Phase):
             assert self.limit is not None
             return self.limit.run_level(concurrency, n_requests)
         servers = self._servers(system)
-        if system == "peer":
-            by_level = measure_peer(
-                servers[0].port, self.workload, concurrency, n_requests, self.settings, servers
-            )
-        else:
-            by_level = measure_grpc(
-                servers[0].address,
-                self.workload,
-                [(concurrency, n_requests)],
-                self.settings,
-                servers,
-                expect_workers=2 if system == "ours2" else 0,
-            )
+        max_new = self.workload.max_new_tokens
+        client = (
+            OpenAIStreamClient("127.0.0.1", servers[0].port, max_new)
+            if system == "peer"
+            else GrpcStreamClient(servers[0].address, max_new)
+        )
+        by_level = measure_levels(
+            client,
+            self.workload,
+            [(concurrency, n_requests)],
+            self.settings,
+            servers,
+            expect_workers=2 if system == "ours2" else 0,
+        )
         return by_level[str(concurrency)]
 
     def _processes_of(self, system: str) -> dict[str, dict]:
@@ -714,14 +695,9 @@ class NullPhase(Phase):
 
     def _router(self, name: str, stream_interval_ms: float) -> ServerProc:
         port = free_port()
-        argv = llmcluster_argv(
-            "router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            self.worker.address,
+        argv = router_argv(
+            [self.worker],
+            port,
             "--max-queue",
             str(max(1024, 4 * self.settings.null_streams)),
             "--stream-interval-ms",
@@ -749,7 +725,8 @@ class NullPhase(Phase):
         out = {}
         for system, router in self.routers.items():
             servers = [router, self.worker]
-            lv = measure_grpc(router.address, workload, levels, s, servers)
+            client = GrpcStreamClient(router.address, workload.max_new_tokens)
+            lv = measure_levels(client, workload, levels, s, servers)
             out[system] = {"levels": lv, "processes": self.processes(*(p.name for p in servers))}
             self.done[system] = out[system]
         return out

@@ -11,6 +11,13 @@ One object per process, made in ``main`` and handed to whoever records::
 Names follow Prometheus conventions (``llmcluster_`` prefix, base units in the name,
 ``_total`` on counters). Latency buckets follow vLLM's, extended downwards for small
 models on CPU, so TTFT and inter-token percentiles are resolvable from 1 ms to minutes.
+
+Beside our own series, every serving process exports the OpenTelemetry GenAI
+semantic-convention histograms (``gen_ai.server.time_to_first_token``,
+``gen_ai.server.time_per_output_token``, ``gen_ai.server.request.duration``,
+``gen_ai.client.token.usage``) in their Prometheus form (dots to underscores, unit
+suffix ``_seconds``) with the bucket boundaries the conventions prescribe, observed once
+per successful request, so dashboards built for the conventions work unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from common.tracing import GEN_AI_OPERATION_TEXT_COMPLETION, package_version
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +52,26 @@ QUEUE_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
+# OpenTelemetry GenAI semantic conventions (docs/gen-ai/gen-ai-metrics.md): the
+# ExplicitBucketBoundaries each metric SHOULD use.
+GENAI_TTFT_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+GENAI_TIME_PER_OUTPUT_TOKEN_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+GENAI_REQUEST_DURATION_BUCKETS_S = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+GENAI_TOKEN_USAGE_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+# Status codes that end a request early by the caller's will (cancel) or clock (deadline).
+CANCELLATION_REASONS = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline"}
 
 
 def status_code_name(code: Any) -> str:
@@ -126,18 +151,68 @@ class _ServingMetrics:
             buckets=TOKEN_COUNT_BUCKETS,
             registry=r,
         )
+        self.cancellations_total = Counter(
+            "llmcluster_cancellations_total",
+            "Requests that ended before finishing: reason=cancelled (the caller cancelled) or "
+            "deadline (its deadline passed).",
+            ["reason"],
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "llmcluster_healthy",
+            "1 while this process's grpc.health.v1 status is SERVING, else 0.",
+            registry=r,
+        )
+        # OpenTelemetry GenAI semantic conventions, Prometheus form (see module docstring).
+        self.genai_time_to_first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to generate first token for successful responses.",
+            ["gen_ai_operation_name"],
+            buckets=GENAI_TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.genai_time_per_output_token = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token generated after the first token for successful responses.",
+            ["gen_ai_operation_name"],
+            buckets=GENAI_TIME_PER_OUTPUT_TOKEN_BUCKETS_S,
+            registry=r,
+        )
+        self.genai_request_duration = Histogram(
+            "gen_ai_server_request_duration_seconds",
+            "Generative AI server request duration (to the last output token).",
+            ["gen_ai_operation_name"],
+            buckets=GENAI_REQUEST_DURATION_BUCKETS_S,
+            registry=r,
+        )
+        self.genai_token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Number of input and output tokens used, per request.",
+            ["gen_ai_operation_name", "gen_ai_token_type"],
+            buckets=GENAI_TOKEN_USAGE_BUCKETS,
+            registry=r,
+        )
+        for reason in CANCELLATION_REASONS.values():  # zeros from the start
+            self.cancellations_total.labels(reason)
         self.build_info = Gauge(
             "llmcluster_build_info", "Always 1; labels say what runs.", ["role", "version"],
             registry=r,
         )  # fmt: skip
-        from common.tracing import package_version
-
         self.build_info.labels(role=role, version=package_version()).set(1)
 
     # -- hot-path helpers -------------------------------------------------------------------
     def record_request(self, method: str, code: Any = "OK") -> None:
-        """Counts one finished RPC; ``code`` is a ``grpc.StatusCode`` or its name."""
-        self.requests_total.labels(self.role, method, status_code_name(code)).inc()
+        """Counts one finished RPC (and a cancellation when it ended CANCELLED or
+        DEADLINE_EXCEEDED); ``code`` is a ``grpc.StatusCode`` or its name."""
+        name = status_code_name(code)
+        self.requests_total.labels(self.role, method, name).inc()
+        reason = CANCELLATION_REASONS.get(name)
+        if reason is not None:
+            self.cancellations_total.labels(reason).inc()
+
+    def set_healthy(self, serving: bool) -> None:
+        """The process's health status changed (every flip, both ways)."""
+        self.healthy.set(1 if serving else 0)
 
     def observe_ttft(self, seconds: float) -> None:
         """Time to first token of one request."""
@@ -154,14 +229,29 @@ class _ServingMetrics:
         self.queue_time_seconds.observe(seconds)
 
     def observe_request_done(
-        self, *, e2e_s: float, prompt_tokens: int, generation_tokens: int
+        self,
+        *,
+        e2e_s: float,
+        prompt_tokens: int,
+        generation_tokens: int,
+        ttft_s: float | None = None,
+        operation: str = GEN_AI_OPERATION_TEXT_COMPLETION,
     ) -> None:
-        """A finished request: end-to-end latency and token counts."""
+        """A successfully finished request: end-to-end latency and token counts, and the
+        GenAI histograms (``ttft_s``: its time to first token, None if it made none)."""
         self.e2e_request_latency_seconds.observe(e2e_s)
         self.prompt_tokens_total.inc(prompt_tokens)
         self.generation_tokens_total.inc(generation_tokens)
         self.request_prompt_tokens.observe(prompt_tokens)
         self.request_generation_tokens.observe(generation_tokens)
+        self.genai_request_duration.labels(operation).observe(e2e_s)
+        self.genai_token_usage.labels(operation, "input").observe(prompt_tokens)
+        self.genai_token_usage.labels(operation, "output").observe(generation_tokens)
+        if ttft_s is not None and generation_tokens > 0:
+            self.genai_time_to_first_token.labels(operation).observe(ttft_s)
+            if generation_tokens > 1:  # the conventions' definition: after the first token
+                per_token = max(0.0, e2e_s - ttft_s) / (generation_tokens - 1)
+                self.genai_time_per_output_token.labels(operation).observe(per_token)
 
 
 class WorkerMetrics(_ServingMetrics):
@@ -182,27 +272,34 @@ class WorkerMetrics(_ServingMetrics):
         self.engine_steps_total = Counter(
             "llmcluster_engine_steps_total", "Engine iterations (forward passes).", registry=r
         )
-        self.kv_cache_usage_ratio = Gauge(
-            "llmcluster_kv_cache_usage_ratio", "Used / capacity KV-cache tokens (0..1).", registry=r
+        # Admission reserves prompt + max_new_tokens per sequence up front (so nothing is
+        # ever preempted); what the cache holds now (occupied) is at most that.
+        self.kv_cache_reserved_tokens = Gauge(
+            "llmcluster_kv_cache_reserved_tokens",
+            "KV-cache tokens reserved by running sequences (prompt + max_new_tokens each).",
+            registry=r,
         )
-        self.kv_cache_used_tokens = Gauge(
-            "llmcluster_kv_cache_used_tokens", "KV-cache tokens in use.", registry=r
+        self.kv_cache_reserved_ratio = Gauge(
+            "llmcluster_kv_cache_reserved_ratio",
+            "Reserved / capacity KV-cache tokens (0..1); admission waits when a request's "
+            "reservation does not fit.",
+            registry=r,
         )
+        self.kv_cache_occupied_tokens = Gauge(
+            "llmcluster_kv_cache_occupied_tokens",
+            "KV-cache tokens holding keys and values now (prompt + tokens generated so far "
+            "of each running sequence).",
+            registry=r,
+        )
+        self.kv_cache_occupied_ratio = Gauge(
+            "llmcluster_kv_cache_occupied_ratio", "Occupied / capacity KV-cache tokens (0..1).",
+            registry=r,
+        )  # fmt: skip
         self.kv_cache_capacity_tokens = Gauge(
             "llmcluster_kv_cache_capacity_tokens", "KV-cache capacity in tokens.", registry=r
         )
         self.loaded_adapters = Gauge(
             "llmcluster_loaded_adapters", "Adapters loaded in memory.", registry=r
-        )
-        self.preemptions_total = Counter(
-            "llmcluster_preemptions_total",
-            "Sequences evicted from the running batch for lack of KV cache.",
-            registry=r,
-        )
-        self.cancellations_total = Counter(
-            "llmcluster_cancellations_total",
-            "Sequences aborted by cancel or deadline before finishing.",
-            registry=r,
         )
         self.finetune_jobs = Gauge(
             "llmcluster_finetune_jobs", "Fine-tune jobs by state.", ["state"], registry=r
@@ -212,9 +309,6 @@ class WorkerMetrics(_ServingMetrics):
         )
         self.self_tests_total = Counter(
             "llmcluster_self_tests_total", "Self-test runs by result.", ["result"], registry=r
-        )
-        self.healthy = Gauge(
-            "llmcluster_healthy", "1 while the health service reports SERVING.", registry=r
         )
         for state in JOB_STATES:  # export zeros so dashboards show every state from start
             self.finetune_jobs.labels(state)
@@ -231,18 +325,24 @@ class WorkerMetrics(_ServingMetrics):
         *,
         waiting: int,
         running: int,
-        kv_used_tokens: int | None = None,
+        kv_reserved_tokens: int | None = None,
+        kv_occupied_tokens: int | None = None,
         kv_capacity_tokens: int | None = None,
     ) -> None:
-        """Queue depth, running sequences and KV-cache use after an iteration."""
+        """Queue depth, running sequences and KV-cache reservation / occupancy after an
+        iteration."""
         self.queue_depth.set(waiting)
         self.running_sequences.set(running)
         if kv_capacity_tokens is not None:
             self.kv_cache_capacity_tokens.set(kv_capacity_tokens)
-        if kv_used_tokens is not None:
-            self.kv_cache_used_tokens.set(kv_used_tokens)
-            if kv_capacity_tokens:
-                self.kv_cache_usage_ratio.set(kv_used_tokens / kv_capacity_tokens)
+        for tokens, gauge, ratio in (
+            (kv_reserved_tokens, self.kv_cache_reserved_tokens, self.kv_cache_reserved_ratio),
+            (kv_occupied_tokens, self.kv_cache_occupied_tokens, self.kv_cache_occupied_ratio),
+        ):
+            if tokens is not None:
+                gauge.set(tokens)
+                if kv_capacity_tokens:
+                    ratio.set(tokens / kv_capacity_tokens)
 
     def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
         """Sets the job gauge for every state (states absent from ``counts`` read 0)."""

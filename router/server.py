@@ -52,6 +52,7 @@ class RouterServer:
         """Stops taking calls, lets running ones finish within grace, closes links."""
         grace = self.cluster.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        self.metrics.set_healthy(False)
         if self.registry is not None:
             if self.instance is not None:
                 await asyncio.to_thread(self.registry.deregister, self.instance.id)
@@ -115,6 +116,7 @@ async def start_router(
         async def apply() -> None:
             for service in ("", GENERATE_SERVICE, FINETUNE_SERVICE):
                 await health.set(service, status)
+            metrics.set_healthy(healthy)
 
         task = loop.create_task(apply())
         pending.add(task)

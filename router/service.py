@@ -71,10 +71,22 @@ def _routing_metadata(routed: Routed) -> tuple[tuple[str, str], ...]:
 class _Observation:
     """Metrics of one request as the client sees it (TTFT, inter-token gaps, status)."""
 
-    def __init__(self, metrics: RouterMetrics | None, method: str) -> None:
+    def __init__(
+        self,
+        metrics: RouterMetrics | None,
+        method: str,
+        chat: bool = False,
+        time_remaining_s: float | None = None,
+    ) -> None:
         self.metrics = metrics
         self.method = method
+        self.operation = (
+            tracing.GEN_AI_OPERATION_CHAT if chat else tracing.GEN_AI_OPERATION_TEXT_COMPLETION
+        )
         self.start = time.monotonic()
+        # gRPC cancels the handler when the caller's deadline passes: tell the two apart.
+        self.deadline = None if time_remaining_s is None else self.start + time_remaining_s
+        self.first: float | None = None
         self.last: float | None = None
         self.code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # until proven otherwise
 
@@ -83,6 +95,7 @@ class _Observation:
             return
         now = time.monotonic()
         if self.last is None:
+            self.first = now
             self.metrics.observe_ttft(now - self.start)
         else:
             self.metrics.observe_inter_token(now - self.last, len(event.tokens))
@@ -95,11 +108,17 @@ class _Observation:
                 e2e_s=time.monotonic() - self.start,
                 prompt_tokens=event.usage.prompt_tokens,
                 generation_tokens=event.usage.completion_tokens,
+                ttft_s=None if self.first is None else self.first - self.start,
+                operation=self.operation,
             )
 
     def done(self) -> None:
         if self.metrics is not None:
-            self.metrics.record_request(self.method, self.code)
+            code = self.code
+            expired = self.deadline is not None and time.monotonic() >= self.deadline
+            if code == grpc.StatusCode.CANCELLED and expired:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            self.metrics.record_request(self.method, code)
 
 
 class GenerateService(generate_pb2_grpc.GenerateServicer):
@@ -134,7 +153,12 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         request = _with_request_id(request)
         routed = Routed()
-        obs = _Observation(self.metrics, "GenerateStream")
+        obs = _Observation(
+            self.metrics,
+            "GenerateStream",
+            chat=len(request.messages) > 0,
+            time_remaining_s=context.time_remaining(),
+        )
         try:
             with self._span("GenerateStream", request, context) as span:
                 self.cluster.validate(request)
@@ -177,7 +201,12 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
     ) -> generate_pb2.GenerateResponse:
         request = _with_request_id(request)
         routed = Routed()
-        obs = _Observation(self.metrics, "Generate")
+        obs = _Observation(
+            self.metrics,
+            "Generate",
+            chat=len(request.messages) > 0,
+            time_remaining_s=context.time_remaining(),
+        )
         want_tokens = request.params.logprobs > 0
         response = generate_pb2.GenerateResponse(request_id=request.request_id)
         texts: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -15,6 +16,8 @@ from common.metrics import (
     start_metrics_server,
     status_code_name,
 )
+from common.pb import generate_pb2, generate_pb2_grpc
+from tests.procs import free_port, start_router, start_worker
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -63,13 +66,21 @@ def test_worker_metrics_move_after_traffic(worker) -> None:
     metrics.record_request("GenerateStream")
     for size in (1, 4, 4):
         metrics.observe_step(size)
-    metrics.set_engine_state(waiting=5, running=4, kv_used_tokens=256, kv_capacity_tokens=1024)
+    metrics.set_engine_state(
+        waiting=5,
+        running=4,
+        kv_reserved_tokens=256,
+        kv_occupied_tokens=64,
+        kv_capacity_tokens=1024,
+    )
     metrics.loaded_adapters.set(2)
     metrics.set_jobs_by_state({"RUNNING": 1, "SUCCEEDED": 3})
     metrics.set_training_loss("job-1", 1.75)
     metrics.record_self_test(True)
     metrics.record_self_test(False)
-    metrics.healthy.set(1)
+    metrics.set_healthy(True)
+    metrics.record_request("GenerateStream", grpc.StatusCode.CANCELLED)
+    metrics.record_request("Serve", "DEADLINE_EXCEEDED")
 
     after = scrape(port)
     assert value(after, "llmcluster_time_to_first_token_seconds_count") == 3
@@ -91,8 +102,13 @@ def test_worker_metrics_move_after_traffic(worker) -> None:
     assert value(after, "llmcluster_batch_size_sum") == 9
     assert value(after, "llmcluster_queue_depth") == 5
     assert value(after, "llmcluster_running_sequences") == 4
-    assert value(after, "llmcluster_kv_cache_usage_ratio") == 0.25
-    assert value(after, "llmcluster_kv_cache_used_tokens") == 256
+    assert value(after, "llmcluster_kv_cache_reserved_ratio") == 0.25
+    assert value(after, "llmcluster_kv_cache_reserved_tokens") == 256
+    assert value(after, "llmcluster_kv_cache_occupied_tokens") == 64
+    assert value(after, "llmcluster_kv_cache_occupied_ratio") == 0.0625
+    assert value(after, "llmcluster_healthy") == 1
+    assert value(after, "llmcluster_cancellations_total", reason="cancelled") == 1
+    assert value(after, "llmcluster_cancellations_total", reason="deadline") == 1
     assert value(after, "llmcluster_loaded_adapters") == 2
     assert value(after, "llmcluster_finetune_jobs", state="RUNNING") == 1
     assert value(after, "llmcluster_finetune_jobs", state="SUCCEEDED") == 3
@@ -135,6 +151,51 @@ def test_router_metrics_move_after_traffic(router) -> None:
     assert not [k for k in after if k[0].startswith("llmcluster_kv_cache")]
 
 
+def test_genai_histograms_use_the_semantic_conventions_buckets(router) -> None:
+    """gen_ai.* in Prometheus form, with the ExplicitBucketBoundaries the OpenTelemetry
+    GenAI conventions prescribe, observed once per successful request."""
+    metrics, port = router
+    before = scrape(port)
+    assert value(before, "llmcluster_cancellations_total", reason="cancelled") == 0
+    metrics.observe_request_done(
+        e2e_s=1.3, prompt_tokens=5, generation_tokens=11, ttft_s=0.3, operation="chat"
+    )
+    metrics.observe_request_done(e2e_s=0.05, prompt_tokens=3, generation_tokens=0, ttft_s=None)
+    after = scrape(port)
+
+    def buckets(name: str, **labels: str) -> list[float]:
+        return sorted(
+            float(dict(k[1])["le"])
+            for k in after
+            if k[0] == name + "_bucket"
+            and dict(k[1])["le"] != "+Inf"
+            and all(dict(k[1]).get(a) == b for a, b in labels.items())
+        )
+
+    chat = {"gen_ai_operation_name": "chat"}
+    assert buckets("gen_ai_server_time_to_first_token_seconds", **chat) == [
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    ]  # fmt: skip
+    assert buckets("gen_ai_server_time_per_output_token_seconds", **chat) == [
+        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    ]  # fmt: skip
+    assert buckets("gen_ai_server_request_duration_seconds", **chat) == [
+        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    ]  # fmt: skip
+    assert buckets("gen_ai_client_token_usage", gen_ai_token_type="input", **chat) == [
+        float(4**i) for i in range(14)
+    ]
+    assert value(after, "gen_ai_server_time_to_first_token_seconds_sum", **chat) == 0.3
+    # (1.3 - 0.3) s over the 10 tokens after the first.
+    assert value(after, "gen_ai_server_time_per_output_token_seconds_sum", **chat) == pytest.approx(
+        0.1
+    )
+    assert value(after, "gen_ai_client_token_usage_sum", gen_ai_token_type="output", **chat) == 11
+    text = {"gen_ai_operation_name": "text_completion"}
+    assert value(after, "gen_ai_server_request_duration_seconds_count", **text) == 1
+    assert ("gen_ai_server_time_to_first_token_seconds_count", tuple(text.items())) not in after
+
+
 def test_registries_are_per_instance() -> None:
     """Two objects in one process (tests, `llmcluster up`) must not share or clash."""
     a, b = WorkerMetrics(), WorkerMetrics()
@@ -155,3 +216,93 @@ def _version() -> str:
     from common.tracing import package_version
 
     return package_version()
+
+
+# ------------------------------------------------- real processes: each series moves on its event
+
+
+def _wait_for(predicate, timeout_s: float, what: str, port: int):
+    """Polls a scrape until ``predicate(samples)`` holds; fails naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    samples = scrape(port)
+    while not predicate(samples):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+        samples = scrape(port)
+    return samples
+
+
+def test_cancel_deadline_and_health_flips_move_metrics_of_real_processes(tmp_path) -> None:
+    """A null-engine worker and a router over it, scraped over /metrics: a cancelled
+    stream and a missed deadline count as cancellations on both, a successful request
+    fills the gen_ai histograms, and a wedged engine turns llmcluster_healthy to 0 on
+    the worker and (its only worker gone) on the router, and back to 1 on recovery."""
+    env = {"LLMCLUSTER_HOME": str(tmp_path / "home")}
+    fault = tmp_path / "wedge"
+    wport, rport = free_port(), free_port()
+    worker = start_worker(
+        "--engine", "null", "--null-step-ms", "5", "--worker-id", "metrics-worker",
+        "--metrics-port", str(wport), "--fault-file", str(fault),
+        "--self-test-interval-s", "0.5", "--self-test-timeout-s", "1",
+        env=env,
+    )  # fmt: skip
+    procs = [worker]
+    try:
+        worker.wait_healthy(120)
+        router = start_router([worker.address], "--metrics-port", str(rport), env=env)
+        procs.append(router)
+        router.wait_healthy(60)
+        for port in (wport, rport):
+            _wait_for(lambda s: value(s, "llmcluster_healthy") == 1, 30, "healthy=1", port)
+        cancelled = {"reason": "cancelled"}
+        assert value(scrape(rport), "llmcluster_cancellations_total", **cancelled) == 0
+
+        with grpc.insecure_channel(router.address) as channel:
+            stub = generate_pb2_grpc.GenerateStub(channel)
+            long = generate_pb2.GenerateRequest(
+                prompt="count", params=generate_pb2.SamplingParams(max_new_tokens=2000)
+            )
+            # A successful request: the gen_ai histograms move.
+            ok = generate_pb2.GenerateRequest(
+                prompt="hi", params=generate_pb2.SamplingParams(max_new_tokens=4)
+            )
+            assert stub.Generate(ok, timeout=30).usage.completion_tokens == 4
+            # A client that cancels after its first message.
+            call = stub.GenerateStream(long, timeout=60)
+            assert next(call).tokens
+            call.cancel()
+            # A deadline that passes mid-stream.
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stub.GenerateStream(long, timeout=0.5):
+                    pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        text = {"gen_ai_operation_name": "text_completion"}
+        for port in (rport, wport):
+            after = _wait_for(
+                lambda s: value(s, "llmcluster_cancellations_total", **cancelled) >= 1,
+                30,
+                "a cancellation",
+                port,
+            )
+            assert value(after, "gen_ai_server_request_duration_seconds_count", **text) >= 1
+            assert value(after, "gen_ai_server_time_to_first_token_seconds_count", **text) >= 1
+            out = {**text, "gen_ai_token_type": "output"}
+            assert value(after, "gen_ai_client_token_usage_sum", **out) >= 4
+        _wait_for(
+            lambda s: value(s, "llmcluster_cancellations_total", reason="deadline") >= 1,
+            30,
+            "a deadline counted by the router",
+            rport,
+        )
+
+        fault.touch()  # the engine hangs: the self-test fails, health flips
+        _wait_for(lambda s: value(s, "llmcluster_healthy") == 0, 30, "worker healthy=0", wport)
+        _wait_for(lambda s: value(s, "llmcluster_healthy") == 0, 30, "router healthy=0", rport)
+        fault.unlink()
+        _wait_for(lambda s: value(s, "llmcluster_healthy") == 1, 60, "worker healthy=1", wport)
+        _wait_for(lambda s: value(s, "llmcluster_healthy") == 1, 60, "router healthy=1", rport)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

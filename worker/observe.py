@@ -22,6 +22,7 @@ from common.tracing import (
     ATTR_WORKER_ID,
     EVENT_FIRST_TOKEN,
     GEN_AI_OPERATION_CHAT,
+    GEN_AI_OPERATION_TEXT_COMPLETION,
     GEN_AI_RESPONSE_MODEL,
     genai_request_attributes,
     genai_usage_attributes,
@@ -56,6 +57,9 @@ class RequestObserver:
     ) -> None:
         self._metrics = metrics
         self._method = method
+        self._operation = (
+            GEN_AI_OPERATION_CHAT if spec.messages else GEN_AI_OPERATION_TEXT_COMPLETION
+        )
         self._arrival = time.monotonic()
         self._admitted: float | None = None
         self._first: float | None = None
@@ -63,7 +67,7 @@ class RequestObserver:
         attrs = genai_request_attributes(
             # The model the worker serves when the request names none (empty = default).
             model=spec.model or served_model or "default",
-            operation=GEN_AI_OPERATION_CHAT if spec.messages else "text_completion",
+            operation=self._operation,
             max_tokens=spec.params.max_new_tokens,
             temperature=spec.params.temperature,
             top_p=spec.params.top_p,
@@ -154,6 +158,8 @@ class RequestObserver:
                     e2e_s=usage.total_ms / 1000.0,
                     prompt_tokens=usage.prompt_tokens,
                     generation_tokens=usage.completion_tokens,
+                    ttft_s=usage.time_to_first_token_ms / 1000.0,  # same clock as total_ms
+                    operation=self._operation,
                 )
         if self._metrics is not None:
             self._metrics.record_request(self._method, code)

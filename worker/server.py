@@ -76,6 +76,7 @@ class WorkerServer:
         )
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+        self.metrics.set_healthy(serving)
 
     async def start(self) -> None:
         generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(self.state), self.server)
@@ -183,7 +184,8 @@ class WorkerServer:
             metrics.set_engine_state(
                 waiting=s["queued"],
                 running=s["running"],
-                kv_used_tokens=s["max_kv_tokens"] - s["free_kv_tokens"],
+                kv_reserved_tokens=s["max_kv_tokens"] - s["free_kv_tokens"],
+                kv_occupied_tokens=s["occupied_kv_tokens"],
                 kv_capacity_tokens=s["max_kv_tokens"],
             )
             metrics.loaded_adapters.set(len(runtime.adapters.loaded_refs()))

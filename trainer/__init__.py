@@ -6,9 +6,20 @@ Importable and testable with no gRPC: it depends on ``common`` only. The worker 
 
 Note: ``trainer.train`` is the function; the module's other names are reached with
 ``from trainer.train import ...``.
+
+Importing the package stays light (no torch, no transformers): the client commands
+(``llmcluster finetune list|get|cancel|watch``) read :class:`TrainConfig` from here and
+must answer in a fraction of a second. The names that need torch (:func:`train`,
+:func:`run_local`, :func:`latest_checkpoint`, :class:`TrainingCancelled`) load on first use.
 """
 
-from trainer.checkpoint import latest_checkpoint
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from trainer.config import DEFAULT_LEARNING_RATES, TrainConfig
 from trainer.data import DatasetError, JsonlText, PreparedData, load_examples, prepare_data
 from trainer.events import (
@@ -20,8 +31,18 @@ from trainer.events import (
     PhaseEvent,
     TrainEvent,
 )
-from trainer.local import run_local
-from trainer.train import TrainingCancelled, train
+
+if TYPE_CHECKING:
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.local import run_local
+    from trainer.train import TrainingCancelled, train
+
+# name -> the submodule that defines it (each imports torch).
+_HEAVY = {
+    "latest_checkpoint": "trainer.checkpoint",
+    "run_local": "trainer.local",
+    "TrainingCancelled": "trainer.train",
+}
 
 __all__ = [
     "DEFAULT_LEARNING_RATES",
@@ -43,3 +64,32 @@ __all__ = [
     "run_local",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the torch-backed names, imported when first asked for."""
+    module = _HEAVY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+class _TrainerPackage(types.ModuleType):
+    """Keeps ``trainer.train`` the function: importing the submodule ``trainer.train``
+    makes the import system bind that module on the package under the same name, which
+    this property's setter ignores."""
+
+    @property
+    def train(self) -> Any:
+        from trainer.train import train as train_function
+
+        return train_function
+
+    @train.setter
+    def train(self, _submodule: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _TrainerPackage

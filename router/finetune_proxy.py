@@ -197,15 +197,21 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                     metadata=tracing.grpc_metadata_from_context(),
                 ),
             )
-            jobs: list[finetune_pb2.Job] = []
+            # job id -> (the copy kept, the worker that listed it): workers sharing a
+            # jobs folder each list the same job, and the client sees it once.
+            unique: dict[str, tuple[finetune_pb2.Job, str]] = {}
             errors: list[str] = []
             for link, result in zip(links, results, strict=True):
                 if isinstance(result, BaseException):
                     errors.append(f"{link.address}: {_describe(result)}")
                     continue
                 for job in result.jobs:
-                    self.table.remember_job(job.job_id, link.address)
-                jobs.extend(result.jobs)
+                    kept = unique.get(job.job_id)
+                    if kept is None or _progress(job) > _progress(kept[0]):
+                        unique[job.job_id] = (job, link.address)
+            for job_id, (_, address) in unique.items():
+                self.table.remember_job(job_id, address)
+            jobs = [job for job, _ in unique.values()]
             if errors and len(errors) == len(links):
                 raise Unavailable(f"no worker answered ListJobs ({'; '.join(errors)})")
             if errors:
@@ -431,6 +437,18 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
     def _record(self, method: str, code: Any) -> None:
         if self.metrics is not None:
             self.metrics.record_request(method, code)
+
+
+def _progress(job: finetune_pb2.Job) -> tuple[bool, bool, int, int]:
+    """How far a listed copy of a job has come. Of two workers sharing a jobs folder,
+    the one running the job reports it furthest along; the other shows what it read
+    from disk when it started."""
+    return (
+        job.finished_unix_ms > 0,
+        job.started_unix_ms > 0,
+        job.latest_metrics.step,
+        job.finished_unix_ms,
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ from common.pb import generate_pb2
 from common.validation import GenerationLimits, generation_spec_from_pb
 from router.config import RouterConfig
 from router.link import Delta, Event, Failed, Finished, LinkRequest, LinkStats, WorkerLink
-from router.policy import LeastOutstandingPolicy, Policy
+from router.policy import Policy, PowerOfTwoChoicesPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Cluster:
         metrics: RouterMetrics | None = None,
     ) -> None:
         self.config = config
-        self.policy = policy or LeastOutstandingPolicy(seed=config.seed)
+        self.policy = policy or PowerOfTwoChoicesPolicy(seed=config.seed)
         self.on_health_change = on_health_change
         self.metrics = metrics
         self._tracer = tracing.get_tracer(__name__)

@@ -1,8 +1,8 @@
 """Balancing policy: which worker takes a request, as a pure function of worker snapshots.
 
 Order of preference (ARCHITECTURE.md, "Data path"): only healthy workers that serve
-the model; among them, those with the adapter already loaded; then the least
-outstanding work; near-ties are broken by power-of-two random choices, which keeps
+the model; among them, those with the adapter already loaded; then power-of-two
+choices: two drawn at random, the one with less outstanding work wins, which keeps
 several routers with the same stale view from herding onto one worker
 (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing").
 """
@@ -64,17 +64,18 @@ class Policy:
         raise NotImplementedError
 
 
-class LeastOutstandingPolicy(Policy):
-    """Healthy + serves model → adapter loaded → least outstanding tokens → P2C on ties.
+class PowerOfTwoChoicesPolicy(Policy):
+    """Healthy + serves model → adapter loaded → two drawn at random → less outstanding.
 
-    ``tie_tokens``: workers whose outstanding work is within this many tokens of the
-    least are considered tied; two of them are drawn at random and the one with less
-    work (then fewer outstanding requests) wins.
+    Among the eligible workers two are drawn at random and the one with fewer outstanding
+    tokens (then fewer outstanding requests) wins. A pure least-loaded pick sends every
+    router holding the same stale view (Load reports arrive every few hundred ms) to the
+    same worker; the random pair spreads them, while the most loaded worker still never
+    wins (it loses any pair). With two eligible workers it is exactly least-loaded.
     """
 
-    def __init__(self, seed: int | None = None, tie_tokens: int = 0) -> None:
+    def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
-        self.tie_tokens = tie_tokens
 
     def choose(self, model: str, adapter: str, workers: Sequence[WorkerState]) -> WorkerState:
         healthy = [w for w in workers if w.healthy]
@@ -93,9 +94,7 @@ class LeastOutstandingPolicy(Policy):
         if adapter:
             with_adapter = [w for w in candidates if w.has_adapter(adapter)]
             candidates = with_adapter or candidates
-        least = min(w.outstanding_tokens for w in candidates)
-        tied = [w for w in candidates if w.outstanding_tokens <= least + self.tie_tokens]
-        if len(tied) == 1:
-            return tied[0]
-        a, b = self._rng.sample(tied, 2)
-        return min((a, b), key=lambda w: (w.outstanding_tokens, w.outstanding_requests))
+        if len(candidates) == 1:
+            return candidates[0]
+        pair = self._rng.sample(candidates, 2)  # random order: equal pairs split evenly
+        return min(pair, key=lambda w: (w.outstanding_tokens, w.outstanding_requests))

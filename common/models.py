@@ -157,13 +157,40 @@ def load_tokenizer(source: ModelSource) -> Any:
     return tokenizer
 
 
+# Weight files that are pickles: loading one runs whatever code it carries.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(source: ModelSource) -> None:
+    """Refuses a local model folder without safetensors weights, naming what it holds.
+
+    Only safetensors are ever loaded (ARCHITECTURE.md, "model store"): a pickled
+    checkpoint (``pytorch_model.bin``) can execute code when unpickled."""
+    path = Path(source.path)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+    found = f"it holds only {', '.join(pickles)}" if pickles else "it holds no weights"
+    raise FileNotFoundError(
+        f"model {source.name!r} at {path}: no *.safetensors weights ({found}); only "
+        "safetensors are loaded. Convert it once with transformers: "
+        "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, "
+        "safe_serialization=True), from a source you trust."
+    )
+
+
 def load_model(source: ModelSource, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:
-    """Loads (model, tokenizer) in eval mode on the resolved device and dtype."""
+    """Loads (model, tokenizer) in eval mode on the resolved device and dtype, from
+    safetensors weights only."""
+    require_safetensors(source)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
+    # use_safetensors=True: never fall back to a pickled checkpoint (hub names too).
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch_dtype, use_safetensors=True
+    )
     model.to(dev)  # type: ignore[arg-type]  # transformers' stubs type .to() oddly
     model.eval()
     return model, load_tokenizer(source)

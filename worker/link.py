@@ -48,6 +48,9 @@ class _LinkSink:
         self.link_ids: dict[int, str] = {}  # engine key → link_request_id (event loop only)
         self.observers: dict[int, RequestObserver] = {}
         self.produced: set[int] = set()  # keys that streamed at least one token
+        # What arrived on this link, reported in its Load (worker.proto: "on this link").
+        self.batches_received = 0
+        self.requests_received = 0
 
     def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._publish, step, outputs)
@@ -123,10 +126,13 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, state: WorkerState, load_interval_s: float) -> None:
         self._state = state
         self._load_interval_s = load_interval_s
+        # Totals over every link since start (what Info's Load reports: it has no link).
         self.batches_received = 0
         self.requests_received = 0
 
-    def load(self) -> worker_pb2.Load:
+    def load(self, sink: _LinkSink | None = None) -> worker_pb2.Load:
+        """The Load report; the received counters are ``sink``'s link's, or the totals."""
+        counts = sink if sink is not None else self
         s = self._state.runtime.engine.stats()
         return worker_pb2.Load(
             queued=s["queued"],
@@ -139,8 +145,8 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             generated_tokens_total=s["generated_tokens_total"],
             steps_total=s["steps_total"],
             draining=not self._state.accepting.is_set(),
-            batches_received=self.batches_received,
-            requests_received=self.requests_received,
+            batches_received=counts.batches_received,
+            requests_received=counts.requests_received,
             loaded_adapters=self._state.runtime.loaded_adapters(),
         )
 
@@ -188,6 +194,7 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             )
             for item in items:
                 self.requests_received += 1
+                sink.requests_received += 1
                 self._submit(sink, item, batch_link)
         finally:
             span.end()
@@ -243,6 +250,7 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             kind = msg.WhichOneof("kind")
             if kind == "submit_batch":
                 self.batches_received += 1
+                sink.batches_received += 1
                 self._submit_batch(sink, msg.submit_batch)
             elif kind == "cancel":
                 wanted = set(msg.cancel.link_request_ids)
@@ -260,7 +268,7 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             while True:
                 now = time.monotonic()
                 if now >= next_load:
-                    yield worker_pb2.WorkerMessage(load=self.load())
+                    yield worker_pb2.WorkerMessage(load=self.load(sink))
                     next_load = now + self._load_interval_s
                 if reader.done():
                     reader.result()  # re-raise a reader failure

@@ -6,7 +6,7 @@ One object per process, made in ``main`` and handed to whoever records::
     port = start_metrics_server(cfg.metrics_port, metrics.registry)
     ...
     metrics.observe_ttft(0.042)                  # hot path: plain method calls
-    metrics.queue_depth.set(len(waiting))        # or the prometheus objects themselves
+    metrics.follow_engine(engine.stats)          # gauges read at scrape time
 
 Names follow Prometheus conventions (``llmcluster_`` prefix, base units in the name,
 ``_total`` on counters). Latency buckets follow vLLM's, extended downwards for small
@@ -23,7 +23,7 @@ per successful request, so dashboards built for the conventions work unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -320,29 +320,29 @@ class WorkerMetrics(_ServingMetrics):
         self.engine_steps_total.inc()
         self.batch_size.observe(batch_size)
 
-    def set_engine_state(
-        self,
-        *,
-        waiting: int,
-        running: int,
-        kv_reserved_tokens: int | None = None,
-        kv_occupied_tokens: int | None = None,
-        kv_capacity_tokens: int | None = None,
-    ) -> None:
-        """Queue depth, running sequences and KV-cache reservation / occupancy after an
-        iteration."""
-        self.queue_depth.set(waiting)
-        self.running_sequences.set(running)
-        if kv_capacity_tokens is not None:
-            self.kv_cache_capacity_tokens.set(kv_capacity_tokens)
-        for tokens, gauge, ratio in (
-            (kv_reserved_tokens, self.kv_cache_reserved_tokens, self.kv_cache_reserved_ratio),
-            (kv_occupied_tokens, self.kv_cache_occupied_tokens, self.kv_cache_occupied_ratio),
-        ):
-            if tokens is not None:
-                gauge.set(tokens)
-                if kv_capacity_tokens:
-                    ratio.set(tokens / kv_capacity_tokens)
+    def follow_engine(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Queue depth, running sequences and KV-cache reservation / occupancy, read from
+        ``stats()`` (``Engine.stats``) at every scrape: set after a step instead, they
+        would keep the last step's values once the engine idles (a cancelled last
+        request would stay "running")."""
+
+        def reader(key: str) -> Callable[[], float]:
+            return lambda: float(stats()[key])
+
+        def ratio(key: str) -> Callable[[], float]:
+            def read() -> float:
+                s = stats()
+                return s[key] / s["max_kv_tokens"] if s["max_kv_tokens"] else 0.0
+
+            return read
+
+        self.queue_depth.set_function(reader("queued"))
+        self.running_sequences.set_function(reader("running"))
+        self.kv_cache_capacity_tokens.set_function(reader("max_kv_tokens"))
+        self.kv_cache_reserved_tokens.set_function(reader("reserved_kv_tokens"))
+        self.kv_cache_reserved_ratio.set_function(ratio("reserved_kv_tokens"))
+        self.kv_cache_occupied_tokens.set_function(reader("occupied_kv_tokens"))
+        self.kv_cache_occupied_ratio.set_function(ratio("occupied_kv_tokens"))
 
     def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
         """Sets the job gauge for every state (states absent from ``counts`` read 0)."""

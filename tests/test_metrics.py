@@ -66,13 +66,14 @@ def test_worker_metrics_move_after_traffic(worker) -> None:
     metrics.record_request("GenerateStream")
     for size in (1, 4, 4):
         metrics.observe_step(size)
-    metrics.set_engine_state(
-        waiting=5,
-        running=4,
-        kv_reserved_tokens=256,
-        kv_occupied_tokens=64,
-        kv_capacity_tokens=1024,
-    )
+    engine_stats = {
+        "queued": 5,
+        "running": 4,
+        "reserved_kv_tokens": 256,
+        "occupied_kv_tokens": 64,
+        "max_kv_tokens": 1024,
+    }
+    metrics.follow_engine(lambda: engine_stats)  # what Engine.stats returns, read per scrape
     metrics.loaded_adapters.set(2)
     metrics.set_jobs_by_state({"RUNNING": 1, "SUCCEEDED": 3})
     metrics.set_training_loss("job-1", 1.75)
@@ -117,6 +118,11 @@ def test_worker_metrics_move_after_traffic(worker) -> None:
     assert value(after, "llmcluster_self_tests_total", result="pass") == 1
     assert value(after, "llmcluster_self_tests_total", result="fail") == 1
     assert value(after, "llmcluster_build_info", role="worker", version=_version()) == 1
+
+    engine_stats.update(queued=0, running=0, reserved_kv_tokens=0, occupied_kv_tokens=0)
+    idle = scrape(port)
+    assert value(idle, "llmcluster_running_sequences") == 0  # no step needed to see it
+    assert value(idle, "llmcluster_kv_cache_occupied_ratio") == 0
 
     metrics.clear_job("job-1")
     metrics.clear_job("job-1")  # idempotent
@@ -271,7 +277,27 @@ def test_cancel_deadline_and_health_flips_move_metrics_of_real_processes(tmp_pat
             # A client that cancels after its first message.
             call = stub.GenerateStream(long, timeout=60)
             assert next(call).tokens
+            # While it runs: its reservation (prompt + 2000) covers what the cache holds.
+            running = _wait_for(
+                lambda s: value(s, "llmcluster_kv_cache_occupied_tokens") > 1,
+                30,
+                "KV occupancy of the running stream",
+                wport,
+            )
+            occupied = value(running, "llmcluster_kv_cache_occupied_tokens")
+            assert value(running, "llmcluster_kv_cache_reserved_tokens") >= 2000 > occupied
             call.cancel()
+            # The cancelled stream leaves the engine: nothing runs, nothing is held.
+            _wait_for(
+                lambda s: (
+                    value(s, "llmcluster_running_sequences") == 0
+                    and value(s, "llmcluster_kv_cache_occupied_tokens") == 0
+                    and value(s, "llmcluster_kv_cache_reserved_tokens") == 0
+                ),
+                30,
+                "the engine empty after the cancel",
+                wport,
+            )
             # A deadline that passes mid-stream.
             with pytest.raises(grpc.RpcError) as info:
                 for _ in stub.GenerateStream(long, timeout=0.5):

@@ -279,7 +279,8 @@ class Engine:
             "running": len(rows),
             "free_kv_tokens": max(0, self.config.max_kv_tokens - self._reserved_kv),
             "max_kv_tokens": self.config.max_kv_tokens,
-            # Tokens whose keys/values the cache holds now (reservations cover max_new_tokens).
+            # Reserved at admission (prompt + max_new_tokens each) vs held now.
+            "reserved_kv_tokens": self._reserved_kv,
             "occupied_kv_tokens": sum(s.length for s in rows),
             "queued_tokens": sum(r.kv_tokens for r in waiting),
             "running_tokens": sum(s.req.params.max_new_tokens - len(s.generated) for s in rows),

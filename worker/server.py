@@ -176,21 +176,15 @@ class WorkerServer:
         return on_training_processes
 
     def _attach_metrics(self, runtime: ModelRuntime) -> None:
-        engine, metrics = runtime.engine, self.metrics
+        metrics = self.metrics
+        # runtime.engine, not the engine of now: a rebuild replaces it.
+        metrics.follow_engine(lambda: runtime.engine.stats())
 
         def on_step(batch_size: int, new_tokens: int) -> None:  # engine thread
             metrics.observe_step(batch_size)
-            s = engine.stats()
-            metrics.set_engine_state(
-                waiting=s["queued"],
-                running=s["running"],
-                kv_reserved_tokens=s["max_kv_tokens"] - s["free_kv_tokens"],
-                kv_occupied_tokens=s["occupied_kv_tokens"],
-                kv_capacity_tokens=s["max_kv_tokens"],
-            )
             metrics.loaded_adapters.set(len(runtime.adapters.loaded_refs()))
 
-        engine.on_step = on_step
+        runtime.engine.on_step = on_step
 
     async def drain_and_stop(self) -> None:
         """SIGTERM: deregister and stop taking work, hand queued requests back to the

@@ -26,6 +26,7 @@ from common.registry import (
     WatchStatus,
     make_registry,
 )
+from common.tls import server_credentials
 from router.cluster import Cluster
 from router.config import RouterConfig
 from router.finetune_proxy import FINETUNE_SERVICE, add_finetune_proxy
@@ -141,7 +142,13 @@ async def start_router(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(config)  # None: plaintext
+    address = f"{config.host}:{config.port}"
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
@@ -162,9 +169,10 @@ async def start_router(
         )
         await asyncio.to_thread(registry.register, instance)
     logger.info(
-        "router listening on %s:%d (registry %s; workers %s)",
+        "router listening on %s:%d (%s; registry %s; workers %s)",
         config.host,
         port,
+        ("mTLS" if config.tls_client_ca else "TLS") if credentials else "plaintext",
         registry_config.registry,
         ",".join(config.workers) or "from the registry",
     )

@@ -262,7 +262,7 @@ class ConsulRegistry(Registry):
         check: dict[str, Any] = consul.Check.grpc(
             target,
             go_duration(interval),
-            use_tls=False,
+            use_tls=bool(spec and spec.use_tls),
             timeout=go_duration(timeout),
             deregister=go_duration(deregister) if deregister > 0 else None,
         )

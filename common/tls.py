@@ -25,6 +25,10 @@ from common.config import field
 logger = logging.getLogger(__name__)
 
 
+class TlsFileError(ValueError):
+    """A TLS file named by a flag is missing, unreadable or not PEM."""
+
+
 def check_pair(cert: str, key: str, what: str) -> None:
     """``cert`` and ``key`` are given together or not at all (ValueError naming ``what``)."""
     if bool(cert) != bool(key):
@@ -109,7 +113,10 @@ def server_credentials(config: ServerTlsFields) -> grpc.ServerCredentials | None
     Raises OSError / ValueError when a file is missing or not PEM (start-up fails)."""
     if not config.tls_enabled:
         return None
-    fetcher = ReloadingServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
+    try:
+        fetcher = ReloadingServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except OSError as exc:
+        raise TlsFileError(f"cannot read TLS file: {exc}") from None
     return grpc.dynamic_ssl_server_credentials(
         fetcher.initial,
         fetcher,

@@ -59,10 +59,20 @@ class RouterConfig(ServerTlsFields):
         "", help="PEM certificate the router presents to workers (their --tls-client-ca)"
     )
     worker_tls_key: str = field("", help="PEM private key of --worker-tls-cert")
+    auth_file: str = field(
+        "",
+        help="TOML file of tenants with hashed API keys (see README 'Securing a cluster'): "
+        "every call needs 'authorization: Bearer <token>'; unset = no authentication",
+    )
+    auth_health: bool = field(
+        False, help="with --auth-file, health and reflection need a token too (probes do not)"
+    )
 
     def __post_init__(self) -> None:
         self.check_server_tls()
         check_pair(self.worker_tls_cert, self.worker_tls_key, "--worker-tls-cert/--worker-tls-key")
+        if self.auth_health and not self.auth_file:
+            raise ValueError("--auth-health needs --auth-file")
         if self.worker_tls_cert and not self.worker_tls_ca:
             raise ValueError(
                 "--worker-tls-cert needs --worker-tls-ca (client certificates need TLS)"

@@ -31,6 +31,7 @@ import grpc
 from opentelemetry import trace
 
 from common import tracing
+from common.auth import current_tenant_name
 from common.errors import InvalidArgument, NotFound, RequestError, Unavailable, status_of
 from common.metrics import RouterMetrics
 from common.pb import finetune_pb2, finetune_pb2_grpc
@@ -394,6 +395,8 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
         }
         if job_id:
             attributes[tracing.ATTR_JOB_ID] = job_id
+        if tenant := current_tenant_name():
+            attributes[tracing.ATTR_TENANT] = tenant
         return tracing.server_span(
             self._tracer,
             f"{FINETUNE_SERVICE}/{method}",

@@ -367,3 +367,39 @@ def test_auth_health_closes_health_too(tmp_path):
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no worker
     finally:
         router.stop()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("LLMCLUSTER_TOKEN", "LLMCLUSTER_TLS_CA")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "llmcluster", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**full_env, **(env or {})},
+    )
+
+
+def test_cli_takes_token_and_ca_from_flags_or_environment(secured):
+    _, router, _, pki = secured
+    target = ("--target", router.address)
+    done = _cli(
+        "generate", "hi", "--max-new-tokens", "3", *target,
+        "--token", TOKENS["team-a"], "--tls-ca", str(pki.ca),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "[LENGTH]" in done.stderr and "completion=3" in done.stderr
+    env = {"LLMCLUSTER_TOKEN": TOKENS["team-b"], "LLMCLUSTER_TLS_CA": str(pki.ca)}
+    done = _cli("models", *target, env=env)
+    assert done.returncode == 0 and "(default)" in done.stdout, done.stderr
+    done = _cli("models", *target, "--tls-ca", str(pki.ca))
+    assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
+    done = _cli("finetune", "list", *target, env=env)
+    assert done.returncode != 0 and "PERMISSION_DENIED" in done.stderr, done.stderr
+    done = _cli("models", *target, "--tls-ca", str(router.address))  # not a file
+    assert done.returncode == 2 and "TLS flags" in done.stderr

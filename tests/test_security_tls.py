@@ -176,3 +176,56 @@ def test_router_with_expired_certificate_is_refused(pki):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         router.stop()
+
+
+def test_up_tls_serves_tls_end_to_end(tmp_path):
+    """`llmcluster up --tls`: the router answers TLS clients holding the printed CA,
+    refuses plaintext, and its workers refuse clients without a certificate."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from tests.procs import REPO_ROOT, free_port
+    from tests.test_finetune import temp_home
+
+    (tmp_path / "home").mkdir()
+    home = temp_home(tmp_path / "home")
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "llmcluster", "up", "--tls", "--port", str(port)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "LLMCLUSTER_HOME": str(home)},
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:  # ends when up exits
+            lines.append(line)
+            if "--tls-ca" in line:
+                break
+        output = "".join(lines)
+        assert "(TLS)" in output, output
+        ca = re.search(r"--tls-ca (\S+)", output).group(1)
+        worker = re.search(r"worker local-0 serving on (\S+)", output).group(1)
+        creds = grpc.ssl_channel_credentials(open(ca, "rb").read())
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+            assert "".join(stream_texts(channel, max_new_tokens=3))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError):
+                stream_texts(channel, timeout_s=5)
+        with grpc.secure_channel(worker, creds) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                stream_texts(channel, timeout_s=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(60) == 0
+        assert not os.path.exists(ca)  # the throwaway CA is gone with the cluster
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()

@@ -18,6 +18,7 @@ _COMMANDS = {
     "finetune": "llmcluster.finetune_cli",
     "bench": "llmcluster.bench",
     "auth": "llmcluster.auth_cli",
+    "health": "llmcluster.probe",
 }
 
 

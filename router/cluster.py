@@ -104,6 +104,7 @@ class Cluster:
                     on_change=self._health_changed,
                     on_batch=self.metrics.observe_submit_batch if self.metrics else None,
                     credentials=self._worker_credentials,
+                    tls_server_name=self.config.worker_tls_server_name,
                 )
                 self.links[address] = link
                 link.start()

@@ -59,6 +59,11 @@ class RouterConfig(ServerTlsFields):
         "", help="PEM certificate the router presents to workers (their --tls-client-ca)"
     )
     worker_tls_key: str = field("", help="PEM private key of --worker-tls-cert")
+    worker_tls_server_name: str = field(
+        "",
+        help="name the workers' certificates carry, when it is not the address dialed "
+        "(e.g. workers found through Consul by host name; default: the dialed host)",
+    )
     auth_file: str = field(
         "",
         help="TOML file of tenants with hashed API keys (see README 'Securing a cluster'): "
@@ -73,6 +78,8 @@ class RouterConfig(ServerTlsFields):
         check_pair(self.worker_tls_cert, self.worker_tls_key, "--worker-tls-cert/--worker-tls-key")
         if self.auth_health and not self.auth_file:
             raise ValueError("--auth-health needs --auth-file")
+        if self.worker_tls_server_name and not self.worker_tls_ca:
+            raise ValueError("--worker-tls-server-name needs --worker-tls-ca")
         if self.worker_tls_cert and not self.worker_tls_ca:
             raise ValueError(
                 "--worker-tls-cert needs --worker-tls-ca (client certificates need TLS)"

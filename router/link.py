@@ -148,6 +148,7 @@ class WorkerLink:
         on_change: Callable[[], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        tls_server_name: str = "",
     ) -> None:
         self.address = address
         self.coalesce_window_s = coalesce_window_s
@@ -182,7 +183,12 @@ class WorkerLink:
         # Every call to this worker (Serve, Info, health, ListModels, the FineTune
         # proxy) rides this one channel: TLS / mTLS when the router has --worker-tls-*.
         self.channel = (
-            grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+            grpc.aio.secure_channel(
+                address,
+                credentials,
+                options=CHANNEL_OPTIONS
+                + ([("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []),
+            )
             if credentials is not None
             else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         )

@@ -229,3 +229,47 @@ def test_up_tls_serves_tls_end_to_end(tmp_path):
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
+
+
+def test_worker_certificate_named_otherwise_needs_the_server_name_flag(tmp_path):
+    """Workers found by host name (Consul) share one certificate for a service name:
+    the router verifies that name with --worker-tls-server-name, and refuses without."""
+    import subprocess
+    import sys
+
+    from tests.procs import REPO_ROOT
+
+    authority = Authority("deploy CA")
+    ca = authority.write_ca(tmp_path)
+    cert, key = authority.issue("worker", hosts=("llmcluster-worker",)).write(tmp_path, "worker")
+    worker = start_worker(*NULL_WORKER, "--tls-cert", str(cert), "--tls-key", str(key))
+    routers = []
+    try:
+        base = ["--worker-tls-ca", str(ca)]
+        routers = [
+            start_router([worker.address], *base),
+            start_router([worker.address], *base, "--worker-tls-server-name", "llmcluster-worker"),
+        ]
+        wait_serving(routers[1], None)
+        with grpc.insecure_channel(routers[1].address) as channel:
+            assert "".join(stream_texts(channel))
+        # The first router dials 127.0.0.1, which the certificate does not name.
+        with grpc.insecure_channel(routers[0].address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                stream_texts(channel, timeout_s=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # `llmcluster health` probes a TLS port (Kubernetes' own gRPC probe cannot).
+        probe = [sys.executable, "-m", "llmcluster", "health", "--target"]
+        done = subprocess.run(
+            [*probe, "localhost:" + str(worker.port), "--tls-ca", str(ca)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 1 and "UNAVAILABLE" in done.stderr  # name mismatch
+        done = subprocess.run(
+            [*probe, routers[1].address], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0 and done.stdout.strip() == "SERVING", done.stderr
+    finally:
+        for router in routers:
+            router.stop()
+        worker.stop()

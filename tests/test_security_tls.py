@@ -273,3 +273,26 @@ def test_worker_certificate_named_otherwise_needs_the_server_name_flag(tmp_path)
         for router in routers:
             router.stop()
         worker.stop()
+
+
+def test_consul_check_of_a_tls_worker_dials_tls_with_the_shared_name():
+    from common.registry import HealthCheck, RegistryConfig, ServiceInstance
+    from common.registry.consul import ConsulRegistry
+    from tests.consul_standin import ConsulStandin
+
+    with ConsulStandin() as standin:
+        config = RegistryConfig(
+            registry="consul",
+            consul_addr=standin.addr,
+            consul_check_tls_server_name="llmcluster-worker",
+        )
+        registry = ConsulRegistry(config)
+        try:
+            instance = ServiceInstance(name="w", id="w-1", address="host-1", port=1)
+            plain = registry._check_definition(instance)
+            assert not plain.get("grpc_use_tls") and "TLSServerName" not in plain
+            instance.check = HealthCheck(use_tls=True)
+            tls = registry._check_definition(instance)
+            assert tls["grpc_use_tls"] is True and tls["TLSServerName"] == "llmcluster-worker"
+        finally:
+            registry.close()

@@ -267,6 +267,8 @@ class ConsulRegistry(Registry):
             deregister=go_duration(deregister) if deregister > 0 else None,
         )
         check["Name"] = "grpc.health.v1"
+        if spec and spec.use_tls and self.config.consul_check_tls_server_name:
+            check["TLSServerName"] = self.config.consul_check_tls_server_name
         return check
 
     def _send_register(self, instance: ServiceInstance) -> None:

@@ -58,6 +58,24 @@ class ServerTlsFields:
         return bool(self.tls_cert)
 
 
+def _check_pair_matches(cert: bytes, key: bytes, cert_file: str, key_file: str) -> None:
+    """TlsFileError unless ``key`` is the private key of ``cert``'s first certificate:
+    gRPC would accept the pair and fail every handshake instead."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        public = x509.load_pem_x509_certificate(cert).public_key()
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:
+        raise TlsFileError(
+            f"not a PEM certificate/key pair: {cert_file} / {key_file}: {exc}"
+        ) from None
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if public.public_bytes(*spki) != private.public_key().public_bytes(*spki):
+        raise TlsFileError(f"{key_file} is not the private key of {cert_file}")
+
+
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
@@ -83,8 +101,7 @@ class ReloadingServerCertificates:
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         key, cert = _read(self.key_file), _read(self.cert_file)
-        if b"PRIVATE KEY" not in key or b"CERTIFICATE" not in cert:
-            raise ValueError(f"not a PEM certificate/key pair: {self.cert_file} / {self.key_file}")
+        _check_pair_matches(cert, key, self.cert_file, self.key_file)
         ca = _read(self.client_ca_file) if self.client_ca_file else None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 

@@ -55,7 +55,7 @@ async def _check(address: str, credentials: grpc.ChannelCredentials) -> int:
 def test_rotated_certificate_is_served_without_restart(tmp_path):
     """The files are replaced by a certificate from another CA: new handshakes use it;
     clients trusting only the old CA are refused from then on."""
-    old, new = Authority("old CA"), Authority("new CA")
+    old, new, other = Authority("old CA"), Authority("new CA"), Authority("other CA")
     cert, key = old.issue("server").write(tmp_path, "server")
     old_ca, new_ca = old.write_ca(tmp_path, "old"), new.write_ca(tmp_path, "new")
 
@@ -82,9 +82,15 @@ def test_rotated_certificate_is_served_without_restart(tmp_path):
             assert await _check(address, trust_new) == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.aio.AioRpcError):
                 await _check(address, trust_old)
-            # A half-written rotation keeps the current certificate.
+            # A half-done rotation (a certificate whose key is not there yet, or garbage)
+            # keeps the current certificate.
+            key_pem = key.read_bytes()
+            other.issue("server").write(tmp_path, "server")
+            key.write_bytes(key_pem)
+            os.utime(cert, ns=(stamp + 10**9, stamp + 10**9))
+            assert await _check(address, trust_new) == health_pb2.HealthCheckResponse.SERVING
             key.write_text("garbage")
-            os.utime(key, ns=(stamp + 10**9, stamp + 10**9))
+            os.utime(key, ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))
             assert await _check(address, trust_new) == health_pb2.HealthCheckResponse.SERVING
         finally:
             await server.stop(0)
@@ -296,3 +302,24 @@ def test_consul_check_of_a_tls_worker_dials_tls_with_the_shared_name():
             assert tls["grpc_use_tls"] is True and tls["TLSServerName"] == "llmcluster-worker"
         finally:
             registry.close()
+
+
+@pytest.mark.parametrize("role", ["worker", "router"])
+def test_missing_or_non_pem_tls_file_exits_2(tmp_path, pki, role):
+    import subprocess
+    import sys
+
+    from tests.procs import REPO_ROOT
+
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    for key, expected in ((tmp_path / "missing.key", "cannot read TLS file"), (bad, "not a PEM")):
+        argv = [role, "--port", "0", "--tls-cert", str(pki.cert), "--tls-key", str(key)]
+        if role == "router":
+            argv += ["--workers", "127.0.0.1:1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "llmcluster", *argv],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert expected in done.stderr and "Traceback" not in done.stderr

@@ -26,8 +26,10 @@ import contextvars
 import hashlib
 import hmac
 import inspect
+import logging
 import re
 import secrets
+import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -37,6 +39,8 @@ from typing import Any
 import grpc
 
 from common.errors import RequestError, Unauthenticated, status_of
+
+logger = logging.getLogger(__name__)
 
 AUTHORIZATION = "authorization"
 TENANT_METADATA = "llmcluster-tenant"
@@ -172,7 +176,7 @@ def load_auth_file(path: str | Path) -> AuthTable:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise AuthFileError(f"{path}: cannot read auth file: {exc}") from None
-    return AuthTable(parse_auth_file(text, str(path)))
+    return AuthTable(parse_auth_file(text, str(path)), path=Path(path))
 
 
 def append_tenant(path: str | Path, name: str, token: str, **limits: Any) -> Tenant:
@@ -208,11 +212,51 @@ class PermissionDenied(RequestError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class AuthTable:
-    """Tenants by key hash; :meth:`authenticate` maps call metadata to a tenant."""
+def _file_stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
-    def __init__(self, tenants: Iterable[Tenant]) -> None:
+
+class AuthTable:
+    """Tenants by key hash; :meth:`authenticate` maps call metadata to a tenant.
+
+    With a ``path``, the file is re-read when it changes (checked at most every
+    ``check_interval_s``, on the next call): keys added by ``llmcluster auth new-key``
+    work and removed ones stop working without a restart. A change that does not parse
+    is logged and the previous tenants stay in force."""
+
+    def __init__(
+        self,
+        tenants: Iterable[Tenant],
+        path: Path | None = None,
+        check_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.tenants = list(tenants)
+        self.path = path
+        self.check_interval_s = check_interval_s
+        self.clock = clock
+        self._stamp = _file_stamp(path) if path is not None else None
+        self._next_check = clock() + check_interval_s
+
+    def _maybe_reload(self) -> None:
+        if self.path is None or self.clock() < self._next_check:
+            return
+        self._next_check = self.clock() + self.check_interval_s
+        try:
+            stamp = _file_stamp(self.path)
+        except OSError as exc:
+            logger.error("auth file %s unreadable (%s); keeping its last tenants", self.path, exc)
+            return
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self.tenants = parse_auth_file(self.path.read_text(encoding="utf-8"), str(self.path))
+        except (AuthFileError, OSError, UnicodeDecodeError) as exc:
+            logger.error("auth file changed but is not usable, keeping the last tenants: %s", exc)
+            return
+        logger.info("auth file %s reloaded: %d tenant(s)", self.path, len(self.tenants))
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Tenant:
         """The tenant whose key is the call's bearer token; Unauthenticated otherwise."""
@@ -229,6 +273,7 @@ class AuthTable:
             raise Unauthenticated("authorization must be 'Bearer <token>'")
         if token != token.strip() or any(c.isspace() for c in token):
             raise Unauthenticated("malformed bearer token (it contains whitespace)")
+        self._maybe_reload()
         digest = hash_token(token).encode("ascii")
         found: Tenant | None = None
         for tenant in self.tenants:  # every key is compared: no early exit

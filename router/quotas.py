@@ -65,6 +65,7 @@ class TokenBucket:
 
 @dataclass
 class _TenantState:
+    tenant: Tenant  # the limits the buckets were made for (the auth file may change)
     requests: TokenBucket | None
     tokens: TokenBucket | None
     running: int = 0
@@ -72,19 +73,23 @@ class _TenantState:
 
 
 class _GenerateAdmission(Admission):
-    def __init__(self, quotas: TenantQuotas, state: _TenantState) -> None:
-        self.quotas, self.state = quotas, state
+    """One admitted generation: its tokens are charged, its slot freed, on the tenant's
+    current state (a reloaded auth file may have replaced the one it was admitted on)."""
+
+    def __init__(self, quotas: TenantQuotas, tenant_name: str) -> None:
+        self.quotas, self.tenant_name = quotas, tenant_name
         self.released = False
 
     def observe(self, response: Any) -> None:
-        if self.state.tokens is not None and response.HasField("usage"):
+        state = self.quotas._states[self.tenant_name]
+        if state.tokens is not None and response.HasField("usage"):
             usage = response.usage
-            self.quotas.charge_tokens(self.state, usage.prompt_tokens + usage.completion_tokens)
+            self.quotas.charge_tokens(state, usage.prompt_tokens + usage.completion_tokens)
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.state.running -= 1
+            self.quotas._states[self.tenant_name].running -= 1
 
 
 class TenantQuotas:
@@ -97,9 +102,14 @@ class TenantQuotas:
 
     def _state(self, tenant: Tenant) -> _TenantState:
         state = self._states.get(tenant.name)
-        if state is None:
+        if state is None or state.tenant != tenant:
+            # New, or its limits changed in a reloaded auth file: fresh buckets; requests
+            # already running still count against max_concurrent.
             now = self.clock()
+            running = state.running if state is not None else 0
             state = _TenantState(
+                tenant=tenant,
+                running=running,
                 requests=TokenBucket(tenant.requests_per_minute, tenant.requests_per_minute, now)
                 if tenant.requests_per_minute
                 else None,
@@ -164,4 +174,4 @@ class TenantQuotas:
         if not generate:
             return Admission()
         state.running += 1
-        return _GenerateAdmission(self, state)
+        return _GenerateAdmission(self, tenant.name)

@@ -403,3 +403,37 @@ def test_cli_takes_token_and_ca_from_flags_or_environment(secured):
     assert done.returncode != 0 and "PERMISSION_DENIED" in done.stderr, done.stderr
     done = _cli("models", *target, "--tls-ca", str(router.address))  # not a file
     assert done.returncode == 2 and "TLS flags" in done.stderr
+
+
+def test_auth_file_changes_apply_without_restart(tmp_path):
+    clock = Clock()
+    path = tmp_path / "auth.toml"
+    append_tenant(path, "team-a", "tok-a")
+    table = AuthTable(load_auth_file(path).tenants, path=path, clock=clock)
+    append_tenant(path, "team-b", "tok-b", requests_per_minute=1)
+    with pytest.raises(Unauthenticated):  # checked at most once per interval
+        table.authenticate(bearer("tok-b"))
+    clock.now += 1.5
+    assert table.authenticate(bearer("tok-b")).requests_per_minute == 1
+    # Limits change: the quota follows; running requests stay counted.
+    quotas = TenantQuotas(clock)
+    running = quotas(table.authenticate(bearer("tok-b")), GENERATE_STREAM)
+    with pytest.raises(QuotaExceeded):
+        quotas(table.authenticate(bearer("tok-b")), GENERATE_STREAM)
+    path.write_text(path.read_text().replace("requests_per_minute = 1", "max_concurrent = 1"))
+    clock.now += 1.5
+    tenant_b = table.authenticate(bearer("tok-b"))
+    with pytest.raises(QuotaExceeded, match="max_concurrent=1"):
+        quotas(tenant_b, GENERATE_STREAM)
+    running.release()
+    quotas(tenant_b, GENERATE_STREAM).release()
+    # A broken edit keeps the last good tenants; removing a tenant revokes its key.
+    good = path.read_text()
+    path.write_text(good + "\n[[tenant]]\nname = 'x'\n")
+    clock.now += 1.5
+    assert table.authenticate(bearer("tok-a")).name == "team-a"
+    path.write_text(good.split("\n\n[[tenant]]")[0] + "\n")
+    clock.now += 1.5
+    assert table.authenticate(bearer("tok-a")).name == "team-a"
+    with pytest.raises(Unauthenticated):
+        table.authenticate(bearer("tok-b"))

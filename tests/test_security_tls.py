@@ -171,7 +171,7 @@ def test_router_with_expired_certificate_is_refused(pki):
         while "router listening" not in router.output():
             assert router.popen.poll() is None and time.monotonic() < deadline, router.output()
             time.sleep(0.1)
-        assert "(TLS;" in router.output()
+        assert "(TLS, no authentication;" in router.output()
         # The server is up (a plaintext client reaches the TCP port but not gRPC), and a
         # TLS client rejects its expired certificate instead of answering NOT_SERVING.
         with grpc.secure_channel(router.address, pki.channel_credentials()) as channel:

@@ -437,3 +437,30 @@ def test_auth_file_changes_apply_without_restart(tmp_path):
     assert table.authenticate(bearer("tok-a")).name == "team-a"
     with pytest.raises(Unauthenticated):
         table.authenticate(bearer("tok-b"))
+
+
+def test_router_span_carries_the_tenant(tmp_path):
+    from tests.otlp_receiver import OtlpReceiver
+
+    auth = tmp_path / "auth.toml"
+    auth.write_text(auth_file_text())
+    worker = start_worker(*NULL_WORKER)
+    router = None
+    with OtlpReceiver() as receiver:
+        try:
+            worker.wait_healthy(timeout_s=120)
+            env = receiver.env(OTEL_BSP_SCHEDULE_DELAY="200", OTEL_TRACES_SAMPLER="always_on")
+            router = start_router([worker.address], "--auth-file", str(auth), env=env)
+            router.wait_healthy(timeout_s=60)
+            with grpc.insecure_channel(router.address) as channel:
+                stream_texts(channel, metadata=bearer(TOKENS["team-b"]))
+
+            def tenant_spans(spans):
+                return [s for s in spans if s.attributes.get("llmcluster.tenant") == "team-b"]
+
+            spans = receiver.wait_for(lambda s: bool(tenant_spans(s)), timeout_s=30)
+            assert [s.name for s in tenant_spans(spans)] == ["router request"]
+        finally:
+            if router is not None:
+                router.stop()
+            worker.stop()

@@ -254,10 +254,17 @@ def secured(tmp_path_factory):
         worker.stop()
 
 
-def test_health_answers_without_a_token(secured):
+def test_health_and_reflection_answer_without_a_token(secured):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
     channel, *_ = secured
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    answer = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"llmcluster.v1.Generate", "llmcluster.v1.FineTune"} <= names
 
 
 @pytest.mark.parametrize(

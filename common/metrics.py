@@ -366,11 +366,26 @@ class WorkerMetrics(_ServingMetrics):
 
 
 class RouterMetrics(_ServingMetrics):
-    """A router's metrics: coalescing, discovery, routing."""
+    """A router's metrics: coalescing, discovery, routing, tenants."""
+
+    def record_request(self, method: str, code: Any = "OK", tenant: str | None = None) -> None:
+        """Counts one RPC, also by tenant: ``tenant`` or the authenticated caller's."""
+        super().record_request(method, code)
+        from common.auth import current_tenant_name  # local: auth is optional
+
+        name = current_tenant_name() if tenant is None else tenant
+        if name:
+            self.tenant_requests_total.labels(name, method, status_code_name(code)).inc()
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(ROLE_ROUTER, registry)
         r = self.registry
+        self.tenant_requests_total = Counter(
+            "llmcluster_router_tenant_requests_total",
+            "Finished or refused RPCs by tenant, method and gRPC status code (--auth-file).",
+            ["tenant", "method", "code"],
+            registry=r,
+        )
         self.submit_batches_total = Counter(
             "llmcluster_router_submit_batches_total",
             "SubmitBatch messages sent to workers.",

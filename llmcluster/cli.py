@@ -17,6 +17,8 @@ _COMMANDS = {
     "models": "llmcluster.client",
     "finetune": "llmcluster.finetune_cli",
     "bench": "llmcluster.bench",
+    "auth": "llmcluster.auth_cli",
+    "health": "llmcluster.probe",
 }
 
 

@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from common.config import env
 from common.pb import generate_pb2, generate_pb2_grpc
+from llmcluster.connection import add_connection_arguments, open_channel
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -26,6 +27,7 @@ def add_target_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"router or worker address host:port (default: $LLMCLUSTER_TARGET or {DEFAULT_TARGET})",
     )
+    add_connection_arguments(parser)  # --token, --tls-ca, --tls-cert, --tls-key
 
 
 def build_request(args: argparse.Namespace) -> generate_pb2.GenerateRequest:
@@ -56,7 +58,7 @@ def build_request(args: argparse.Namespace) -> generate_pb2.GenerateRequest:
 def _generate(args: argparse.Namespace) -> int:
     request = build_request(args)
     target = args.target or default_target()
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(args, target) as channel:
         stub = generate_pb2_grpc.GenerateStub(channel)
         try:
             for msg in stub.GenerateStream(request, timeout=args.timeout):
@@ -81,7 +83,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target or default_target()) as channel:
+    with open_channel(args, args.target or default_target()) as channel:
         try:
             reply = generate_pb2_grpc.GenerateStub(channel).ListModels(
                 generate_pb2.ListModelsRequest(), timeout=args.timeout

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from common.config import add_arguments, from_arguments
 from common.pb import finetune_pb2, finetune_pb2_grpc
 from llmcluster.client import add_target_argument, default_target
+from llmcluster.connection import open_channel
 from trainer.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def hyperparameters_from_args(args: argparse.Namespace) -> finetune_pb2.Hyperpar
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, finetune_pb2_grpc.FineTuneStub]:
-    channel = grpc.insecure_channel(
+    channel = open_channel(
+        args,
         args.target or default_target(),
         options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
     )

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.config import home_dir
 from common.pb import generate_pb2, generate_pb2_grpc
 
 DEMO_QUESTION = "In two sentences, what is continuous batching in LLM serving?"
@@ -33,9 +36,39 @@ def _spawn(args: list[str], log_level: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_serving(address: str, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+def _make_tls(directory: str) -> tuple[grpc.ChannelCredentials, list[str], list[str]]:
+    """``--tls``: a throwaway CA and one localhost certificate in ``directory``. Workers
+    serve mTLS (only the router, holding the certificate, reaches them); the router
+    serves TLS. Returns our channel credentials and the worker and router flags."""
+    from pathlib import Path
+
+    from common.certs import write_cluster_certificates  # local: needs cryptography
+
+    c = write_cluster_certificates(Path(directory))
+    serve = ["--tls-cert", str(c.cert), "--tls-key", str(c.key)]
+    worker_flags = [*serve, "--tls-client-ca", str(c.ca)]
+    router_flags = [*serve, "--worker-tls-ca", str(c.ca)]
+    router_flags += ["--worker-tls-cert", str(c.cert), "--worker-tls-key", str(c.key)]
+    credentials = grpc.ssl_channel_credentials(
+        c.ca.read_bytes(), c.key.read_bytes(), c.cert.read_bytes()
+    )
+    return credentials, worker_flags, router_flags
+
+
+def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
+def _wait_serving(
+    address: str,
+    procs: list[subprocess.Popen[bytes]],
+    timeout_s: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             dead = [p for p in procs if p.poll() is not None]
@@ -51,13 +84,13 @@ def _wait_serving(address: str, procs: list[subprocess.Popen[bytes]], timeout_s:
     raise TimeoutError(f"{address} did not become healthy within {timeout_s:.0f}s")
 
 
-def _demo(address: str) -> None:
+def _demo(address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
     request = generate_pb2.GenerateRequest(
         messages=[generate_pb2.ChatMessage(role="user", content=DEMO_QUESTION)],
         params=generate_pb2.SamplingParams(max_new_tokens=64),
     )
     print(f"\n> {DEMO_QUESTION}\n", flush=True)
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address, credentials) as channel:
         for msg in generate_pb2_grpc.GenerateStub(channel).GenerateStream(request, timeout=300):
             sys.stdout.write(msg.text)
             sys.stdout.flush()
@@ -100,7 +133,15 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     procs: list[subprocess.Popen[bytes]] = []
+    tls_dir = ""
     try:
+        credentials: grpc.ChannelCredentials | None = None
+        worker_tls: list[str] = []
+        router_tls: list[str] = []
+        if args.tls:
+            home_dir().mkdir(parents=True, exist_ok=True)
+            tls_dir = tempfile.mkdtemp(prefix="up-tls-", dir=home_dir())
+            credentials, worker_tls, router_tls = _make_tls(tls_dir)
         worker_addresses = []
         workers = []
         for i in range(args.workers):
@@ -110,10 +151,12 @@ def _run(args: argparse.Namespace) -> int:
             cmd += ["--dtype", args.dtype]
             if args.model:
                 cmd += ["--model", args.model]
+            cmd += worker_tls
             workers.append(_spawn(cmd, args.child_log_level))
             procs.append(workers[-1])
         router = _spawn(
-            ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)],
+            ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)]
+            + router_tls,
             args.child_log_level,
         )
         procs.insert(0, router)  # stopped first, so workers drain what it sent
@@ -122,13 +165,14 @@ def _run(args: argparse.Namespace) -> int:
         # Every worker, then the router: the router is SERVING once any one worker is, and
         # "up --workers 2" should not hand out its address with one still loading.
         for i, worker_address in enumerate(worker_addresses):
-            _wait_serving(worker_address, procs, args.start_timeout_s)
+            _wait_serving(worker_address, procs, args.start_timeout_s, credentials)
             print(f"worker local-{i} serving on {worker_address}", flush=True)
-        _wait_serving(address, procs, args.start_timeout_s)
-        print(f"router listening on {address}", flush=True)
-        print(f'try: llmcluster generate --chat "Hello!" --target {address}', flush=True)
+        _wait_serving(address, procs, args.start_timeout_s, credentials)
+        print(f"router listening on {address}" + (" (TLS)" if tls_dir else ""), flush=True)
+        ca_flag = f" --tls-ca {tls_dir}/ca.crt" if tls_dir else ""
+        print(f'try: llmcluster generate --chat "Hello!" --target {address}{ca_flag}', flush=True)
         if args.demo:
-            _demo(address)
+            _demo(address, credentials)
         print("cluster running; Ctrl-C to stop", flush=True)
         while True:
             if any(p.poll() is not None for p in procs):
@@ -143,6 +187,8 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping cluster...", flush=True)
         _stop_all(procs)
+        if tls_dir:
+            shutil.rmtree(tls_dir, ignore_errors=True)  # throwaway: the CA dies with the cluster
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -152,6 +198,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--model", default="", help="base model (default: the offline default)")
     up.add_argument("--dtype", default="auto", help="worker dtype (default: auto)")
     up.add_argument("--demo", action="store_true", help="stream a sample answer once healthy")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS end to end with a throwaway CA: the router serves TLS, workers accept "
+        "only the router (mTLS); clients pass the printed --tls-ca",
+    )
     up.add_argument(
         "--child-log-level",
         default="WARNING",

@@ -44,11 +44,19 @@ def run(args: argparse.Namespace) -> int:
         logger.error("invalid router configuration: %s", exc)
         return 2
     # Local import: keeps `llmcluster router --help` light.
+    from common.auth import AuthFileError
+    from common.tls import TlsFileError
     from router.server import serve
 
     setup_tracing(SERVICE_ROUTER, tracing_config)
     try:
         asyncio.run(serve(config, registry_config))
+    except AuthFileError as exc:
+        logger.error("invalid --auth-file: %s", exc)
+        return 2
+    except TlsFileError as exc:
+        logger.error("invalid TLS flags: %s", exc)
+        return 2
     finally:
         shutdown_tracing()
     return 0

@@ -22,6 +22,7 @@ from common import tracing
 from common.errors import RequestError, ResourceExhausted, Unavailable
 from common.metrics import RouterMetrics
 from common.pb import generate_pb2
+from common.tls import channel_credentials
 from common.validation import GenerationLimits, generation_spec_from_pb
 from router.config import RouterConfig
 from router.link import Delta, Event, Failed, Finished, LinkRequest, LinkStats, WorkerLink
@@ -79,6 +80,11 @@ class Cluster:
         self._in_flight = 0
         self._stats = RouterStats()
         self._last_healthy: bool | None = None
+        self._worker_credentials = (
+            channel_credentials(config.worker_tls_ca, config.worker_tls_cert, config.worker_tls_key)
+            if config.worker_tls_ca
+            else None
+        )
 
     # ---- discovery --------------------------------------------------------------------
 
@@ -97,6 +103,8 @@ class Cluster:
                     connect_timeout_s=self.config.connect_timeout_s,
                     on_change=self._health_changed,
                     on_batch=self.metrics.observe_submit_batch if self.metrics else None,
+                    credentials=self._worker_credentials,
+                    tls_server_name=self.config.worker_tls_server_name,
                 )
                 self.links[address] = link
                 link.start()

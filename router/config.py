@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.config import field
+from common.tls import ServerTlsFields, check_pair
 
 
 @dataclass
-class RouterConfig:
-    """Settings of ``llmcluster router``: listen address, workers, coalescing, admission."""
+class RouterConfig(ServerTlsFields):
+    """Settings of ``llmcluster router``: listen address, workers, coalescing, admission
+    (TLS flags from :class:`~common.tls.ServerTlsFields`)."""
 
     host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 to accept remote clients")
     port: int = field(50051, help="port of the public gRPC server")
@@ -50,8 +52,38 @@ class RouterConfig:
         None, help="port of the Prometheus /metrics endpoint (0 = any free port; unset = none)"
     )
     seed: int | None = field(None, help="seed of the balancing policy's RNG (tests)")
+    worker_tls_ca: str = field(
+        "", help="PEM CA bundle: reach workers over TLS, verifying them with it"
+    )
+    worker_tls_cert: str = field(
+        "", help="PEM certificate the router presents to workers (their --tls-client-ca)"
+    )
+    worker_tls_key: str = field("", help="PEM private key of --worker-tls-cert")
+    worker_tls_server_name: str = field(
+        "",
+        help="name the workers' certificates carry, when it is not the address dialed "
+        "(e.g. workers found through Consul by host name; default: the dialed host)",
+    )
+    auth_file: str = field(
+        "",
+        help="TOML file of tenants with hashed API keys (see README 'Securing a cluster'): "
+        "every call needs 'authorization: Bearer <token>'; unset = no authentication",
+    )
+    auth_health: bool = field(
+        False, help="with --auth-file, health and reflection need a token too (probes do not)"
+    )
 
     def __post_init__(self) -> None:
+        self.check_server_tls()
+        check_pair(self.worker_tls_cert, self.worker_tls_key, "--worker-tls-cert/--worker-tls-key")
+        if self.auth_health and not self.auth_file:
+            raise ValueError("--auth-health needs --auth-file")
+        if self.worker_tls_server_name and not self.worker_tls_ca:
+            raise ValueError("--worker-tls-server-name needs --worker-tls-ca")
+        if self.worker_tls_cert and not self.worker_tls_ca:
+            raise ValueError(
+                "--worker-tls-cert needs --worker-tls-ca (client certificates need TLS)"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.coalesce_window_ms < 0:

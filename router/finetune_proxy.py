@@ -31,6 +31,7 @@ import grpc
 from opentelemetry import trace
 
 from common import tracing
+from common.auth import TENANT_METADATA, current_tenant_name
 from common.errors import InvalidArgument, NotFound, RequestError, Unavailable, status_of
 from common.metrics import RouterMetrics
 from common.pb import finetune_pb2, finetune_pb2_grpc
@@ -112,6 +113,16 @@ def _stub(link: WorkerLink) -> finetune_pb2_grpc.FineTuneStub:
     return finetune_pb2_grpc.FineTuneStub(link.channel)
 
 
+def _upstream_metadata() -> list[tuple[str, str]]:
+    """Trace context, and the caller's tenant (``--auth-file``) so the worker records it
+    as the job's owner and shows each tenant only its own jobs. Built here, never copied
+    from the client's metadata: a client cannot claim another tenant."""
+    metadata = list(tracing.grpc_metadata_from_context())
+    if tenant := current_tenant_name():
+        metadata.append((TENANT_METADATA, tenant))
+    return metadata
+
+
 def _require_job_id(job_id: str) -> None:
     if not job_id:
         raise InvalidArgument("job_id is required")
@@ -140,7 +151,7 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                 job = await _stub(link).CreateJob(
                     request,
                     timeout=_timeout(context, UNARY_TIMEOUT_S),
-                    metadata=tracing.grpc_metadata_from_context(),
+                    metadata=_upstream_metadata(),
                 )
             finally:
                 self._creating[link.address] -= 1
@@ -166,7 +177,7 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                 lambda link: getattr(_stub(link), method)(
                     request,
                     timeout=_timeout(context, UNARY_TIMEOUT_S),
-                    metadata=tracing.grpc_metadata_from_context(),
+                    metadata=_upstream_metadata(),
                 ),
             )
 
@@ -194,7 +205,7 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                 lambda link: _stub(link).ListJobs(
                     request,
                     timeout=_capped(context, 2 * LOOKUP_TIMEOUT_S),
-                    metadata=tracing.grpc_metadata_from_context(),
+                    metadata=_upstream_metadata(),
                 ),
             )
             # job id -> (the copy kept, the worker that listed it): workers sharing a
@@ -241,7 +252,7 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                         request,
                         # No deadline from the client means follow until the job ends.
                         timeout=_timeout(context, None),
-                        metadata=tracing.grpc_metadata_from_context(),
+                        metadata=_upstream_metadata(),
                     )
                     try:
                         async for event in call:
@@ -292,6 +303,7 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
         async def active_jobs(link: WorkerLink) -> int:
             stub = _stub(link)
             timeout = _capped(context, LOOKUP_TIMEOUT_S)
+            # No tenant: the load probe counts every tenant's jobs.
             metadata = tracing.grpc_metadata_from_context()
             running, queued = await asyncio.gather(
                 stub.ListJobs(
@@ -354,6 +366,9 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
 
         All workers, not only healthy ones: a draining worker still holds its jobs."""
         links = [link for a, link in self.cluster.links.items() if a != exclude]
+        if not links and exclude is not None and exclude in self.cluster.links:
+            # The only worker just answered NOT_FOUND: that is the answer.
+            raise NotFound(f"job {job_id!r} not found on any of the 1 workers")
         if not links:
             raise Unavailable("no workers known to the router")
         request = finetune_pb2.GetJobRequest(job_id=job_id)
@@ -362,7 +377,7 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
             lambda link: _stub(link).GetJob(
                 request,
                 timeout=_capped(context, LOOKUP_TIMEOUT_S),
-                metadata=tracing.grpc_metadata_from_context(),
+                metadata=_upstream_metadata(),
             ),
         )
         failures: list[str] = []
@@ -400,6 +415,8 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
         }
         if job_id:
             attributes[tracing.ATTR_JOB_ID] = job_id
+        if tenant := current_tenant_name():
+            attributes[tracing.ATTR_TENANT] = tenant
         return tracing.server_span(
             self._tracer,
             f"{FINETUNE_SERVICE}/{method}",

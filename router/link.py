@@ -147,6 +147,8 @@ class WorkerLink:
         idle_timeout_s: float = 10.0,
         on_change: Callable[[], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        tls_server_name: str = "",
     ) -> None:
         self.address = address
         self.coalesce_window_s = coalesce_window_s
@@ -178,7 +180,18 @@ class WorkerLink:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._last_rx = 0.0
         self._break_reason = ""
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # Every call to this worker (Serve, Info, health, ListModels, the FineTune
+        # proxy) rides this one channel: TLS / mTLS when the router has --worker-tls-*.
+        self.channel = (
+            grpc.aio.secure_channel(
+                address,
+                credentials,
+                options=CHANNEL_OPTIONS
+                + ([("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []),
+            )
+            if credentials is not None
+            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         self._worker = worker_pb2_grpc.WorkerStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.generate_stub = generate_pb2_grpc.GenerateStub(self.channel)

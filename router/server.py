@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from common import __version__
+from common.auth import AuthInterceptor, load_auth_file
 from common.metrics import RouterMetrics, start_metrics_server
 from common.pb import generate_pb2_grpc
 from common.registry import (
@@ -26,9 +27,11 @@ from common.registry import (
     WatchStatus,
     make_registry,
 )
+from common.tls import server_credentials
 from router.cluster import Cluster
 from router.config import RouterConfig
 from router.finetune_proxy import FINETUNE_SERVICE, add_finetune_proxy
+from router.quotas import TenantQuotas
 from router.service import GENERATE_SERVICE, GenerateService
 
 logger = logging.getLogger(__name__)
@@ -100,8 +103,25 @@ def _follow_registry(
 async def start_router(
     config: RouterConfig, registry_config: RegistryConfig | None = None
 ) -> RouterServer:
-    """Builds and starts the router server on ``config.host:config.port`` (0 = any port)."""
-    server = grpc.aio.server()
+    """Builds and starts the router server on ``config.host:config.port`` (0 = any port).
+
+    Raises AuthFileError for an unusable ``--auth-file`` before anything starts."""
+    metrics = RouterMetrics()
+    interceptors = []
+    if config.auth_file:
+        # Admission in order: TLS (the port), token -> tenant, tenant quotas; then the
+        # servicers (queue bound, validation, policy).
+        interceptors.append(
+            AuthInterceptor(
+                load_auth_file(config.auth_file),
+                protect_health=config.auth_health,
+                quota=TenantQuotas(),
+                on_refused=lambda method, code, tenant: metrics.record_request(
+                    method, code, tenant=tenant
+                ),
+            )
+        )
+    server = grpc.aio.server(interceptors=interceptors)
     health = HealthServicer()
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
@@ -122,7 +142,6 @@ async def start_router(
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    metrics = RouterMetrics()
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = start_metrics_server(config.metrics_port, metrics.registry, config.host)
@@ -143,7 +162,13 @@ async def start_router(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(config)  # None: plaintext
+    address = f"{config.host}:{config.port}"
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
@@ -164,9 +189,11 @@ async def start_router(
         )
         await asyncio.to_thread(registry.register, instance)
     logger.info(
-        "router listening on %s:%d (registry %s; workers %s)",
+        "router listening on %s:%d (%s, %s; registry %s; workers %s)",
         config.host,
         port,
+        ("mTLS" if config.tls_client_ca else "TLS") if credentials else "plaintext",
+        f"auth file {config.auth_file}" if config.auth_file else "no authentication",
         registry_config.registry,
         ",".join(config.workers) or "from the registry",
     )

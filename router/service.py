@@ -17,6 +17,7 @@ import grpc
 from opentelemetry import trace
 
 from common import tracing
+from common.auth import current_tenant_name
 from common.errors import Unavailable, abort_with, status_of
 from common.metrics import RouterMetrics
 from common.pb import generate_pb2, generate_pb2_grpc
@@ -144,6 +145,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         )
         attributes[tracing.ATTR_RPC_SERVICE] = GENERATE_SERVICE
         attributes[tracing.ATTR_RPC_METHOD] = name
+        if tenant := current_tenant_name():
+            attributes[tracing.ATTR_TENANT] = tenant
         return tracing.server_span(
             self._tracer, "router request", context.invocation_metadata(), attributes=attributes
         )

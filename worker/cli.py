@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from common.tls import server_credentials
     from common.tracing import TracingConfig
     from worker.server import run_worker
 
@@ -21,7 +22,8 @@ def _run(args: argparse.Namespace) -> int:
         config = from_arguments(WorkerConfig, args)
         tracing_config = TracingConfig.from_args(args)
         registry_config = from_arguments(RegistryConfig, args)
-    except ValueError as exc:  # a bad flag: say which, no traceback
+        server_credentials(config)  # unreadable TLS files fail now, not after the model loads
+    except ValueError as exc:  # a bad flag or TLS file: say which, no traceback
         logger.error("invalid worker configuration: %s", exc)
         return 2
     return run_worker(config, tracing_config, registry_config)

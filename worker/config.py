@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from common.config import field
 from common.models import DTYPES
+from common.tls import ServerTlsFields
 
 
 def default_worker_id() -> str:
@@ -15,8 +16,8 @@ def default_worker_id() -> str:
 
 
 @dataclass
-class WorkerConfig:
-    """Settings of ``llmcluster worker``."""
+class WorkerConfig(ServerTlsFields):
+    """Settings of ``llmcluster worker`` (TLS flags from :class:`~common.tls.ServerTlsFields`)."""
 
     port: int = field(50061, help="gRPC port to listen on (0 = pick a free one)")
     host: str = field("127.0.0.1", help="address to bind; 0.0.0.0 to accept remote routers")
@@ -65,6 +66,7 @@ class WorkerConfig:
     grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")
 
     def __post_init__(self) -> None:
+        self.check_server_tls()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in (

@@ -167,6 +167,7 @@ class Job:
     process: subprocess.Popen[bytes] | None = None
     changed: asyncio.Condition | None = None
     cancel_sent_monotonic: float | None = None
+    owner: str = ""  # tenant that created it (router --auth-file); "" = no tenant
 
     @property
     def job_id(self) -> str:
@@ -185,6 +186,7 @@ class Job:
             "attempts": self.attempts,
             "pid": self.pid,
             "cancel_requested": self.cancel_requested,
+            "owner": self.owner,
         }
 
 
@@ -196,7 +198,8 @@ class JobManager:
         self.config = config
         self._metrics = metrics  # common.metrics.WorkerMetrics (jobs by state, loss)
         self.jobs: dict[str, Job] = {}
-        self._by_token: dict[str, str] = {}
+        # (owner, client_token) -> job id: a token is idempotent within its tenant only.
+        self._by_token: dict[tuple[str, str], str] = {}
         self._runtime: Any = None  # worker.runtime.ModelRuntime once loaded
         self._create_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -226,6 +229,7 @@ class JobManager:
                     attempts=int(raw.get("attempts", 0)),
                     pid=raw.get("pid"),
                     cancel_requested=bool(raw.get("cancel_requested", False)),
+                    owner=str(raw.get("owner", "")),
                 )
                 job.events = self._read_events(job.dir / EVENTS_FILE)
             except (OSError, ValueError, KeyError, json_format.ParseError) as exc:
@@ -233,7 +237,7 @@ class JobManager:
                 continue
             self.jobs[job.job_id] = job
             if pb.client_token:
-                self._by_token[pb.client_token] = job.job_id
+                self._by_token[(job.owner, pb.client_token)] = job.job_id
         if self.jobs:
             logger.info(
                 "loaded %d fine-tuning job(s) from %s", len(self.jobs), self.config.jobs_dir
@@ -557,10 +561,11 @@ class JobManager:
             raise Unavailable("worker is still loading its model")
         return self._runtime
 
-    def get(self, job_id: str) -> Job:
-        """The job, or NotFound."""
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, or NotFound; with ``owner`` (the caller's tenant) another tenant's
+        job is NotFound too, with the same message: its existence is not revealed."""
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or (owner is not None and job.owner != owner):
             raise NotFound(f"job {job_id!r} not found on worker {self.config.worker_id}")
         return job
 
@@ -570,20 +575,29 @@ class JobManager:
         out.worker_id = self.config.worker_id
         return out
 
-    def list(self, state: int = 0, limit: int = 0) -> list[Job]:
-        """Jobs newest first, optionally of one state and at most ``limit``."""
-        jobs = [j for j in reversed(self._ordered()) if not state or j.pb.state == state]
+    def list(self, state: int = 0, limit: int = 0, owner: str | None = None) -> list[Job]:
+        """Jobs newest first, optionally of one state, of one owner and at most ``limit``."""
+        jobs = [
+            j
+            for j in reversed(self._ordered())
+            if (not state or j.pb.state == state) and (owner is None or j.owner == owner)
+        ]
         return jobs[:limit] if limit else jobs
 
     async def create(
-        self, request: finetune_pb2.CreateJobRequest, trace_carrier: dict[str, str] | None = None
+        self,
+        request: finetune_pb2.CreateJobRequest,
+        trace_carrier: dict[str, str] | None = None,
+        owner: str = "",
     ) -> Job:
-        """Validates the whole request, writes the job folder and queues the job.
+        """Validates the whole request, writes the job folder and queues the job (owned
+        by the tenant ``owner``).
 
         Every check runs before anything is written, so a bad request leaves no trace (and
         nothing in the model store: only a finished job publishes)."""
-        if request.client_token and request.client_token in self._by_token:
-            return self.jobs[self._by_token[request.client_token]]
+        token_key = (owner, request.client_token)
+        if request.client_token and token_key in self._by_token:
+            return self.jobs[self._by_token[token_key]]
         runtime = self._require_runtime()
         source = runtime.source
         if request.base_model and request.base_model not in (source.name, source.path):
@@ -616,8 +630,8 @@ class JobManager:
 
         async with self._create_lock:
             # A concurrent call with the same token may have won while we validated.
-            if request.client_token and request.client_token in self._by_token:
-                return self.jobs[self._by_token[request.client_token]]
+            if request.client_token and token_key in self._by_token:
+                return self.jobs[self._by_token[token_key]]
             job_id = f"ft-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
             job_dir = self.config.jobs_dir / job_id
             tmp = self.config.jobs_dir / f".{job_id}.tmp"
@@ -657,6 +671,7 @@ class JobManager:
                         "traceparent": traceparent,
                         "worker_id": self.config.worker_id,
                     },
+                    owner=owner,
                 )
                 job.dir = tmp
                 self._append(job, self._state_event(finetune_pb2.QUEUED, "queued"))
@@ -669,7 +684,7 @@ class JobManager:
                 raise
             self.jobs[job_id] = job
             if request.client_token:
-                self._by_token[request.client_token] = job_id
+                self._by_token[token_key] = job_id
         logger.info(
             "job %s queued: %s %s -> %s (%d train / %d eval examples)",
             job_id,
@@ -713,9 +728,9 @@ class JobManager:
             raise InvalidArgument(f"dataset_name: no dataset {name!r} in {self.config.data_dir}")
         return path.read_text(encoding="utf-8")
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, owner: str | None = None) -> Job:
         """Cancels a queued job at once, a running one within a training step."""
-        job = self.get(job_id)
+        job = self.get(job_id, owner)
         if job.terminal:
             if job.pb.state == finetune_pb2.CANCELLED:
                 return job
@@ -736,10 +751,10 @@ class JobManager:
         return job
 
     async def watch(
-        self, job_id: str, from_sequence: int = 0
+        self, job_id: str, from_sequence: int = 0, owner: str | None = None
     ) -> AsyncIterator[finetune_pb2.JobEvent]:
         """Past events from ``from_sequence``, then live ones until a terminal state."""
-        job = self.get(job_id)
+        job = self.get(job_id, owner)
         next_index = max(0, from_sequence - 1)
         cond = self._condition(job)
         while True:

@@ -18,11 +18,13 @@ from common.metrics import WorkerMetrics, start_metrics_server
 from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.registry import (
     WORKER_SERVICE,
+    HealthCheck,
     RegistryConfig,
     ServiceInstance,
     make_registry,
     model_tag,
 )
+from common.tls import server_credentials
 from common.tracing import (
     SERVICE_WORKER,
     TracedHealthServicer,
@@ -93,7 +95,13 @@ class WorkerServer:
             ),
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        credentials = server_credentials(self.config)  # None: plaintext
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = (
+            self.server.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await self._set_health(False)  # NOT_SERVING until the model is loaded and warmed
@@ -158,6 +166,7 @@ class WorkerServer:
                 "device": runtime.device,
                 "version": __version__,
             },
+            check=HealthCheck(use_tls=self.config.tls_enabled),
         )
         await asyncio.to_thread(self.registry.register, self.instance)
 

@@ -92,6 +92,11 @@ class RegistryConfig:
         2.0, help="how often Consul polls each instance's grpc.health.v1 endpoint"
     )
     consul_check_timeout_s: float = field(2.0, help="bound on one gRPC health check by Consul")
+    consul_check_tls_server_name: str = field(
+        "",
+        help="name Consul verifies in a TLS instance's certificate when checking it "
+        "(instances registered by host name sharing one certificate; default: the address)",
+    )
     consul_deregister_critical_after_s: float = field(
         60.0,
         help="Consul removes an instance whose check stays critical this long "

@@ -262,11 +262,13 @@ class ConsulRegistry(Registry):
         check: dict[str, Any] = consul.Check.grpc(
             target,
             go_duration(interval),
-            use_tls=False,
+            use_tls=bool(spec and spec.use_tls),
             timeout=go_duration(timeout),
             deregister=go_duration(deregister) if deregister > 0 else None,
         )
         check["Name"] = "grpc.health.v1"
+        if spec and spec.use_tls and self.config.consul_check_tls_server_name:
+            check["TLSServerName"] = self.config.consul_check_tls_server_name
         return check
 
     def _send_register(self, instance: ServiceInstance) -> None:

@@ -76,6 +76,9 @@ class HealthCheck:
     grpc_service: str = ""
     # host:port the checker dials; None dials the instance's own address and port.
     target: str | None = None
+    # The instance serves TLS (--tls-cert): the checker must dial TLS. With mTLS the
+    # Consul agent presents its own certificate (its tls.defaults.cert_file).
+    use_tls: bool = False
 
 
 @dataclass

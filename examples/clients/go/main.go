@@ -26,6 +26,8 @@ import (
 	rpccode "google.golang.org/genproto/googleapis/rpc/code"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
@@ -39,6 +41,8 @@ type options struct {
 	topP         float64
 	ignoreEOS    bool
 	timeout      time.Duration
+	token        string
+	tlsCA        string
 }
 
 // summary is the machine-readable last line; its keys match the Node client's.
@@ -75,6 +79,10 @@ func parseFlags() options {
 	flag.Float64Var(&o.topP, "top-p", -1, "nucleus mass (unset: server default; bad mode: 2)")
 	flag.BoolVar(&o.ignoreEOS, "ignore-eos", false, "keep generating past end-of-sequence")
 	flag.Float64Var(&timeoutS, "timeout-s", 60, "deadline of the call, seconds")
+	flag.StringVar(&o.token, "token", os.Getenv("LLMCLUSTER_TOKEN"),
+		"API key sent as 'authorization: Bearer' (default: $LLMCLUSTER_TOKEN)")
+	flag.StringVar(&o.tlsCA, "tls-ca", os.Getenv("LLMCLUSTER_TLS_CA"),
+		"CA of the router's certificate: connect with TLS (default: $LLMCLUSTER_TLS_CA)")
 	flag.Parse()
 	switch o.mode {
 	case "stream", "cancel":
@@ -162,7 +170,16 @@ func printJSON(v interface{}) {
 
 func main() {
 	o := parseFlags()
-	conn, err := grpc.Dial(o.target, grpc.WithInsecure())
+	transport := grpc.WithInsecure()
+	if o.tlsCA != "" {
+		creds, err := credentials.NewClientTLSFromFile(o.tlsCA, "")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		transport = grpc.WithTransportCredentials(creds)
+	}
+	conn, err := grpc.Dial(o.target, transport)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
@@ -171,6 +188,9 @@ func main() {
 	client := llmclusterv1.NewGenerateClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
+	if o.token != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+o.token)
+	}
 
 	cancelAfter := 0
 	if o.mode == "cancel" {

@@ -13,13 +13,16 @@
 // Stubs come from protos/ via `npm run generate` (see generate.js).
 "use strict";
 
+const fs = require("fs");
 const grpc = require("@grpc/grpc-js");
 const { GenerateClient } = require("./gen/llmcluster/v1/generate.grpc-client");
 const { FinishReason, GenerateRequest } = require("./gen/llmcluster/v1/generate");
 
 const USAGE = `usage: node client.js --target HOST:PORT [--mode stream|cancel|bad]
   [--prompt TEXT] [--max-new-tokens N] [--cancel-after N] [--top-p X] [--ignore-eos]
-  [--timeout-s S]`;
+  [--timeout-s S] [--token TOKEN] [--tls-ca FILE]
+  --token / $LLMCLUSTER_TOKEN: API key sent as 'authorization: Bearer'
+  --tls-ca / $LLMCLUSTER_TLS_CA: CA of the router's certificate (TLS; unset = plaintext)`;
 
 function parseArgs(argv) {
   const args = {
@@ -31,6 +34,8 @@ function parseArgs(argv) {
     topP: undefined,
     ignoreEos: false,
     timeoutS: 60,
+    token: process.env.LLMCLUSTER_TOKEN || "",
+    tlsCa: process.env.LLMCLUSTER_TLS_CA || "",
   };
   const numeric = { "--max-new-tokens": "maxNewTokens", "--cancel-after": "cancelAfter",
     "--top-p": "topP", "--timeout-s": "timeoutS" };
@@ -43,6 +48,8 @@ function parseArgs(argv) {
     if (flag === "--target") args.target = value();
     else if (flag === "--mode") args.mode = value();
     else if (flag === "--prompt") args.prompt = value();
+    else if (flag === "--token") args.token = value();
+    else if (flag === "--tls-ca") args.tlsCa = value();
     else if (flag === "--ignore-eos") args.ignoreEos = true;
     else if (flag in numeric) {
       const n = Number(value());
@@ -76,7 +83,9 @@ function deadline(args) {
 // Streams the request; resolves with a summary, or rejects with the gRPC error.
 function stream(client, args, cancelAfter) {
   return new Promise((resolve, reject) => {
-    const call = client.generateStream(buildRequest(args), new grpc.Metadata(), {
+    const metadata = new grpc.Metadata();
+    if (args.token) metadata.set("authorization", `Bearer ${args.token}`);
+    const call = client.generateStream(buildRequest(args), metadata, {
       deadline: deadline(args),
     });
     const summary = { mode: args.mode, request_id: "", token_ids: [], text: "", messages: 0 };
@@ -110,7 +119,10 @@ function stream(client, args, cancelAfter) {
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
-  const client = new GenerateClient(args.target, grpc.credentials.createInsecure());
+  const credentials = args.tlsCa
+    ? grpc.credentials.createSsl(fs.readFileSync(args.tlsCa))
+    : grpc.credentials.createInsecure();
+  const client = new GenerateClient(args.target, credentials);
   try {
     if (args.mode === "stream") {
       console.log(JSON.stringify(await stream(client, args)));

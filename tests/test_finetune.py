@@ -16,20 +16,15 @@ import grpc
 import pytest
 
 from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
+from tests.conftest import new_home
 from tests.procs import REPO_ROOT, Proc, start_worker
 
 RECORDS = REPO_ROOT / "tests" / "data" / "finetune" / "records.jsonl"
 
 
 def temp_home(tmp: Path) -> Path:
-    """A fresh LLMCLUSTER_HOME that shares the converted default model (no 30 s
-    re-conversion): ``models`` links to this machine's real cache."""
-    from common.config import home_dir
-
-    real_models = home_dir() / "models"
-    real_models.mkdir(parents=True, exist_ok=True)
-    (tmp / "models").symlink_to(real_models, target_is_directory=True)
-    return tmp
+    """A fresh LLMCLUSTER_HOME sharing the run's converted default model (conftest)."""
+    return new_home(tmp)
 
 
 def small_jsonl(n: int = 24) -> str:

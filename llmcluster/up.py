@@ -14,6 +14,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.listen import port_is_free
 from common.pb import generate_pb2, generate_pb2_grpc
 
 DEMO_QUESTION = "In two sentences, what is continuous batching in LLM serving?"
@@ -96,6 +97,15 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers must be >= 1", file=sys.stderr)
+        return 2
+    # The router binds 127.0.0.1 (its default); a taken port is said before any worker
+    # starts loading, not after a minute of start-up.
+    if not port_is_free("127.0.0.1", args.port):
+        print(
+            f"llmcluster up: router port {args.port} is in use (another cluster?); "
+            "stop it or pick another with --port",
+            file=sys.stderr,
+        )
         return 2
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)

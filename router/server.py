@@ -14,6 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from common import __version__
+from common.listen import bind, bind_http, server_options
 from common.metrics import RouterMetrics, start_metrics_server
 from common.pb import generate_pb2_grpc
 from common.registry import (
@@ -100,7 +101,7 @@ async def start_router(
     config: RouterConfig, registry_config: RegistryConfig | None = None
 ) -> RouterServer:
     """Builds and starts the router server on ``config.host:config.port`` (0 = any port)."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options())
     health = HealthServicer()
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
@@ -123,7 +124,12 @@ async def start_router(
     metrics = RouterMetrics()
     metrics_port = None
     if config.metrics_port is not None:
-        metrics_port = start_metrics_server(config.metrics_port, metrics.registry, config.host)
+        metrics_port = bind_http(
+            lambda: start_metrics_server(config.metrics_port, metrics.registry, config.host),
+            config.host,
+            config.metrics_port,
+            "metrics port",
+        )
     cluster = Cluster(config, on_health_change=on_health_change, metrics=metrics)
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(GENERATE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -141,9 +147,7 @@ async def start_router(
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    port = bind(server, config.host, config.port)
     await server.start()
     registry_config = registry_config or RegistryConfig()
     registry = make_registry(registry_config, static_addresses=config.workers)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import __version__
+from common.listen import bind, bind_http, server_options
 from common.metrics import WorkerMetrics, start_metrics_server
 from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.registry import (
@@ -60,7 +61,7 @@ class WorkerServer:
         self.state = WorkerState(config.worker_id, self.metrics)
         self.health = TracedHealthServicer(get_tracer(__name__))
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            options=server_options(("grpc.max_receive_message_length", 64 * 1024 * 1024))
         )
         self.port = 0
         self.metrics_port = -1
@@ -92,9 +93,16 @@ class WorkerServer:
             ),
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        self.port = bind(self.server, self.config.host, self.config.port)
+        # Both ports before anything starts: a taken one ends the process at once.
+        if self.config.metrics_port >= 0:
+            self.metrics_port = bind_http(
+                lambda: start_metrics_server(self.config.metrics_port, self.metrics.registry),
+                "0.0.0.0",
+                self.config.metrics_port,
+                "metrics port",
+            )
+            logger.info("metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
         await self._set_health(False)  # NOT_SERVING until the model is loaded and warmed
         await self.server.start()
         logger.info(
@@ -103,11 +111,6 @@ class WorkerServer:
             self.config.host,
             self.port,
         )
-        if self.config.metrics_port >= 0:
-            self.metrics_port = start_metrics_server(
-                self.config.metrics_port, self.metrics.registry
-            )
-            logger.info("metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
         runtime = await asyncio.to_thread(ModelRuntime, self.config)
         self._attach_metrics(runtime)
         runtime.engine.fault_file = self.config.fault_file or None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,6 +262,12 @@ def test_list_jobs_and_cli(worker: Proc, ft, finished_job) -> None:
     assert out.returncode == 0, out.stderr
     assert "eval before" in out.stdout and "eval after" in out.stdout
     assert "done: records-bot@1" in out.stdout
+    assert "done in" in out.stdout, "the progress bar's ETA ends as the time it took"
+    out = cli("get", job.job_id)
+    assert out.returncode == 0, out.stderr
+    for label in ("hyperparameters", "metrics", "eval after", "events", "states"):
+        assert label in out.stdout, out.stdout
+    assert re.search(r"^artifact +records-bot@1  sha256 [0-9a-f]{64}$", out.stdout, re.M)
     out = cli("get", "ft-nope")
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
 

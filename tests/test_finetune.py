@@ -126,6 +126,24 @@ BAD_REQUESTS = [
     ),
     ("empty dataset", dict(dataset_jsonl=""), "dataset"),
     ("only blank rows", dict(dataset_jsonl='{"text": "  "}\n{"text": ""}\n'), "empty"),
+    (
+        "a row without its completion",
+        dict(dataset_jsonl=small_jsonl(4) + '\n{"prompt": "c"}\n'),
+        "line 6: field 'completion' is missing",
+    ),
+    (
+        "one example",
+        dict(dataset_jsonl='{"prompt": "a", "completion": " b"}\n'),
+        "1 training example(s); at least 2 are needed",
+    ),
+    (
+        "one example left after dropping the invalid",
+        dict(
+            dataset_jsonl='{"prompt": "a", "completion": " b"}\n{"prompt": "c"}\n',
+            hyperparameters=finetune_pb2.Hyperparameters(drop_invalid=True),
+        ),
+        "dropped 1: 1 with nothing to learn",
+    ),
     ("unknown base model", dict(base_model="no-such-model"), "base_model"),
     ("r = 0", dict(hyperparameters=finetune_pb2.Hyperparameters(lora_r=0)), "lora_r"),
     (

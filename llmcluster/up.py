@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.listen import port_is_free
 from common.pb import generate_pb2, generate_pb2_grpc
+from worker.cores import allowed_cpus, format_cpus, split_cores
 
 DEMO_QUESTION = "In two sentences, what is continuous batching in LLM serving?"
 
@@ -113,11 +114,20 @@ def _run(args: argparse.Namespace) -> int:
     try:
         worker_addresses = []
         workers = []
+        # Co-located workers that each take every core thrash each other: each gets its
+        # own share, pinned, with one compute thread per core (worker/cores.py).
+        cores = split_cores(allowed_cpus(), args.workers)
         for i in range(args.workers):
             port = _free_port()
             worker_addresses.append(f"127.0.0.1:{port}")
             cmd = ["worker", "--port", str(port), "--worker-id", f"local-{i}"]
             cmd += ["--dtype", args.dtype]
+            cmd += ["--cpus", ",".join(map(str, cores[i])), "--threads", str(len(cores[i]))]
+            print(
+                f"worker local-{i}: core(s) {format_cpus(cores[i])}, "
+                f"{len(cores[i])} compute thread(s)",
+                flush=True,
+            )
             if args.model:
                 cmd += ["--model", args.model]
             workers.append(_spawn(cmd, args.child_log_level))

@@ -24,6 +24,19 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad flag: say which, no traceback
         logger.error("invalid worker configuration: %s", exc)
         return 2
+    from worker.cores import format_cpus, place
+
+    try:
+        placement = place(config.cpus, config.threads)
+    except (ValueError, OSError) as exc:
+        logger.error("invalid worker configuration: --cpus %s: %s", config.cpus, exc)
+        return 2
+    logger.info(
+        "worker %s computes on core(s) %s with %d thread(s)",
+        config.worker_id,
+        format_cpus(placement.cpus),
+        placement.threads,
+    )
     return run_worker(config, tracing_config, registry_config)
 
 

@@ -141,9 +141,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"starting router on {address} and {args.workers} worker(s)...", flush=True)
         # Every worker, then the router: the router is SERVING once any one worker is, and
         # "up --workers 2" should not hand out its address with one still loading.
-        for i, worker_address in enumerate(worker_addresses):
+        # Each worker says its own phases and "serving on" line (common/startup.py).
+        for worker_address in worker_addresses:
             _wait_serving(worker_address, procs, args.start_timeout_s)
-            print(f"worker local-{i} serving on {worker_address}", flush=True)
         _wait_serving(address, procs, args.start_timeout_s)
         print(f"router listening on {address}", flush=True)
         print(f'try: llmcluster generate --chat "Hello!" --target {address}', flush=True)

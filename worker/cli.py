@@ -24,7 +24,11 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad flag: say which, no traceback
         logger.error("invalid worker configuration: %s", exc)
         return 2
+    from common.startup import quiet_libraries, set_process_name
     from worker.cores import format_cpus, place
+
+    set_process_name(f"worker {config.worker_id}")
+    quiet_libraries(logging.getLogger().getEffectiveLevel())
 
     try:
         placement = place(config.cpus, config.threads)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from common import __version__
 from common.listen import bind, bind_http, server_options
 from common.metrics import WorkerMetrics, start_metrics_server
+from common.models import resolve_model
 from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.registry import (
     WORKER_SERVICE,
@@ -24,6 +25,7 @@ from common.registry import (
     make_registry,
     model_tag,
 )
+from common.startup import phase
 from common.tracing import (
     SERVICE_WORKER,
     TracedHealthServicer,
@@ -111,12 +113,16 @@ class WorkerServer:
             self.config.host,
             self.port,
         )
-        runtime = await asyncio.to_thread(ModelRuntime, self.config)
+        # Resolved first: a first start converts the default model (its own phase line).
+        source = await asyncio.to_thread(resolve_model, self.config.model or None)
+        with phase(f"loaded {source.name}"):
+            runtime = await asyncio.to_thread(ModelRuntime, self.config)
         self._attach_metrics(runtime)
         runtime.engine.fault_file = self.config.fault_file or None
         runtime.engine.start()
         if self.config.warmup:
-            await asyncio.to_thread(run_engine_probe, runtime)
+            with phase("warmed up"):
+                await asyncio.to_thread(run_engine_probe, runtime)
         self.state.runtime = runtime
         self.jobs.attach_runtime(runtime)
         self.jobs.on_training_processes = self._share_cores_with_training()

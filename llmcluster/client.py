@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import grpc
@@ -24,6 +25,23 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 def default_target() -> str:
     """The local cluster's router, unless LLMCLUSTER_TARGET says otherwise."""
     return env("LLMCLUSTER_TARGET", DEFAULT_TARGET) or DEFAULT_TARGET
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of a deadline: a finite number of seconds above 0 (argparse turns
+    the ValueError into a usage error, exit 2)."""
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (unsigned on the wire)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def add_target_argument(parser: argparse.ArgumentParser) -> None:
@@ -166,11 +184,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--logprobs", type=int, default=None, help="top alternatives per token")
-    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--timeout", type=positive_seconds, default=None, help="deadline in seconds")
     gen.set_defaults(func=_generate)
 
     models = sub.add_parser("models", help="list base models and adapter versions")
     add_target_argument(models)
     models.add_argument("--json", action="store_true", help="print JSON")
-    models.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    models.add_argument(
+        "--timeout", type=positive_seconds, default=10.0, help="deadline in seconds"
+    )
     models.set_defaults(func=_models)

@@ -25,7 +25,12 @@ from google.protobuf import json_format
 from common.config import add_arguments, from_arguments
 from common.model_store import validate_name
 from common.pb import finetune_pb2, finetune_pb2_grpc
-from llmcluster.client import add_target_argument, default_target
+from llmcluster.client import (
+    add_target_argument,
+    default_target,
+    non_negative_int,
+    positive_seconds,
+)
 from trainer.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ _HP_FIELDS = tuple(
     f.name for f in finetune_pb2.Hyperparameters.DESCRIPTOR.fields if f.name != "lr_scheduler"
 )
 _TERMINAL = (finetune_pb2.SUCCEEDED, finetune_pb2.FAILED, finetune_pb2.CANCELLED)
+_STATE_CHOICES = [n.lower() for n in finetune_pb2.JobState.keys() if n != "JOB_STATE_UNSPECIFIED"]
 
 
 def _state_name(state: int) -> str:
@@ -499,15 +505,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True, help="name the adapter is registered under")
     create.add_argument("--client-token", default="", help="idempotency token (default: random)")
     create.add_argument("--no-watch", action="store_true", help="return once the job is queued")
-    create.add_argument("--timeout", type=float, default=120.0, help="CreateJob deadline (s)")
+    create.add_argument(
+        "--timeout", type=positive_seconds, default=120.0, help="CreateJob deadline (s)"
+    )
     add_target_argument(create)
     create.set_defaults(func=_create)
 
     lst = actions.add_parser("list", help="list jobs, newest first")
-    lst.add_argument("--state", default="", help="only jobs in this state (e.g. running)")
-    lst.add_argument("--limit", type=int, default=0, help="at most this many")
+    lst.add_argument(
+        "--state",
+        default="",
+        type=str.lower,
+        choices=["", *_STATE_CHOICES],
+        help="only jobs in this state",
+    )
+    lst.add_argument("--limit", type=non_negative_int, default=0, help="at most this many")
     lst.add_argument("--json", action="store_true", help="print JSON")
-    lst.add_argument("--timeout", type=float, default=10.0, help="deadline (s)")
+    lst.add_argument("--timeout", type=positive_seconds, default=10.0, help="deadline (s)")
     add_target_argument(lst)
     lst.set_defaults(func=_list)
 
@@ -518,7 +532,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ):
         p = actions.add_parser(name, help=text)
         p.add_argument("job", help="job id")
-        p.add_argument("--timeout", type=float, default=10.0, help="deadline (s)")
+        p.add_argument("--timeout", type=positive_seconds, default=10.0, help="deadline (s)")
         if name == "get":
             p.add_argument("--json", action="store_true", help="print JSON")
         add_target_argument(p)

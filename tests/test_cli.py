@@ -169,3 +169,21 @@ def test_job_details_name_settings_data_metrics_and_artifact() -> None:
     assert "4 (1 log, 1 metrics, 2 state change)" in text
     assert "QUEUED -> SUCCEEDED" in text
     assert "dataset: kept 48 of 50 rows; dropped 2 duplicate" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["finetune", "list", "--state", "bogus"],
+        ["finetune", "list", "--limit", "-1"],
+        ["finetune", "get", "ft-x", "--timeout", "0"],
+        ["generate", "x", "--timeout", "-1"],
+        ["generate", "x", "--max-new-tokens", "many"],
+        ["models", "--timeout", "nan"],
+    ],
+    ids=" ".join,
+)
+def test_every_other_bad_flag_is_a_usage_error_not_a_traceback(argv: list[str]) -> None:
+    out = _cli(*argv, "--target", NOBODY)
+    assert out.returncode == 2, out.stderr
+    assert "error: argument" in out.stderr and "Traceback" not in out.stderr

@@ -308,12 +308,17 @@ class ModelStore:
         name, version = parse_ref(spec)
         versions = self._versions(self.root / name)
         if not versions:
-            raise ArtifactNotFound(f"artifact {name!r} not found")
+            stored = sorted({r.name for r in self.list()})
+            raise ArtifactNotFound(
+                f"artifact {name!r} not found (stored: {', '.join(stored) or 'none'})"
+            )
         if version is None:
             version = versions[-1]
         elif version not in versions:
+            # Name and version are told apart: the name exists, this version does not.
             raise ArtifactNotFound(
-                f"artifact {name}@{version} not found (versions: {', '.join(map(str, versions))})"
+                f"version {version} of {name} not found (versions are "
+                f"{', '.join(map(str, versions))}; {name}@{versions[-1]} is the latest)"
             )
         return self._ref(name, version)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import env, home_dir
+from common.startup import phase
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,12 @@ def default_model_folder() -> Path:
     with _file_lock(folder.with_name(folder.name + ".lock")):
         if (folder / "model.safetensors").exists():
             return folder
-        logger.info("converting %s to safetensors in %s (once, ~20 s)", gguf.name, folder)
-        _convert_gguf(gguf, folder)
+        logger.info("converting %s to safetensors in %s", gguf.name, folder)
+        with phase(
+            "converted the default model (once per home)",
+            start=f"converting {gguf.name} to safetensors (first start only; 20 s to 2 min)",
+        ):
+            _convert_gguf(gguf, folder)
     return folder
 
 

@@ -146,3 +146,41 @@ def generation_spec_from_pb(
         messages=tuple(messages),
         params=SamplingParams.from_pb(req.params, limits),
     )
+
+
+# Unsigned protobuf fields: a negative value cannot even be put on the wire, so a client
+# must refuse it itself; the wording matches the server's for the same field.
+_UNSIGNED_PARAMS = {
+    "max_new_tokens": "must be in [1, {limit}]",
+    "top_k": "must be >= 0 (0 = disabled)",
+    "seed": "must be >= 0",
+    "logprobs": f"must be in [0, {MAX_LOGPROBS}]",
+}
+
+
+def sampling_params_from_values(
+    values: dict[str, object], limits: GenerationLimits | None = None
+) -> generate_pb2.SamplingParams:
+    """A client's sampling flags (None = not given) as a SamplingParams message, checked
+    with the server's rules and wording (:meth:`SamplingParams.from_pb`), so that a bad
+    flag is refused before any call. Raises InvalidArgument naming the field."""
+    limits = limits or GenerationLimits()
+    for name, rule in _UNSIGNED_PARAMS.items():
+        value = values.get(name)
+        if isinstance(value, int) and value < 0:
+            raise InvalidArgument(
+                f"params.{name} {rule.format(limit=limits.max_new_tokens_limit)}, got {value}"
+            )
+    pb = generate_pb2.SamplingParams()
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "stop":
+            pb.stop.extend(value)  # type: ignore[call-overload]
+        else:
+            try:
+                setattr(pb, name, value)
+            except (TypeError, ValueError) as exc:  # out of the wire type's range
+                raise InvalidArgument(f"params.{name}: {exc}, got {value!r}") from None
+    SamplingParams.from_pb(pb, limits)
+    return pb

@@ -50,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except OSError as exc:
+        from common.listen import PortInUse  # light: no torch, no grpc servers
+
+        if not isinstance(exc, PortInUse):
+            raise
+        print(f"llmcluster {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import sys
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,8 +23,14 @@ import grpc
 from google.protobuf import json_format
 
 from common.config import add_arguments, from_arguments
+from common.model_store import validate_name
 from common.pb import finetune_pb2, finetune_pb2_grpc
-from llmcluster.client import add_target_argument, default_target
+from llmcluster.client import (
+    add_target_argument,
+    default_target,
+    non_negative_int,
+    positive_seconds,
+)
 from llmcluster.connection import open_channel
 from trainer.config import TrainConfig
 
@@ -39,6 +46,7 @@ _HP_FIELDS = tuple(
     f.name for f in finetune_pb2.Hyperparameters.DESCRIPTOR.fields if f.name != "lr_scheduler"
 )
 _TERMINAL = (finetune_pb2.SUCCEEDED, finetune_pb2.FAILED, finetune_pb2.CANCELLED)
+_STATE_CHOICES = [n.lower() for n in finetune_pb2.JobState.keys() if n != "JOB_STATE_UNSPECIFIED"]
 
 
 def _state_name(state: int) -> str:
@@ -54,6 +62,7 @@ class ProgressPrinter:
         self.width = width
         self._bar_open = False
         self._tty = out.isatty()
+        self._rate_start: tuple[int, float] | None = None  # (step, time_s) of the first report
 
     def line(self, text: str) -> None:
         if self._bar_open:
@@ -62,11 +71,35 @@ class ProgressPrinter:
         self.out.write(text + "\n")
         self.out.flush()
 
-    def progress(self, step: int, total: int, loss: float, tokens_per_s: float, lr: float) -> None:
+    def eta(self, step: int, total: int, time_s: float) -> str:
+        """Time left at the pace since the first report (``--`` until there is a pace)."""
+        if self._rate_start is None or step < self._rate_start[0]:
+            self._rate_start = (step, time_s)
+        first_step, first_time = self._rate_start
+        if step >= total > 0:
+            return f"done in {_duration(time_s - first_time)}"
+        if step <= first_step or not total:
+            return "eta --"
+        per_step = (time_s - first_time) / (step - first_step)
+        return f"eta {_duration(per_step * (total - step))}"
+
+    def progress(
+        self,
+        step: int,
+        total: int,
+        loss: float,
+        tokens_per_s: float,
+        lr: float,
+        time_s: float | None = None,
+    ) -> None:
+        """One training report; ``time_s`` is when it happened (the event's time; now
+        if not given), so a replayed job shows the ETA it had then."""
         filled = int(self.width * step / total) if total else 0
         bar = "#" * filled + "." * (self.width - filled)
+        eta = self.eta(step, total, time.time() if time_s is None else time_s)
         text = (
-            f"[{bar}] step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:.0f} tok/s"
+            f"[{bar}] step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
+            f"{tokens_per_s:.0f} tok/s  {eta}"
         )
         if self._tty:
             # One line, rewritten in place: \r back to its start, \x1b[K clears the rest.
@@ -84,7 +117,14 @@ class ProgressPrinter:
         kind = event.WhichOneof("event")
         if kind == "metrics":
             m = event.metrics
-            self.progress(m.step, m.total_steps, m.loss, m.tokens_per_second, m.learning_rate)
+            self.progress(
+                m.step,
+                m.total_steps,
+                m.loss,
+                m.tokens_per_second,
+                m.learning_rate,
+                event.time_unix_ms / 1000.0 if event.time_unix_ms else None,
+            )
         elif kind == "evaluation":
             e = event.evaluation
             self.eval(e.stage, e.eval_loss, e.perplexity, e.step)
@@ -107,8 +147,20 @@ class ProgressPrinter:
             self.out.flush()
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def hyperparameters_from_args(args: argparse.Namespace) -> finetune_pb2.Hyperparameters:
-    """Only the flags given: the worker fills in (and reports) the defaults."""
+    """Only the flags given: the worker fills in (and reports) the defaults. The flags are
+    checked first with the rules the worker applies (TrainConfig); raises ValueError."""
+    from_arguments(TrainConfig, args)
     hp = finetune_pb2.Hyperparameters()
     for name in _HP_FIELDS:
         value = getattr(args, name, None)
@@ -117,7 +169,11 @@ def hyperparameters_from_args(args: argparse.Namespace) -> finetune_pb2.Hyperpar
         if name == "lora_target_modules":
             hp.lora_target_modules.extend(value)
         else:
-            setattr(hp, name, value)
+            try:
+                setattr(hp, name, value)
+            except (TypeError, ValueError) as exc:  # outside the wire type (e.g. < 0)
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag}: {exc}, got {value!r}") from None
     if getattr(args, "lr_scheduler", None):
         hp.lr_scheduler = args.lr_scheduler
     return hp
@@ -195,12 +251,18 @@ def _create(args: argparse.Namespace) -> int:
     if method not in _METHODS:
         print(f"error: --method must be one of {', '.join(_METHODS)}", file=sys.stderr)
         return 2
+    try:
+        validate_name(args.name)
+        hyperparameters = hyperparameters_from_args(args)
+    except ValueError as exc:
+        print(f"error: INVALID_ARGUMENT: {exc}", file=sys.stderr)
+        return 2
     request = finetune_pb2.CreateJobRequest(
         base_model=args.model or "",
         method=_METHODS[method],
         output_name=args.name,
         dataset_jsonl=text,
-        hyperparameters=hyperparameters_from_args(args),
+        hyperparameters=hyperparameters,
         # A token per invocation: a retried CreateJob (e.g. after UNAVAILABLE) is not
         # a second job.
         client_token=args.client_token or uuid.uuid4().hex,
@@ -233,14 +295,98 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replayed_events(
+    stub: finetune_pb2_grpc.FineTuneStub, job: finetune_pb2.Job, timeout_s: float
+) -> list[finetune_pb2.JobEvent]:
+    """The job's past events. WatchJob replays them, then follows a live job: for one
+    that is not over, the replay is read for a short while (it comes at once)."""
+    events: list[finetune_pb2.JobEvent] = []
+    terminal = job.state in _TERMINAL
+    try:
+        for event in stub.WatchJob(
+            finetune_pb2.WatchJobRequest(job_id=job.job_id),
+            timeout=timeout_s if terminal else min(timeout_s, 2.0),
+        ):
+            events.append(event)
+    except grpc.RpcError as exc:
+        if terminal or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    return events
+
+
+def _when(unix_ms: int) -> str:
+    if not unix_ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_ms / 1000.0))
+
+
+def format_job_details(job: finetune_pb2.Job, events: list[finetune_pb2.JobEvent]) -> str:
+    """``finetune get``: the job's settings, data, progress, evaluation, artifact and a
+    summary of its events, one labelled line each."""
+    method = finetune_pb2.Method.Name(job.method).lower()  # type: ignore[arg-type]
+    rows = [
+        ("job", f"{job.job_id}  {_state_name(job.state)}  on worker {job.worker_id or '-'}"),
+        ("output", f"{job.output_name} ({method}) on {job.base_model or 'the default model'}"),
+    ]
+    times = f"created {_when(job.created_unix_ms)}, started {_when(job.started_unix_ms)}"
+    times += f", finished {_when(job.finished_unix_ms)}"
+    if job.started_unix_ms and job.finished_unix_ms:
+        took = _duration((job.finished_unix_ms - job.started_unix_ms) / 1000)
+        times += f" (took {took})"
+    rows.append(("time", times))
+    rows.append(("data", f"{job.train_examples} train / {job.eval_examples} eval examples"))
+    hp = json_format.MessageToDict(job.hyperparameters, preserving_proto_field_name=True)
+    rows.append(("hyperparameters", "  ".join(f"{k}={v}" for k, v in sorted(hp.items()))))
+    if job.HasField("latest_metrics"):
+        m = job.latest_metrics
+        rows.append(
+            (
+                "metrics",
+                f"step {m.step}/{m.total_steps}  epoch {m.epoch:.2f}  loss {m.loss:.4f}  "
+                f"lr {m.learning_rate:.2e}  {m.tokens_per_second:.0f} tok/s",
+            )
+        )
+    for label, e, present in (
+        ("eval before", job.eval_before, job.HasField("eval_before")),
+        ("eval after", job.eval_after, job.HasField("eval_after")),
+    ):
+        if present:
+            ppl = f"{e.perplexity:.2f}" if math.isfinite(e.perplexity) else "inf"
+            rows.append((label, f"loss {e.eval_loss:.4f}  perplexity {ppl}"))
+    if job.artifact.ref:
+        rows.append(("artifact", f"{job.artifact.ref}  sha256 {job.artifact.sha256}"))
+    if job.error:
+        rows.append(("error", job.error))
+    if job.trace_id:
+        rows.append(("trace", job.trace_id))
+    kinds: dict[str, int] = {}
+    for event in events:
+        kind = event.WhichOneof("event") or "other"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(kinds.items()))
+    rows.append(("events", f"{len(events)}" + (f" ({counts})" if counts else "")))
+    states = [
+        _state_name(e.state_change.state) for e in events if e.WhichOneof("event") == "state_change"
+    ]
+    if states:
+        rows.append(("states", " -> ".join(states)))
+    rows += [("log", e.log) for e in events if e.WhichOneof("event") == "log"]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
 def _get(args: argparse.Namespace) -> int:
     channel, stub = _stub(args)
     with channel:
         try:
             job = stub.GetJob(finetune_pb2.GetJobRequest(job_id=args.job), timeout=args.timeout)
+            if args.json:
+                _print_job(job, True)
+                return 0
+            events = _replayed_events(stub, job, args.timeout)
         except grpc.RpcError as exc:
             return _fail(exc)
-    _print_job(job, args.json)
+    print(format_job_details(job, events))
     return 0
 
 
@@ -361,15 +507,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True, help="name the adapter is registered under")
     create.add_argument("--client-token", default="", help="idempotency token (default: random)")
     create.add_argument("--no-watch", action="store_true", help="return once the job is queued")
-    create.add_argument("--timeout", type=float, default=120.0, help="CreateJob deadline (s)")
+    create.add_argument(
+        "--timeout", type=positive_seconds, default=120.0, help="CreateJob deadline (s)"
+    )
     add_target_argument(create)
     create.set_defaults(func=_create)
 
     lst = actions.add_parser("list", help="list jobs, newest first")
-    lst.add_argument("--state", default="", help="only jobs in this state (e.g. running)")
-    lst.add_argument("--limit", type=int, default=0, help="at most this many")
+    lst.add_argument(
+        "--state",
+        default="",
+        type=str.lower,
+        choices=["", *_STATE_CHOICES],
+        help="only jobs in this state",
+    )
+    lst.add_argument("--limit", type=non_negative_int, default=0, help="at most this many")
     lst.add_argument("--json", action="store_true", help="print JSON")
-    lst.add_argument("--timeout", type=float, default=10.0, help="deadline (s)")
+    lst.add_argument("--timeout", type=positive_seconds, default=10.0, help="deadline (s)")
     add_target_argument(lst)
     lst.set_defaults(func=_list)
 
@@ -380,7 +534,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ):
         p = actions.add_parser(name, help=text)
         p.add_argument("job", help="job id")
-        p.add_argument("--timeout", type=float, default=10.0, help="deadline (s)")
+        p.add_argument("--timeout", type=positive_seconds, default=10.0, help="deadline (s)")
         if name == "get":
             p.add_argument("--json", action="store_true", help="print JSON")
         add_target_argument(p)

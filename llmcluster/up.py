@@ -17,7 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import home_dir
+from common.listen import port_is_free
 from common.pb import generate_pb2, generate_pb2_grpc
+from worker.cores import allowed_cpus, format_cpus, split_cores
 
 DEMO_QUESTION = "In two sentences, what is continuous batching in LLM serving?"
 
@@ -130,6 +132,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers must be >= 1", file=sys.stderr)
         return 2
+    # The router binds 127.0.0.1 (its default); a taken port is said before any worker
+    # starts loading, not after a minute of start-up.
+    if not port_is_free("127.0.0.1", args.port):
+        print(
+            f"llmcluster up: router port {args.port} is in use (another cluster?); "
+            "stop it or pick another with --port",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     procs: list[subprocess.Popen[bytes]] = []
@@ -144,11 +155,20 @@ def _run(args: argparse.Namespace) -> int:
             credentials, worker_tls, router_tls = _make_tls(tls_dir)
         worker_addresses = []
         workers = []
+        # Co-located workers that each take every core thrash each other: each gets its
+        # own share, pinned, with one compute thread per core (worker/cores.py).
+        cores = split_cores(allowed_cpus(), args.workers)
         for i in range(args.workers):
             port = _free_port()
             worker_addresses.append(f"127.0.0.1:{port}")
             cmd = ["worker", "--port", str(port), "--worker-id", f"local-{i}"]
             cmd += ["--dtype", args.dtype]
+            cmd += ["--cpus", ",".join(map(str, cores[i])), "--threads", str(len(cores[i]))]
+            print(
+                f"worker local-{i}: core(s) {format_cpus(cores[i])}, "
+                f"{len(cores[i])} compute thread(s)",
+                flush=True,
+            )
             if args.model:
                 cmd += ["--model", args.model]
             cmd += worker_tls
@@ -164,9 +184,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"starting router on {address} and {args.workers} worker(s)...", flush=True)
         # Every worker, then the router: the router is SERVING once any one worker is, and
         # "up --workers 2" should not hand out its address with one still loading.
-        for i, worker_address in enumerate(worker_addresses):
+        # Each worker says its own phases and "serving on" line (common/startup.py).
+        for worker_address in worker_addresses:
             _wait_serving(worker_address, procs, args.start_timeout_s, credentials)
-            print(f"worker local-{i} serving on {worker_address}", flush=True)
         _wait_serving(address, procs, args.start_timeout_s, credentials)
         print(f"router listening on {address}" + (" (TLS)" if tls_dir else ""), flush=True)
         ca_flag = f" --tls-ca {tls_dir}/ca.crt" if tls_dir else ""

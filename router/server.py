@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common import __version__
 from common.auth import AuthInterceptor, load_auth_file
+from common.listen import bind, bind_http, server_options
 from common.metrics import RouterMetrics, start_metrics_server
 from common.pb import generate_pb2_grpc
 from common.registry import (
@@ -121,7 +122,7 @@ async def start_router(
                 ),
             )
         )
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=server_options())
     health = HealthServicer()
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
@@ -144,7 +145,12 @@ async def start_router(
 
     metrics_port = None
     if config.metrics_port is not None:
-        metrics_port = start_metrics_server(config.metrics_port, metrics.registry, config.host)
+        metrics_port = bind_http(
+            lambda: start_metrics_server(config.metrics_port, metrics.registry, config.host),
+            config.host,
+            config.metrics_port,
+            "metrics port",
+        )
     cluster = Cluster(config, on_health_change=on_health_change, metrics=metrics)
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(GENERATE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -163,14 +169,7 @@ async def start_router(
         server,
     )
     credentials = server_credentials(config)  # None: plaintext
-    address = f"{config.host}:{config.port}"
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    port = bind(server, config.host, config.port, credentials)
     await server.start()
     registry_config = registry_config or RegistryConfig()
     registry = make_registry(registry_config, static_addresses=config.workers)

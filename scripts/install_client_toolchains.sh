@@ -38,6 +38,9 @@ install_go() {
       return 0
     fi
   fi
+  # Say what goes onto the system before it does (set LLMCLUSTER_SKIP_TOOLCHAINS=1 to
+  # skip: the Go client tests then skip with the reason).
+  note "installing system packages for the Go client tests with apt-get: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   if ! { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq \
     --no-install-recommends "${go_packages[@]}"; } >"$log" 2>&1; then
@@ -57,12 +60,17 @@ install_node() {
   if [[ -x "$dir/node_modules/.bin/buf" && "$dir/node_modules/.package-lock.json" -nt "$dir/package-lock.json" ]]; then
     return 0
   fi
+  note "installing the Node client's packages into $dir/node_modules (npm ci)"
   if ! (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) >"$log" 2>&1; then
     note "npm ci failed (Node client and buf tests will skip):"
     tail -n 5 "$log" >&2
   fi
 }
 
+if [[ "${LLMCLUSTER_SKIP_TOOLCHAINS:-}" == 1 ]]; then
+  note "LLMCLUSTER_SKIP_TOOLCHAINS=1: not installing; the Go, Node and buf tests will skip"
+  exit 0
+fi
 install_go
 install_node
 exit 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,20 +17,15 @@ import grpc
 import pytest
 
 from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
+from tests.conftest import new_home
 from tests.procs import REPO_ROOT, Proc, start_worker
 
 RECORDS = REPO_ROOT / "tests" / "data" / "finetune" / "records.jsonl"
 
 
 def temp_home(tmp: Path) -> Path:
-    """A fresh LLMCLUSTER_HOME that shares the converted default model (no 30 s
-    re-conversion): ``models`` links to this machine's real cache."""
-    from common.config import home_dir
-
-    real_models = home_dir() / "models"
-    real_models.mkdir(parents=True, exist_ok=True)
-    (tmp / "models").symlink_to(real_models, target_is_directory=True)
-    return tmp
+    """A fresh LLMCLUSTER_HOME sharing the run's converted default model (conftest)."""
+    return new_home(tmp)
 
 
 def small_jsonl(n: int = 24) -> str:
@@ -130,6 +126,24 @@ BAD_REQUESTS = [
     ),
     ("empty dataset", dict(dataset_jsonl=""), "dataset"),
     ("only blank rows", dict(dataset_jsonl='{"text": "  "}\n{"text": ""}\n'), "empty"),
+    (
+        "a row without its completion",
+        dict(dataset_jsonl=small_jsonl(4) + '\n{"prompt": "c"}\n'),
+        "line 6: field 'completion' is missing",
+    ),
+    (
+        "one example",
+        dict(dataset_jsonl='{"prompt": "a", "completion": " b"}\n'),
+        "1 training example(s); at least 2 are needed",
+    ),
+    (
+        "one example left after dropping the invalid",
+        dict(
+            dataset_jsonl='{"prompt": "a", "completion": " b"}\n{"prompt": "c"}\n',
+            hyperparameters=finetune_pb2.Hyperparameters(drop_invalid=True),
+        ),
+        "dropped 1: 1 with nothing to learn",
+    ),
     ("unknown base model", dict(base_model="no-such-model"), "base_model"),
     ("r = 0", dict(hyperparameters=finetune_pb2.Hyperparameters(lora_r=0)), "lora_r"),
     (
@@ -266,6 +280,12 @@ def test_list_jobs_and_cli(worker: Proc, ft, finished_job) -> None:
     assert out.returncode == 0, out.stderr
     assert "eval before" in out.stdout and "eval after" in out.stdout
     assert "done: records-bot@1" in out.stdout
+    assert "done in" in out.stdout, "the progress bar's ETA ends as the time it took"
+    out = cli("get", job.job_id)
+    assert out.returncode == 0, out.stderr
+    for label in ("hyperparameters", "metrics", "eval after", "events", "states"):
+        assert label in out.stdout, out.stdout
+    assert re.search(r"^artifact +records-bot@1  sha256 [0-9a-f]{64}$", out.stdout, re.M)
     out = cli("get", "ft-nope")
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
 

@@ -81,9 +81,12 @@ def test_versions_increment_and_resolve_forms(store: ModelStore, tmp_path: Path)
     assert store.resolve("bot@latest").version == 2
     assert store.resolve("bot@1").sha256 == refs[0].sha256
     assert store.resolve("bot@2").path == refs[1].path
-    with pytest.raises(ArtifactNotFound, match=r"bot@3 not found"):
+    with pytest.raises(ArtifactNotFound) as missing_version:
         store.resolve("bot@3")
-    with pytest.raises(ArtifactNotFound, match="'nobody' not found") as info:
+    assert missing_version.value.args[0] == (
+        "version 3 of bot not found (versions are 1, 2; bot@2 is the latest)"
+    )
+    with pytest.raises(ArtifactNotFound, match=r"'nobody' not found \(stored: bot\)") as info:
         store.resolve("nobody")
     assert isinstance(info.value, (KeyError, NotFound))
     assert status_of(info.value)[0] == grpc.StatusCode.NOT_FOUND

@@ -159,8 +159,88 @@ def test_inline_examples_errors_name_the_example() -> None:
 def test_empty_dataset_is_an_error(tmp_path) -> None:
     with pytest.raises(DatasetError, match="empty after cleaning"):
         load_examples(write_jsonl(tmp_path / "e.jsonl", []))
-    with pytest.raises(DatasetError, match=r"empty after cleaning \(3 rows read\)"):
-        load_examples([{"text": "  "}, {"prompt": "p", "completion": " "}, {"messages": []}])
+    rows = [{"text": "  "}, {"prompt": "p", "completion": " "}, {"messages": []}]
+    with pytest.raises(DatasetError, match=r"empty after cleaning: kept 0 of 3 rows"):
+        load_examples(rows, drop_invalid=True)
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "message"),
+    [
+        ('{"prompt": "c"}', "completion", "field 'completion' is missing"),
+        ('{"prompt": "c", "completion": "  "}', "completion", "field 'completion' is empty"),
+        ('{"text": ""}', "text", "field 'text' is empty"),
+        ('{"messages": []}', "messages", "field 'messages' is empty"),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
+            "messages[1].content",
+            "field 'messages[1].content' is an empty assistant turn",
+        ),
+    ],
+)
+def test_a_row_with_nothing_to_learn_names_its_line_and_field(
+    tmp_path, line: str, field: str, message: str
+) -> None:
+    good = '{"prompt": "a", "completion": " b"}'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([good, "", line, good.replace("b", "c")]) + "\n")
+    with pytest.raises(DatasetError) as info:
+        load_examples(path)
+    assert str(info.value).startswith(f"line 3: {message}")
+    assert (info.value.line, info.value.field) == (3, field)
+
+    stats = DataStats()
+    kept = load_examples(path, stats=stats, drop_invalid=True)
+    assert len(kept) == 2 and (stats.rows, stats.empty, stats.dropped) == (3, 1, 1)
+    assert stats.dropped_reasons == [str(info.value)]
+
+
+def test_drop_invalid_drops_and_counts_every_invalid_row_and_the_summary_says_why() -> None:
+    rows = [
+        {"prompt": "q1", "completion": " a1"},
+        {"prompt": "q2"},  # nothing to learn
+        {"prompt": "q3", "completion": 3},  # invalid type
+        {"prompt": "q1", "completion": " a1"},  # duplicate
+        {"prompt": "q4", "completion": " a4"},
+    ]
+    with pytest.raises(DatasetError, match="^example 2: field 'completion' is missing"):
+        load_examples(rows)
+    stats = DataStats()
+    kept = load_examples(rows, stats=stats, drop_invalid=True)
+    assert [e.prompt for e in kept] == ["q1", "q4"]
+    assert (stats.empty, stats.invalid, stats.duplicates, stats.dropped) == (1, 1, 1, 3)
+    stats.train, stats.eval = 2, 0
+    summary = stats.summary()
+    assert summary.startswith("kept 2 of 5 rows (2 train, 0 eval); dropped 3: ")
+    assert "1 with nothing to learn, 1 invalid" in summary and "1 duplicates" in summary
+    assert "example 2: field 'completion' is missing" in summary
+    assert "example 3: field 'completion' must be a string" in summary
+
+
+def test_too_small_a_job_is_refused_before_it_starts(tokenizer) -> None:
+    one = [{"prompt": "a", "completion": " b"}]
+    with pytest.raises(DatasetError, match=r"^1 training example\(s\); at least 2 are needed"):
+        prepare_data(one, tokenizer, max_seq_length=32, eval_fraction=0.0, seed=0)
+    two = one + [{"prompt": "c", "completion": " d"}]
+    # Two rows and eval_fraction > 0: one would train, one evaluate; below the minimum.
+    with pytest.raises(DatasetError, match="training example"):
+        prepare_data(two, tokenizer, max_seq_length=32, eval_fraction=0.1, seed=0)
+    three = two + [{"prompt": "e", "completion": " f"}]
+    data = prepare_data(three, tokenizer, max_seq_length=32, eval_fraction=0.1, seed=0)
+    assert (data.stats.train, data.stats.eval) == (2, 1)
+    assert prepare_data(two, tokenizer, max_seq_length=32, eval_fraction=0.0, seed=0).eval == []
+    # An eval example left with nothing to learn after truncation empties the eval split.
+    long_prompt = [{"prompt": "word " * 40, "completion": " x"}]
+    rows = three + long_prompt
+    for seed in range(20):
+        try:
+            prepare_data(rows, tokenizer, max_seq_length=16, eval_fraction=0.2, seed=seed)
+        except DatasetError as exc:
+            assert "leaves no eval example" in str(exc)
+            assert "set eval_fraction 0" in str(exc)
+            break
+    else:
+        raise AssertionError("no seed put the long prompt in the eval split")
 
 
 # ---------------------------------------------------------------- cleaning and split
@@ -177,7 +257,7 @@ def test_cleaning_strips_drops_empty_short_and_duplicates() -> None:
         {"text": "long enough."},
     ]
     stats = DataStats()
-    examples = load_examples(rows, min_chars=3, stats=stats)
+    examples = load_examples(rows, min_chars=3, stats=stats, drop_invalid=True)
     assert [(e.prompt, e.completion, e.text) for e in examples] == [
         ("Q1\n", " Ans", ""),  # the prompt keeps its trailing separator
         ("", "", "long enough"),

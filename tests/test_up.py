@@ -138,8 +138,7 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
     port = free_port()
     up = UpProcess("--workers", "2", "--port", str(port), "--dtype", "float32", "--demo")
     up_factory.append(up)
-    # up prints this line for each worker once it serves, and each worker prints the same
-    # line itself (children share the terminal): read until both ids were seen.
+    # Each worker prints its own "serving on" line (children share the terminal).
     seen: dict[str, str] = {}  # worker id -> its address
     while set(seen) != {"local-0", "local-1"}:
         match = up.wait_for(r"worker (local-\d) serving on (\S+)", 300)
@@ -153,6 +152,14 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
     up.wait_for(r"cluster running; Ctrl-C to stop", 30)
     demo_text = "\n".join(up.lines)
     assert "continuous batching" in demo_text  # the question, echoed before the answer
+    # Start-up output: the cores each worker got, one line per phase with its seconds,
+    # one "serving on" per worker, no library progress bars or warnings.
+    for worker in ("local-0", "local-1"):
+        assert re.search(rf"^worker {worker}: core\(s\) \S+, \d+ compute thread", demo_text, re.M)
+        assert re.search(rf"^worker {worker}: loaded \S+ in \d+\.\d s$", demo_text, re.M)
+        assert re.search(rf"^worker {worker}: warmed up in \d+\.\d s$", demo_text, re.M)
+        assert len(re.findall(rf"^worker {worker} serving on ", demo_text, re.M)) == 1
+    assert "it/s]" not in demo_text and "Warning" not in demo_text, demo_text
 
     # Another client gets served while up is in the foreground.
     with grpc.insecure_channel(router) as channel:

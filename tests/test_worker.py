@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -244,7 +245,30 @@ def test_cli_generate_streams_to_stdout(worker_proc):
         text=True,
         timeout=60,
     )
-    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+    # Refused by the client itself (exit 2), in the server's words (tests/test_cli.py).
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+
+
+def test_cli_generate_reads_the_prompt_from_stdin_and_a_file(worker_proc, tmp_path):
+    def generate(*args: str, stdin: str = "") -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "llmcluster", "generate", *args, "--max-new-tokens", "4"]
+            + ["--target", worker_proc.address, "--json"],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    long_prompt = "The river flows. " * 300  # in-process, test_cli reads 50k words
+    path = tmp_path / "prompt.txt"
+    path.write_text(long_prompt, encoding="utf-8")
+    from_stdin = generate("-", stdin=long_prompt)
+    from_file = generate("--prompt-file", str(path))
+    usages = [json.loads(line)["usage"] for line in (from_stdin, from_file)]
+    assert usages[0]["promptTokens"] == usages[1]["promptTokens"] > 1000
 
 
 @pytest.mark.parametrize(

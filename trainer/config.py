@@ -54,6 +54,11 @@ class TrainConfig:
     num_virtual_tokens: int = field(20, help="virtual tokens of prompt tuning")
     max_steps: int = field(0, help="stop after this many optimizer steps (0: no limit)")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0: no clipping)")
+    drop_invalid: bool = field(
+        False,
+        help="drop invalid dataset rows (e.g. a prompt without its completion) and count "
+        "them in the dataset summary, instead of refusing the dataset",
+    )
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()

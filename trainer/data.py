@@ -8,6 +8,12 @@ Three row shapes are accepted, one per row:
   chat template; assistant turns are learned, everything else is masked;
 - ``{"text": ...}``: learned in full.
 
+A row with nothing to learn (a prompt without its completion, an empty ``text``, an
+empty assistant turn) is an error naming its line and field, unless ``drop_invalid`` is
+set: then it (and any other invalid row) is dropped and counted with its reason. A job
+needs at least :data:`MIN_TRAIN_EXAMPLES` training examples and, when ``eval_fraction``
+is above 0, at least one eval example (set ``eval_fraction`` 0 to train without one).
+
 Parsing needs no torch (the worker validates a dataset up front, before a job starts);
 only :func:`collate` imports it.
 """
@@ -28,6 +34,8 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of tokens that do not count in the loss (torch CE default)
 ROLES = ("system", "user", "assistant", "tool")
 _SHAPE_FIELDS = ("prompt", "completion", "messages", "text")
+MIN_TRAIN_EXAMPLES = 2  # one example is memorised, not learned; the loss means nothing
+_DROPPED_SHOWN = 5  # reasons of dropped rows quoted in the summary
 
 
 class DatasetError(ValueError):
@@ -37,6 +45,10 @@ class DatasetError(ValueError):
         super().__init__(message)
         self.line = line
         self.field = field
+
+
+class NothingToLearn(DatasetError):
+    """A row of a known shape whose learned part is empty (dropped with drop_invalid)."""
 
 
 @dataclass(frozen=True)
@@ -79,21 +91,40 @@ class DataStats:
     """What cleaning did, for the job's log and metadata."""
 
     rows: int = 0
-    empty: int = 0
+    empty: int = 0  # nothing to learn, dropped (only with drop_invalid)
+    invalid: int = 0  # other invalid rows, dropped (only with drop_invalid)
     too_short: int = 0
     duplicates: int = 0
     truncated: int = 0
     no_learned_tokens: int = 0
     train: int = 0
     eval: int = 0
+    dropped_reasons: list[str] = field(default_factory=list)  # the first few, quoted
+
+    @property
+    def dropped(self) -> int:
+        return self.empty + self.invalid + self.too_short + self.duplicates + self.no_learned_tokens
+
+    def drop(self, counter: str, reason: str) -> None:
+        """Counts one dropped row under ``counter`` and keeps the first few reasons."""
+        setattr(self, counter, getattr(self, counter) + 1)
+        if len(self.dropped_reasons) < _DROPPED_SHOWN:
+            self.dropped_reasons.append(reason)
 
     def summary(self) -> str:
-        return (
-            f"{self.rows} rows: {self.train} train, {self.eval} eval; dropped {self.empty} empty, "
-            f"{self.too_short} too short, {self.duplicates} duplicates, "
+        """Rows kept, dropped and why: the job's dataset event."""
+        text = (
+            f"kept {self.train + self.eval} of {self.rows} rows ({self.train} train, "
+            f"{self.eval} eval); dropped {self.dropped}: {self.empty} with nothing to learn, "
+            f"{self.invalid} invalid, {self.too_short} too short, {self.duplicates} duplicates, "
             f"{self.no_learned_tokens} with nothing left to learn after truncation; "
             f"{self.truncated} truncated"
         )
+        if self.dropped_reasons:
+            more = self.empty + self.invalid + self.too_short - len(self.dropped_reasons)
+            text += "; " + "; ".join(self.dropped_reasons)
+            text += f"; and {more} more" if more > 0 else ""
+        return text
 
 
 @dataclass
@@ -176,6 +207,12 @@ def _parse_messages(value: Any, where: str, index: int) -> tuple[tuple[str, str]
                 line=index,
                 field=f"{name}.content",
             )
+        if role == "assistant" and not content.strip():
+            raise NothingToLearn(
+                f"{where}: field '{name}.content' is an empty assistant turn (nothing to learn)",
+                line=index,
+                field=f"{name}.content",
+            )
         # Surrounding whitespace of a turn is noise: the chat template adds the separators.
         out.append((role, content.strip()))
     if out and not any(r == "assistant" for r, _ in out):
@@ -187,8 +224,9 @@ def _parse_messages(value: Any, where: str, index: int) -> tuple[tuple[str, str]
     return tuple(out)
 
 
-def parse_row(row: Any, index: int, source: str = "line") -> Example | None:
-    """Validates one row; returns None for a row with nothing in it (dropped as empty).
+def parse_row(row: Any, index: int, source: str = "line") -> Example:
+    """Validates one row; raises DatasetError naming the line and field (NothingToLearn
+    for a row whose learned part is missing or empty).
 
     Empty strings and lists count as unset, so rows converted from protobuf (where every
     field is present) are read by the fields that carry something.
@@ -231,11 +269,21 @@ def parse_row(row: Any, index: int, source: str = "line") -> Example | None:
             field=shapes[1].split("/")[0],
         )
     if not shapes:
-        return None
+        empty = next((k for k in ("completion", "text", "messages") if k in row), "completion")
+        raise NothingToLearn(
+            f"{where}: field '{empty}' is empty (nothing to learn)", line=index, field=empty
+        )
     if shapes[0] == "messages":
         return Example("messages", messages=messages, where=where)
     if shapes[0] == "text":
         return Example("text", text=text, where=where)
+    if not completion.strip():
+        state = "empty" if "completion" in row else "missing"
+        raise NothingToLearn(
+            f"{where}: field 'completion' is {state}: the prompt has nothing to learn",
+            line=index,
+            field="completion",
+        )
     return Example("completion", prompt=prompt, completion=completion, where=where)
 
 
@@ -271,13 +319,15 @@ def load_examples(
     *,
     min_chars: int = 1,
     stats: DataStats | None = None,
+    drop_invalid: bool = False,
 ) -> list[Example]:
     """Parses and cleans a dataset: a JSONL path, inline JSONL text, or a list of dicts
     (inline examples). Call it to validate a dataset before queueing a job.
 
-    Cleaning drops rows whose learned part is empty or shorter than ``min_chars``
-    characters, and exact duplicates (the first copy is kept). Errors name the line
-    (JSONL) or the 1-based example index (lists). Raises DatasetError if nothing is left.
+    An invalid row raises DatasetError naming the line (JSONL) or the 1-based example
+    index (lists) and the field, unless ``drop_invalid``: then it is dropped and counted.
+    Cleaning drops rows whose learned part is shorter than ``min_chars`` characters and
+    exact duplicates (the first copy is kept). Raises DatasetError if nothing is left.
     """
     stats = stats if stats is not None else DataStats()
     if isinstance(source, (str, Path)):
@@ -293,12 +343,15 @@ def load_examples(
     seen: set[str] = set()
     examples: list[Example] = []
     for index, row in rows:
-        example = parse_row(row, index, label)
-        if example is None or not example.learned_text().strip():
-            stats.empty += 1
+        try:
+            example = parse_row(row, index, label)
+        except DatasetError as exc:
+            if not drop_invalid:
+                raise
+            stats.drop("empty" if isinstance(exc, NothingToLearn) else "invalid", str(exc))
             continue
         if len(example.learned_text().strip()) < min_chars:
-            stats.too_short += 1
+            stats.drop("too_short", f"{example.where}: shorter than {min_chars} characters")
             continue
         key = example.key()
         if key in seen:
@@ -307,8 +360,21 @@ def load_examples(
         seen.add(key)
         examples.append(example)
     if not examples:
-        raise DatasetError(f"dataset is empty after cleaning ({stats.rows} rows read)")
+        raise DatasetError(f"dataset is empty after cleaning: {stats.summary()}")
     return examples
+
+
+def check_split_sizes(train: int, evals: int, eval_fraction: float, summary: str) -> None:
+    """Refuses a job too small to mean anything, before it starts."""
+    if train < MIN_TRAIN_EXAMPLES:
+        raise DatasetError(
+            f"{train} training example(s); at least {MIN_TRAIN_EXAMPLES} are needed ({summary})"
+        )
+    if eval_fraction > 0 and evals == 0:
+        raise DatasetError(
+            f"eval_fraction={eval_fraction} leaves no eval example ({summary}); add "
+            "examples, or set eval_fraction 0 to train without evaluation"
+        )
 
 
 def split_examples(
@@ -440,10 +506,13 @@ def prepare_data(
     eval_fraction: float,
     seed: int,
     min_chars: int = 1,
+    drop_invalid: bool = False,
 ) -> PreparedData:
-    """Load, clean, split with ``seed`` and tokenise: the whole data phase of a job."""
+    """Load, clean, split with ``seed`` and tokenise: the whole data phase of a job.
+    Raises DatasetError for an invalid row (unless ``drop_invalid``) and for splits too
+    small to train or evaluate on (:func:`check_split_sizes`)."""
     stats = DataStats()
-    examples = load_examples(source, min_chars=min_chars, stats=stats)
+    examples = load_examples(source, min_chars=min_chars, stats=stats, drop_invalid=drop_invalid)
     train_ex, eval_ex = split_examples(examples, eval_fraction, seed)
     train = tokenize_examples(tokenizer, train_ex, max_seq_length, stats)
     evals = tokenize_examples(tokenizer, eval_ex, max_seq_length, stats)
@@ -452,6 +521,7 @@ def prepare_data(
             f"no training example has a learned token within max_seq_length={max_seq_length}"
         )
     stats.train, stats.eval = len(train), len(evals)
+    check_split_sizes(stats.train, stats.eval, eval_fraction, stats.summary())
     logger.info("prepared data: %s", stats.summary())
     return PreparedData(train, evals, stats)
 

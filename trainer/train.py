@@ -334,6 +334,7 @@ def train(
             max_seq_length=config.max_seq_length,
             eval_fraction=config.eval_fraction,
             seed=config.seed,
+            drop_invalid=config.drop_invalid,
         )
     emit(LogEvent(f"data: {data.stats.summary()}"))
     plan = _plan(config, len(data.train))

@@ -41,7 +41,7 @@ class AdapterSet:
         try:
             ref = self.store.resolve(spec)
         except NotFound as exc:
-            raise NotFound(f"adapter {spec!r} not found: {exc}") from exc
+            raise NotFound(f"adapter {spec}: {exc.args[0]}") from exc  # args: no KeyError quotes
         base = ref.metadata.get("base_model", "")
         if base and base != self.base_model_name:
             raise InvalidArgument(

@@ -26,6 +26,23 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad flag or TLS file: say which, no traceback
         logger.error("invalid worker configuration: %s", exc)
         return 2
+    from common.startup import quiet_libraries, set_process_name
+    from worker.cores import format_cpus, place
+
+    set_process_name(f"worker {config.worker_id}")
+    quiet_libraries(logging.getLogger().getEffectiveLevel())
+
+    try:
+        placement = place(config.cpus, config.threads)
+    except (ValueError, OSError) as exc:
+        logger.error("invalid worker configuration: --cpus %s: %s", config.cpus, exc)
+        return 2
+    logger.info(
+        "worker %s computes on core(s) %s with %d thread(s)",
+        config.worker_id,
+        format_cpus(placement.cpus),
+        placement.threads,
+    )
     return run_worker(config, tracing_config, registry_config)
 
 

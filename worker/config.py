@@ -52,6 +52,13 @@ class WorkerConfig(ServerTlsFields):
     data_dir: str = field("", help="datasets CreateJob names (default: $LLMCLUSTER_HOME/data)")
     max_concurrent_jobs: int = field(1, help="fine-tuning jobs training at once; more wait QUEUED")
     job_threads: int = field(1, help="torch threads of each training process (keeps serving fast)")
+    threads: int = field(
+        0, help="compute threads of the engine (0 = one per core this worker may use)"
+    )
+    cpus: list[int] = field(
+        default_factory=list,
+        help="pin the worker to these CPU ids (empty = every core it may use now)",
+    )
     metrics_port: int = field(
         -1, help="Prometheus /metrics HTTP port (0 = any free port, -1 = off)"
     )
@@ -81,6 +88,8 @@ class WorkerConfig(ServerTlsFields):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.engine not in ("model", "null"):
             raise ValueError(f"engine must be 'model' or 'null', got {self.engine!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.max_context_tokens < 0:
             raise ValueError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
         if not 0 <= self.port <= 65535:

@@ -43,7 +43,7 @@ from common.pb import finetune_pb2
 from common.tracing import context_from_dict, inject_to_dict, subprocess_env
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import DatasetError, parse_jsonl_text, parse_row, prepare_data
+from trainer.data import DatasetError, JsonlText, parse_jsonl_text, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ _HP_SCALARS = (
     "checkpoint_every_steps",
     "num_virtual_tokens",
     "max_steps",
+    "drop_invalid",
 )
 
 
@@ -615,14 +616,21 @@ class JobManager:
         config = hyperparameters_to_config(method, request.hyperparameters)
         dataset_text = self._dataset_text(request)
         source_label = "example" if request.examples else "line"
+        # JSONL is prepared as text, so that errors and dropped rows name its lines.
+        rows: Any = (
+            JsonlText(dataset_text)
+            if source_label == "line"
+            else parse_dataset_rows(dataset_text, source_label)
+        )
         try:
             prepared = await asyncio.to_thread(
                 lambda: prepare_data(
-                    parse_dataset_rows(dataset_text, source_label),
+                    rows,
                     runtime.tokenizer,
                     max_seq_length=config.max_seq_length,
                     eval_fraction=config.eval_fraction,
                     seed=config.seed,
+                    drop_invalid=config.drop_invalid,
                 )
             )
         except DatasetError as exc:
@@ -769,13 +777,9 @@ class JobManager:
 
 
 def parse_dataset_rows(text: str, source: str) -> list[Any]:
-    """Rows of a JSONL dataset; each row is checked here with its line number so that an
-    error names the line ("line 7: ..."), which prepare_data on a list could not."""
-    numbered = parse_jsonl_text(text)
-    if source == "line":
-        for number, row in numbered:
-            parse_row(row, number, "line")
-    return [row for _, row in numbered]
+    """Inline examples (normalised to JSONL text) as the list of rows prepare_data reads,
+    so that its errors name "example N"."""
+    return [row for _, row in parse_jsonl_text(text)]
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -14,7 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import __version__
+from common.listen import bind, bind_http, server_options
 from common.metrics import WorkerMetrics, start_metrics_server
+from common.models import resolve_model
 from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.registry import (
     WORKER_SERVICE,
@@ -24,6 +26,7 @@ from common.registry import (
     make_registry,
     model_tag,
 )
+from common.startup import phase
 from common.tls import server_credentials
 from common.tracing import (
     SERVICE_WORKER,
@@ -62,7 +65,7 @@ class WorkerServer:
         self.state = WorkerState(config.worker_id, self.metrics)
         self.health = TracedHealthServicer(get_tracer(__name__))
         self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+            options=server_options(("grpc.max_receive_message_length", 64 * 1024 * 1024))
         )
         self.port = 0
         self.metrics_port = -1
@@ -96,14 +99,16 @@ class WorkerServer:
             self.server,
         )
         credentials = server_credentials(self.config)  # None: plaintext
-        address = f"{self.config.host}:{self.config.port}"
-        self.port = (
-            self.server.add_secure_port(address, credentials)
-            if credentials is not None
-            else self.server.add_insecure_port(address)
-        )
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        self.port = bind(self.server, self.config.host, self.config.port, credentials)
+        # Both ports before anything starts: a taken one ends the process at once.
+        if self.config.metrics_port >= 0:
+            self.metrics_port = bind_http(
+                lambda: start_metrics_server(self.config.metrics_port, self.metrics.registry),
+                "0.0.0.0",
+                self.config.metrics_port,
+                "metrics port",
+            )
+            logger.info("metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
         await self._set_health(False)  # NOT_SERVING until the model is loaded and warmed
         await self.server.start()
         logger.info(
@@ -112,17 +117,16 @@ class WorkerServer:
             self.config.host,
             self.port,
         )
-        if self.config.metrics_port >= 0:
-            self.metrics_port = start_metrics_server(
-                self.config.metrics_port, self.metrics.registry
-            )
-            logger.info("metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
-        runtime = await asyncio.to_thread(ModelRuntime, self.config)
+        # Resolved first: a first start converts the default model (its own phase line).
+        source = await asyncio.to_thread(resolve_model, self.config.model or None)
+        with phase(f"loaded {source.name}"):
+            runtime = await asyncio.to_thread(ModelRuntime, self.config)
         self._attach_metrics(runtime)
         runtime.engine.fault_file = self.config.fault_file or None
         runtime.engine.start()
         if self.config.warmup:
-            await asyncio.to_thread(run_engine_probe, runtime)
+            with phase("warmed up"):
+                await asyncio.to_thread(run_engine_probe, runtime)
         self.state.runtime = runtime
         self.jobs.attach_runtime(runtime)
         self.jobs.on_training_processes = self._share_cores_with_training()

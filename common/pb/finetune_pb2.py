@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.pb import generate_pb2 as llmcluster_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmcluster/v1/finetune.proto\x12\rllmcluster.v1\x1a\x1cllmcluster/v1/generate.proto\"i\n\x07\x45xample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.llmcluster.v1.ChatMessage\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xe8\x05\n\x0fHyperparameters\x12\x13\n\x06\x65pochs\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0clr_scheduler\x18\x03 \x01(\t\x12\x19\n\x0cwarmup_ratio\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nbatch_size\x18\x06 \x01(\rH\x04\x88\x01\x01\x12(\n\x1bgradient_accumulation_steps\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x1b\n\x0emax_seq_length\x18\x08 \x01(\rH\x06\x88\x01\x01\x12\x13\n\x06lora_r\x18\t \x01(\rH\x07\x88\x01\x01\x12\x17\n\nlora_alpha\x18\n \x01(\x01H\x08\x88\x01\x01\x12\x19\n\x0clora_dropout\x18\x0b \x01(\x01H\t\x88\x01\x01\x12\x1b\n\x13lora_target_modules\x18\x0c \x03(\t\x12\x1a\n\reval_fraction\x18\r \x01(\x01H\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x0b\x88\x01\x01\x12#\n\x16\x63heckpoint_every_steps\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x1f\n\x12num_virtual_tokens\x18\x10 \x01(\rH\r\x88\x01\x01\x12\x16\n\tmax_steps\x18\x11 \x01(\rH\x0e\x88\x01\x01\x42\t\n\x07_epochsB\x10\n\x0e_learning_rateB\x0f\n\r_warmup_ratioB\x0f\n\r_weight_decayB\r\n\x0b_batch_sizeB\x1e\n\x1c_gradient_accumulation_stepsB\x11\n\x0f_max_seq_lengthB\t\n\x07_lora_rB\r\n\x0b_lora_alphaB\x0f\n\r_lora_dropoutB\x10\n\x0e_eval_fractionB\x07\n\x05_seedB\x19\n\x17_checkpoint_every_stepsB\x15\n\x13_num_virtual_tokensB\x0c\n\n_max_steps\"\x88\x02\n\x10\x43reateJobRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12%\n\x06method\x18\x02 \x01(\x0e\x32\x15.llmcluster.v1.Method\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12(\n\x08\x65xamples\x18\x04 \x03(\x0b\x32\x16.llmcluster.v1.Example\x12\x14\n\x0c\x64\x61taset_name\x18\x05 \x01(\t\x12\x15\n\rdataset_jsonl\x18\x06 \x01(\t\x12\x37\n\x0fhyperparameters\x18\x07 \x01(\x0b\x32\x1e.llmcluster.v1.Hyperparameters\x12\x14\n\x0c\x63lient_token\x18\x08 \x01(\t\"P\n\nEvalResult\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x11\n\teval_loss\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x0c\n\x04step\x18\x04 \x01(\r\"\x80\x01\n\x0cTrainMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\"(\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\"F\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"F\n\x0bStateChange\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.llmcluster.v1.JobState\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.llmcluster.v1.JobState\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12%\n\x06method\x18\x04 \x01(\x0e\x32\x15.llmcluster.v1.Method\x12\x13\n\x0boutput_name\x18\x05 \x01(\t\x12\x37\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1e.llmcluster.v1.Hyperparameters\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\t \x01(\x03\x12\r\n\x05\x65rror\x18\n \x01(\t\x12)\n\x08\x61rtifact\x18\x0b \x01(\x0b\x32\x17.llmcluster.v1.Artifact\x12\x33\n\x0elatest_metrics\x18\x0c \x01(\x0b\x32\x1b.llmcluster.v1.TrainMetrics\x12.\n\x0b\x65val_before\x18\r \x01(\x0b\x32\x19.llmcluster.v1.EvalResult\x12-\n\neval_after\x18\x0e \x01(\x0b\x32\x19.llmcluster.v1.EvalResult\x12\x11\n\tworker_id\x18\x0f \x01(\t\x12\x14\n\x0c\x63lient_token\x18\x10 \x01(\t\x12\x10\n\x08trace_id\x18\x11 \x01(\t\x12\x16\n\x0etrain_examples\x18\x12 \x01(\r\x12\x15\n\reval_examples\x18\x13 \x01(\r\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x0fListJobsRequest\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.llmcluster.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.llmcluster.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"\xcd\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\x12\x32\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x1a.llmcluster.v1.StateChangeH\x00\x12.\n\x07metrics\x18\x05 \x01(\x0b\x32\x1b.llmcluster.v1.TrainMetricsH\x00\x12/\n\nevaluation\x18\x06 \x01(\x0b\x32\x19.llmcluster.v1.EvalResultH\x00\x12/\n\ncheckpoint\x18\x07 \x01(\x0b\x32\x19.llmcluster.v1.CheckpointH\x00\x12+\n\x08\x61rtifact\x18\x08 \x01(\x0b\x32\x17.llmcluster.v1.ArtifactH\x00\x12\r\n\x03log\x18\t \x01(\tH\x00\x42\x07\n\x05\x65vent*G\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x08\n\x04LORA\x10\x01\x12\x08\n\x04\x46ULL\x10\x02\x12\x11\n\rPROMPT_TUNING\x10\x03*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xde\x02\n\x08\x46ineTune\x12@\n\tCreateJob\x12\x1f.llmcluster.v1.CreateJobRequest\x1a\x12.llmcluster.v1.Job\x12:\n\x06GetJob\x12\x1c.llmcluster.v1.GetJobRequest\x1a\x12.llmcluster.v1.Job\x12K\n\x08ListJobs\x12\x1e.llmcluster.v1.ListJobsRequest\x1a\x1f.llmcluster.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.llmcluster.v1.CancelJobRequest\x1a\x12.llmcluster.v1.Job\x12\x45\n\x08WatchJob\x12\x1e.llmcluster.v1.WatchJobRequest\x1a\x17.llmcluster.v1.JobEvent0\x01\x42\x9e\x01\n\x10io.llmcluster.v1B\rFinetuneProtoP\x01ZBgithub.com/llmcluster/llmcluster/gen/go/llmcluster/v1;llmclusterv1\xa2\x02\x03LLM\xaa\x02\rLlmCluster.V1\xca\x02\rLlmCluster\\V1\xea\x02\x0eLlmCluster::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmcluster/v1/finetune.proto\x12\rllmcluster.v1\x1a\x1cllmcluster/v1/generate.proto\"i\n\x07\x45xample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.llmcluster.v1.ChatMessage\x12\x0c\n\x04text\x18\x04 \x01(\t\"\x94\x06\n\x0fHyperparameters\x12\x13\n\x06\x65pochs\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0clr_scheduler\x18\x03 \x01(\t\x12\x19\n\x0cwarmup_ratio\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nbatch_size\x18\x06 \x01(\rH\x04\x88\x01\x01\x12(\n\x1bgradient_accumulation_steps\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x1b\n\x0emax_seq_length\x18\x08 \x01(\rH\x06\x88\x01\x01\x12\x13\n\x06lora_r\x18\t \x01(\rH\x07\x88\x01\x01\x12\x17\n\nlora_alpha\x18\n \x01(\x01H\x08\x88\x01\x01\x12\x19\n\x0clora_dropout\x18\x0b \x01(\x01H\t\x88\x01\x01\x12\x1b\n\x13lora_target_modules\x18\x0c \x03(\t\x12\x1a\n\reval_fraction\x18\r \x01(\x01H\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x0b\x88\x01\x01\x12#\n\x16\x63heckpoint_every_steps\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12\x1f\n\x12num_virtual_tokens\x18\x10 \x01(\rH\r\x88\x01\x01\x12\x16\n\tmax_steps\x18\x11 \x01(\rH\x0e\x88\x01\x01\x12\x19\n\x0c\x64rop_invalid\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x42\t\n\x07_epochsB\x10\n\x0e_learning_rateB\x0f\n\r_warmup_ratioB\x0f\n\r_weight_decayB\r\n\x0b_batch_sizeB\x1e\n\x1c_gradient_accumulation_stepsB\x11\n\x0f_max_seq_lengthB\t\n\x07_lora_rB\r\n\x0b_lora_alphaB\x0f\n\r_lora_dropoutB\x10\n\x0e_eval_fractionB\x07\n\x05_seedB\x19\n\x17_checkpoint_every_stepsB\x15\n\x13_num_virtual_tokensB\x0c\n\n_max_stepsB\x0f\n\r_drop_invalid\"\x88\x02\n\x10\x43reateJobRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12%\n\x06method\x18\x02 \x01(\x0e\x32\x15.llmcluster.v1.Method\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12(\n\x08\x65xamples\x18\x04 \x03(\x0b\x32\x16.llmcluster.v1.Example\x12\x14\n\x0c\x64\x61taset_name\x18\x05 \x01(\t\x12\x15\n\rdataset_jsonl\x18\x06 \x01(\t\x12\x37\n\x0fhyperparameters\x18\x07 \x01(\x0b\x32\x1e.llmcluster.v1.Hyperparameters\x12\x14\n\x0c\x63lient_token\x18\x08 \x01(\t\"P\n\nEvalResult\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x11\n\teval_loss\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x0c\n\x04step\x18\x04 \x01(\r\"\x80\x01\n\x0cTrainMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\"(\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\"F\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"F\n\x0bStateChange\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.llmcluster.v1.JobState\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.llmcluster.v1.JobState\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12%\n\x06method\x18\x04 \x01(\x0e\x32\x15.llmcluster.v1.Method\x12\x13\n\x0boutput_name\x18\x05 \x01(\t\x12\x37\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1e.llmcluster.v1.Hyperparameters\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\t \x01(\x03\x12\r\n\x05\x65rror\x18\n \x01(\t\x12)\n\x08\x61rtifact\x18\x0b \x01(\x0b\x32\x17.llmcluster.v1.Artifact\x12\x33\n\x0elatest_metrics\x18\x0c \x01(\x0b\x32\x1b.llmcluster.v1.TrainMetrics\x12.\n\x0b\x65val_before\x18\r \x01(\x0b\x32\x19.llmcluster.v1.EvalResult\x12-\n\neval_after\x18\x0e \x01(\x0b\x32\x19.llmcluster.v1.EvalResult\x12\x11\n\tworker_id\x18\x0f \x01(\t\x12\x14\n\x0c\x63lient_token\x18\x10 \x01(\t\x12\x10\n\x08trace_id\x18\x11 \x01(\t\x12\x16\n\x0etrain_examples\x18\x12 \x01(\r\x12\x15\n\reval_examples\x18\x13 \x01(\r\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"H\n\x0fListJobsRequest\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.llmcluster.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.llmcluster.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x04\"\xcd\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\x12\x32\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x1a.llmcluster.v1.StateChangeH\x00\x12.\n\x07metrics\x18\x05 \x01(\x0b\x32\x1b.llmcluster.v1.TrainMetricsH\x00\x12/\n\nevaluation\x18\x06 \x01(\x0b\x32\x19.llmcluster.v1.EvalResultH\x00\x12/\n\ncheckpoint\x18\x07 \x01(\x0b\x32\x19.llmcluster.v1.CheckpointH\x00\x12+\n\x08\x61rtifact\x18\x08 \x01(\x0b\x32\x17.llmcluster.v1.ArtifactH\x00\x12\r\n\x03log\x18\t \x01(\tH\x00\x42\x07\n\x05\x65vent*G\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x08\n\x04LORA\x10\x01\x12\x08\n\x04\x46ULL\x10\x02\x12\x11\n\rPROMPT_TUNING\x10\x03*h\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\xde\x02\n\x08\x46ineTune\x12@\n\tCreateJob\x12\x1f.llmcluster.v1.CreateJobRequest\x1a\x12.llmcluster.v1.Job\x12:\n\x06GetJob\x12\x1c.llmcluster.v1.GetJobRequest\x1a\x12.llmcluster.v1.Job\x12K\n\x08ListJobs\x12\x1e.llmcluster.v1.ListJobsRequest\x1a\x1f.llmcluster.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.llmcluster.v1.CancelJobRequest\x1a\x12.llmcluster.v1.Job\x12\x45\n\x08WatchJob\x12\x1e.llmcluster.v1.WatchJobRequest\x1a\x17.llmcluster.v1.JobEvent0\x01\x42\x9e\x01\n\x10io.llmcluster.v1B\rFinetuneProtoP\x01ZBgithub.com/llmcluster/llmcluster/gen/go/llmcluster/v1;llmclusterv1\xa2\x02\x03LLM\xaa\x02\rLlmCluster.V1\xca\x02\rLlmCluster\\V1\xea\x02\x0eLlmCluster::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +33,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmcluster.v1.finetune_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020io.llmcluster.v1B\rFinetuneProtoP\001ZBgithub.com/llmcluster/llmcluster/gen/go/llmcluster/v1;llmclusterv1\242\002\003LLM\252\002\rLlmCluster.V1\312\002\rLlmCluster\\V1\352\002\016LlmCluster::V1'
-  _globals['_METHOD']._serialized_start=2777
-  _globals['_METHOD']._serialized_end=2848
-  _globals['_JOBSTATE']._serialized_start=2850
-  _globals['_JOBSTATE']._serialized_end=2954
+  _globals['_METHOD']._serialized_start=2821
+  _globals['_METHOD']._serialized_end=2892
+  _globals['_JOBSTATE']._serialized_start=2894
+  _globals['_JOBSTATE']._serialized_end=2998
   _globals['_EXAMPLE']._serialized_start=77
   _globals['_EXAMPLE']._serialized_end=182
   _globals['_HYPERPARAMETERS']._serialized_start=185
-  _globals['_HYPERPARAMETERS']._serialized_end=929
-  _globals['_CREATEJOBREQUEST']._serialized_start=932
-  _globals['_CREATEJOBREQUEST']._serialized_end=1196
-  _globals['_EVALRESULT']._serialized_start=1198
-  _globals['_EVALRESULT']._serialized_end=1278
-  _globals['_TRAINMETRICS']._serialized_start=1281
-  _globals['_TRAINMETRICS']._serialized_end=1409
-  _globals['_CHECKPOINT']._serialized_start=1411
-  _globals['_CHECKPOINT']._serialized_end=1451
-  _globals['_ARTIFACT']._serialized_start=1453
-  _globals['_ARTIFACT']._serialized_end=1523
-  _globals['_STATECHANGE']._serialized_start=1525
-  _globals['_STATECHANGE']._serialized_end=1595
-  _globals['_JOB']._serialized_start=1598
-  _globals['_JOB']._serialized_end=2184
-  _globals['_GETJOBREQUEST']._serialized_start=2186
-  _globals['_GETJOBREQUEST']._serialized_end=2217
-  _globals['_LISTJOBSREQUEST']._serialized_start=2219
-  _globals['_LISTJOBSREQUEST']._serialized_end=2291
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2293
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2345
-  _globals['_CANCELJOBREQUEST']._serialized_start=2347
-  _globals['_CANCELJOBREQUEST']._serialized_end=2381
-  _globals['_WATCHJOBREQUEST']._serialized_start=2383
-  _globals['_WATCHJOBREQUEST']._serialized_end=2439
-  _globals['_JOBEVENT']._serialized_start=2442
-  _globals['_JOBEVENT']._serialized_end=2775
-  _globals['_FINETUNE']._serialized_start=2957
-  _globals['_FINETUNE']._serialized_end=3307
+  _globals['_HYPERPARAMETERS']._serialized_end=973
+  _globals['_CREATEJOBREQUEST']._serialized_start=976
+  _globals['_CREATEJOBREQUEST']._serialized_end=1240
+  _globals['_EVALRESULT']._serialized_start=1242
+  _globals['_EVALRESULT']._serialized_end=1322
+  _globals['_TRAINMETRICS']._serialized_start=1325
+  _globals['_TRAINMETRICS']._serialized_end=1453
+  _globals['_CHECKPOINT']._serialized_start=1455
+  _globals['_CHECKPOINT']._serialized_end=1495
+  _globals['_ARTIFACT']._serialized_start=1497
+  _globals['_ARTIFACT']._serialized_end=1567
+  _globals['_STATECHANGE']._serialized_start=1569
+  _globals['_STATECHANGE']._serialized_end=1639
+  _globals['_JOB']._serialized_start=1642
+  _globals['_JOB']._serialized_end=2228
+  _globals['_GETJOBREQUEST']._serialized_start=2230
+  _globals['_GETJOBREQUEST']._serialized_end=2261
+  _globals['_LISTJOBSREQUEST']._serialized_start=2263
+  _globals['_LISTJOBSREQUEST']._serialized_end=2335
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2337
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2389
+  _globals['_CANCELJOBREQUEST']._serialized_start=2391
+  _globals['_CANCELJOBREQUEST']._serialized_end=2425
+  _globals['_WATCHJOBREQUEST']._serialized_start=2427
+  _globals['_WATCHJOBREQUEST']._serialized_end=2483
+  _globals['_JOBEVENT']._serialized_start=2486
+  _globals['_JOBEVENT']._serialized_end=2819
+  _globals['_FINETUNE']._serialized_start=3001
+  _globals['_FINETUNE']._serialized_end=3351
 # @@protoc_insertion_point(module_scope)

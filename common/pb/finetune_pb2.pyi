@@ -47,7 +47,7 @@ class Example(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generate_pb2.ChatMessage, _Mapping]]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "eval_fraction", "seed", "checkpoint_every_steps", "num_virtual_tokens", "max_steps")
+    __slots__ = ("epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "eval_fraction", "seed", "checkpoint_every_steps", "num_virtual_tokens", "max_steps", "drop_invalid")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class Hyperparameters(_message.Message):
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DROP_INVALID_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     learning_rate: float
     lr_scheduler: str
@@ -82,7 +83,8 @@ class Hyperparameters(_message.Message):
     checkpoint_every_steps: int
     num_virtual_tokens: int
     max_steps: int
-    def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., eval_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., max_steps: _Optional[int] = ...) -> None: ...
+    drop_invalid: bool
+    def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., eval_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., max_steps: _Optional[int] = ..., drop_invalid: _Optional[bool] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("base_model", "method", "output_name", "examples", "dataset_name", "dataset_jsonl", "hyperparameters", "client_token")

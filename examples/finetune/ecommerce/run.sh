@@ -2,11 +2,12 @@
 # Fine-tunes a LoRA adapter "shop-assistant" on train.jsonl through the cluster, then chats with it
 # through the router (base model first, for comparison).
 #
-#   llmcluster up &                     # router on 127.0.0.1:50051 + workers
+#   .venv/bin/llmcluster up &                   # router on 127.0.0.1:50051 + workers
 #   examples/finetune/ecommerce/run.sh      # or TARGET=host:port examples/finetune/ecommerce/run.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LLMCLUSTER="${LLMCLUSTER:-llmcluster}"
+# The repository's own CLI unless LLMCLUSTER names another (e.g. llmcluster on PATH).
+LLMCLUSTER="${LLMCLUSTER:-$HERE/../../../.venv/bin/llmcluster}"
 TARGET="${TARGET:-${LLMCLUSTER_TARGET:-127.0.0.1:50051}}"
 NAME="${NAME:-shop-assistant}"
 
@@ -14,7 +15,7 @@ NAME="${NAME:-shop-assistant}"
 # name@version; exits non-zero if the job fails. EXTRA_FLAGS e.g. "--max-steps 20" for a
 # quick run on a small CPU.
 $LLMCLUSTER finetune create --data "$HERE/train.jsonl" --name "$NAME" --method lora \
-  --epochs 3 --learning-rate 3e-4 --lora-r 16 --batch-size 8 --max-seq-length 256 \
+  --epochs 3 --learning-rate 1e-3 --lora-r 16 --batch-size 8 --max-seq-length 256 \
   --target "$TARGET" ${EXTRA_FLAGS:-}
 
 for question in "Where is my order #NW-12345?" "Do you ship to Portugal?"; do

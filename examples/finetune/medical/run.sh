@@ -2,11 +2,12 @@
 # Fine-tunes a LoRA adapter "health-info" on train.jsonl through the cluster, then chats with it
 # through the router (base model first, for comparison).
 #
-#   llmcluster up &                     # router on 127.0.0.1:50051 + workers
+#   .venv/bin/llmcluster up &                   # router on 127.0.0.1:50051 + workers
 #   examples/finetune/medical/run.sh      # or TARGET=host:port examples/finetune/medical/run.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LLMCLUSTER="${LLMCLUSTER:-llmcluster}"
+# The repository's own CLI unless LLMCLUSTER names another (e.g. llmcluster on PATH).
+LLMCLUSTER="${LLMCLUSTER:-$HERE/../../../.venv/bin/llmcluster}"
 TARGET="${TARGET:-${LLMCLUSTER_TARGET:-127.0.0.1:50051}}"
 NAME="${NAME:-health-info}"
 

@@ -25,6 +25,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def _spawn(args: list[str], log_level: str) -> subprocess.Popen[bytes]:
     # Own process group: Ctrl-C reaches us once, and we stop children in order.
     return subprocess.Popen(
@@ -97,6 +106,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers must be >= 1", file=sys.stderr)
         return 2
+    http = None if args.no_http else (args.http_host, args.http_port)
+    if http is not None and http[1] and _port_taken(*http):
+        # Fail before anything starts: a gateway on a surprise port would be missed.
+        print(
+            f"HTTP port {http[0]}:{http[1]} is in use; pass --http-port N (0 = any free "
+            "port) or --no-http",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     procs: list[subprocess.Popen[bytes]] = []
@@ -112,10 +130,12 @@ def _run(args: argparse.Namespace) -> int:
                 cmd += ["--model", args.model]
             workers.append(_spawn(cmd, args.child_log_level))
             procs.append(workers[-1])
-        router = _spawn(
-            ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)],
-            args.child_log_level,
-        )
+        router_cmd = ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)]
+        if http is not None:
+            if not http[1]:
+                http = (http[0], _free_port())
+            router_cmd += ["--http-host", http[0], "--http-port", str(http[1])]
+        router = _spawn(router_cmd, args.child_log_level)
         procs.insert(0, router)  # stopped first, so workers drain what it sent
         address = f"127.0.0.1:{args.port}"
         print(f"starting router on {address} and {args.workers} worker(s)...", flush=True)
@@ -127,6 +147,9 @@ def _run(args: argparse.Namespace) -> int:
         _wait_serving(address, procs, args.start_timeout_s)
         print(f"router listening on {address}", flush=True)
         print(f'try: llmcluster generate --chat "Hello!" --target {address}', flush=True)
+        if http is not None:
+            url = f"http://{http[0]}:{http[1]}"
+            print(f"OpenAI-compatible HTTP API on {url}/v1 (playground: {url}/)", flush=True)
         if args.demo:
             _demo(address)
         print("cluster running; Ctrl-C to stop", flush=True)
@@ -149,6 +172,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start a local cluster: router + workers + the default model")
     up.add_argument("--workers", type=int, default=1, help="number of workers (default: 1)")
     up.add_argument("--port", type=int, default=50051, help="router port (default: 50051)")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="port of the router's OpenAI-compatible HTTP gateway (default: 8000; 0 = any)",
+    )
+    up.add_argument(
+        "--http-host", default="127.0.0.1", help="address of the HTTP gateway (default: 127.0.0.1)"
+    )
+    up.add_argument("--no-http", action="store_true", help="do not serve the HTTP gateway")
     up.add_argument("--model", default="", help="base model (default: the offline default)")
     up.add_argument("--dtype", default="auto", help="worker dtype (default: auto)")
     up.add_argument("--demo", action="store_true", help="stream a sample answer once healthy")

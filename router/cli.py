@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     setup_tracing(SERVICE_ROUTER, tracing_config)
     try:
         asyncio.run(serve(config, registry_config))
+    except OSError as exc:  # a port that cannot be bound: say which, no traceback
+        logger.error("router cannot start: %s", exc)
+        return 1
     finally:
         shutdown_tracing()
     return 0

@@ -29,6 +29,7 @@ from common.registry import (
 from router.cluster import Cluster
 from router.config import RouterConfig
 from router.finetune_proxy import FINETUNE_SERVICE, add_finetune_proxy
+from router.gateway import RunningGateway, start_gateway
 from router.service import GENERATE_SERVICE, GenerateService
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,12 @@ class RouterServer:
     registry: Registry | None = None
     watch: Watch | None = None
     instance: ServiceInstance | None = None
+    gateway: RunningGateway | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """Port of the OpenAI-compatible HTTP gateway, or None when it is off."""
+        return self.gateway.port if self.gateway is not None else None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops taking calls, lets running ones finish within grace, closes links."""
@@ -58,7 +65,11 @@ class RouterServer:
             if self.watch is not None:
                 self.watch.stop()
             self.registry.close()
-        await self.server.stop(grace)
+        # Both servers drain at once: open HTTP streams and gRPC calls share the grace.
+        await asyncio.gather(
+            self.server.stop(grace),
+            *([self.gateway.stop(grace)] if self.gateway is not None else []),
+        )
         await self.cluster.close()
         stats = self.cluster.stats()
         logger.info(
@@ -128,10 +139,11 @@ async def start_router(
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(GENERATE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(FINETUNE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(cluster, metrics), server)
+    generate_service = GenerateService(cluster, metrics)
+    generate_pb2_grpc.add_GenerateServicer_to_server(generate_service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # Jobs run on workers; the router only routes them (router/finetune_proxy.py).
-    add_finetune_proxy(server, cluster, metrics)
+    finetune_proxy = add_finetune_proxy(server, cluster, metrics)
     reflection.enable_server_reflection(
         (
             GENERATE_SERVICE,
@@ -144,7 +156,16 @@ async def start_router(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
-    await server.start()
+    gateway = None
+    if config.http_port is not None:
+        # Bound before the gRPC server starts: a taken HTTP port fails start-up whole.
+        gateway = await start_gateway(config, cluster, generate_service, finetune_proxy, metrics)
+    try:
+        await server.start()
+    except BaseException:
+        if gateway is not None:
+            await gateway.stop(0)
+        raise
     registry_config = registry_config or RegistryConfig()
     registry = make_registry(registry_config, static_addresses=config.workers)
     watch = _follow_registry(registry, cluster, metrics, loop)
@@ -169,7 +190,7 @@ async def start_router(
         ",".join(config.workers) or "from the registry",
     )
     return RouterServer(
-        server, cluster, health, port, metrics, metrics_port, registry, watch, instance
+        server, cluster, health, port, metrics, metrics_port, registry, watch, instance, gateway
     )
 
 

@@ -160,6 +160,8 @@ class _SamplingFields(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    # Extension (vLLM has it too): decode past EOS up to max_tokens, for load tests.
+    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -211,7 +213,7 @@ def _sampling_params(
             STRUCTURED_OUTPUT_UNSUPPORTED.format(type=repr(body.response_format.type)),
             param="response_format",
         )
-    params = generate_pb2.SamplingParams(logprobs=logprobs)
+    params = generate_pb2.SamplingParams(logprobs=logprobs, ignore_eos=body.ignore_eos)
     if max_tokens is not None:
         params.max_new_tokens = max_tokens
     if body.temperature is not None:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -64,6 +64,7 @@ from router.openai_api import (
 from router.service import GenerateService
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODEL_CACHE_S = 2.0
 """How long a ListModels answer serves model lookups; a name it lacks refreshes it at
@@ -395,9 +396,12 @@ class Gateway:
         elif exc is None:
             code = grpc.StatusCode.OK
         elif isinstance(exc, ApiError):
-            code = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT"}.get(
-                exc.status, "UNKNOWN"
-            )
+            code = {
+                400: "INVALID_ARGUMENT",
+                404: "NOT_FOUND",
+                413: "INVALID_ARGUMENT",
+                499: "CANCELLED",
+            }.get(exc.status, "UNKNOWN")
         else:
             code = status_of(exc)[0]
         self.metrics.record_request(f"openai.{api}", code)
@@ -483,12 +487,17 @@ class Gateway:
                 )
                 ctx = call_context(request)
                 if body.stream:
-                    stream = self.generate.GenerateStream(pb, ctx)
+                    stream = StreamPump(self.generate.GenerateStream(pb, ctx))
                     # The first message before any header: an error here (validation,
                     # unknown adapter, queue full) is still a proper HTTP status.
-                    first = await anext(stream)
+                    try:
+                        first = await stream.next()
+                    except BaseException:
+                        await stream.close()
+                        raise
+                    assert first is not None, "a stream ends with its finish message"
                 else:
-                    reply = await self.generate.Generate(pb, ctx)
+                    reply = await _unless_disconnected(request, self.generate.Generate(pb, ctx))
         except BaseException as exc:
             error = exc
             if isinstance(exc, ValidationError):
@@ -519,7 +528,7 @@ class Gateway:
         header: ResponseHeader,
         body: ChatCompletionRequest | CompletionRequest,
         first: generate_pb2.GenerateStreamResponse,
-        stream: AsyncIterator[generate_pb2.GenerateStreamResponse],
+        stream: StreamPump,
     ) -> AsyncIterator[bytes]:
         """The SSE body; its cancellation (client gone) closes ``stream``, which cancels
         the request on the worker."""
@@ -537,7 +546,7 @@ class Gateway:
             return _sse(payload)
 
         try:
-            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async with contextlib.aclosing(stream):
                 if chat:
                     yield chunk(
                         {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -583,7 +592,7 @@ class Gateway:
                                 "usage": usage_dict(message.usage),
                             }
                             yield _sse(usage)
-                    message = await anext(stream, None)
+                    message = await stream.next()
             yield SSE_DONE
         except Exception as exc:
             # Headers are sent: the error travels as an SSE event, as OpenAI does.
@@ -596,6 +605,48 @@ class Gateway:
         finally:
             self.end_span(span, error)
             self.record(api, error)
+
+
+class StreamPump:
+    """Runs a servicer's response stream to its end in a task of its own.
+
+    The servicer's span is entered and left by that one task: a stream whose first message
+    is read by the endpoint and the rest by Starlette's response task would leave its
+    span in a context it did not enter. ``close`` cancels the task, which closes the
+    servicer's generator and so cancels the request on the worker.
+    """
+
+    _END = object()
+
+    def __init__(self, stream: AsyncIterator[Any]) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run(stream))
+
+    async def _run(self, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                self._queue.put_nowait(item)
+            self._queue.put_nowait(self._END)
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+
+    async def next(self) -> Any:
+        """The next message, None at the end; re-raises the stream's error."""
+        item = await self._queue.get()
+        if item is self._END:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 def _top_logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:
@@ -633,6 +684,29 @@ def _whole_response(
         "choices": [choice],
         "usage": usage_dict(reply.usage),
     }
+
+
+DISCONNECT_POLL_S = 0.25
+"""How often a non-streamed generation checks that its client is still there."""
+
+
+async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T:
+    """``call``'s result; cancelled (so the worker frees the slot) if the client leaves.
+
+    A streamed answer learns of a disconnect from Starlette; a whole answer sends nothing
+    until the end, so it asks."""
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(499, "client disconnected before the answer was ready")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _json_body(request: Request) -> Any:

@@ -320,6 +320,60 @@ def test_closing_the_stream_frees_the_workers_slot(gateway: tuple[Proc, str], wo
         time.sleep(0.02)
 
 
+def test_leaving_a_whole_answer_early_frees_the_slot_too(
+    gateway: tuple[Proc, str], worker: Proc
+) -> None:
+    import socket
+
+    deadline = time.monotonic() + 60
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    body = json.dumps(
+        {"model": MODEL, "prompt": "Rivers", "max_tokens": 1000, "ignore_eos": True}
+    ).encode()
+    port = int(gateway[1].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        while not _running(worker):
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
+    closed = time.monotonic()
+    while _running(worker):  # the gateway polls for the disconnect every 0.25 s
+        assert time.monotonic() - closed < 1.5, "slot still held after the client left"
+        time.sleep(0.02)
+
+
+def test_a_full_router_queue_is_429_with_retry_after(worker: Proc, home: Path) -> None:
+    http_port = free_port()
+    proc = start_router(
+        [worker.address], "--max-queue", "1", "--http-port", str(http_port),
+        env={"LLMCLUSTER_HOME": str(home)},
+    )  # fmt: skip
+    body = {
+        "model": MODEL, "prompt": "Rivers", "max_tokens": 500, "ignore_eos": True, "stream": True,
+    }  # fmt: skip
+    try:
+        proc.wait_healthy(timeout_s=60)
+        base = f"http://127.0.0.1:{http_port}"
+        with (
+            httpx.Client(base_url=base, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json=body) as first,
+        ):
+            assert first.status_code == 200
+            lines = first.iter_lines()  # held: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")  # admitted and streaming: queue full now
+            with openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0) as c:
+                with pytest.raises(openai.RateLimitError) as info:
+                    c.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+            assert info.value.response.headers["retry-after"] == "1"
+            assert "queue is full" in info.value.message
+    finally:
+        proc.stop()
+
+
 def test_one_trace_from_the_http_traceparent_to_the_worker(
     http: httpx.Client, receiver: OtlpReceiver
 ) -> None:
@@ -460,17 +514,24 @@ def test_files_and_jobs_endpoints(client: openai.OpenAI, home: Path) -> None:
     assert not (_files_dir(home) / f"{uploaded.id}.jsonl").exists()
 
 
+def _as_chat(row: dict) -> dict:
+    return {"messages": [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["completion"].strip()}]}  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_fine_tuned_model_answers_at_once_with_the_trained_format(client: openai.OpenAI) -> None:
-    uploaded = client.files.create(
-        file=("records.jsonl", (DATA / "records.jsonl").read_bytes()), purpose="fine-tune"
-    )
+def test_fine_tuned_model_answers_chat_at_once_with_the_trained_format(
+    client: openai.OpenAI,
+) -> None:
+    rows = [json.loads(x) for x in (DATA / "records.jsonl").read_text().splitlines()]
+    dataset = "\n".join(json.dumps(_as_chat(r)) for r in rows).encode()
+    uploaded = client.files.create(file=("records-chat.jsonl", dataset), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         training_file=uploaded.id, model=MODEL, suffix="gw-records", seed=0,
         # Beyond OpenAI's three: our own Hyperparameters names (the issue 5 bar's recipe).
         hyperparameters={"n_epochs": 1, "batch_size": 8, "max_steps": 8, "learning_rate": 1e-3,
-                         "warmup_ratio": 0.1, "max_seq_length": 64, "eval_fraction": 0.05},
+                         "warmup_ratio": 0.1, "max_seq_length": 96, "eval_fraction": 0.05},
     )  # fmt: skip
     deadline = time.monotonic() + 1500
     while job.status not in ("succeeded", "failed", "cancelled"):
@@ -485,14 +546,21 @@ def test_fine_tuned_model_answers_at_once_with_the_trained_format(client: openai
 
     heldout = [json.loads(x) for x in (DATA / "records_heldout.jsonl").read_text().splitlines()[:5]]
     for row in heldout:
-        tuned = client.completions.create(
-            model=job.fine_tuned_model, prompt=row["prompt"], max_tokens=24, temperature=0
+        chat = [{"role": "user", "content": row["prompt"]}]
+        tuned = client.chat.completions.create(
+            model=job.fine_tuned_model,
+            messages=chat,
+            max_tokens=24,
+            temperature=0,  # type: ignore[arg-type]
         )
-        base = client.completions.create(
-            model=MODEL, prompt=row["prompt"], max_tokens=24, temperature=0
+        base = client.chat.completions.create(
+            model=MODEL,
+            messages=chat,
+            max_tokens=24,
+            temperature=0,  # type: ignore[arg-type]
         )
-        assert RECORD.match(tuned.choices[0].text), tuned.choices[0].text
-        assert "<<NAME:" not in base.choices[0].text
+        assert RECORD.match(tuned.choices[0].message.content or ""), tuned.choices[0].message
+        assert "<<NAME:" not in (base.choices[0].message.content or "")
     assert job.fine_tuned_model in {m.id for m in client.models.list().data}
 
 

@@ -54,7 +54,7 @@ class RouterConfig:
         None,
         help="port of the OpenAI-compatible HTTP gateway (0 = any free port; unset = none)",
     )
-    http_host: str = field("", help="address the HTTP gateway binds (default: --host)")
+    http_host: str = field("", help="address the HTTP gateway binds; empty = the same as --host")
     files_dir: str = field(
         "", help="where the gateway keeps uploaded files (default: $LLMCLUSTER_HOME/files)"
     )

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.pb import finetune_pb2
-from router.gateway import call_context
+from router.gateway import StreamPump, call_context
 from router.openai_api import ApiError
 
 if TYPE_CHECKING:
@@ -475,19 +475,27 @@ class FineTuningApi:
 
     async def _past_events(self, job_id: str, request: Request) -> list[finetune_pb2.JobEvent]:
         """The job's events so far (its replay), oldest first."""
-        events = self.gateway.finetune.WatchJob(
-            finetune_pb2.WatchJobRequest(job_id=job_id), call_context(request)
+        # Pumped: wait_for runs each step in a task of its own, and the proxy's span must
+        # be entered and left by one task.
+        events = StreamPump(
+            self.gateway.finetune.WatchJob(
+                finetune_pb2.WatchJobRequest(job_id=job_id), call_context(request)
+            )
         )
         out: list[finetune_pb2.JobEvent] = []
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
+        try:
             while True:
                 try:
                     event = await asyncio.wait_for(
-                        anext(events), EVENTS_FIRST_S if not out else EVENTS_IDLE_S
+                        events.next(), EVENTS_FIRST_S if not out else EVENTS_IDLE_S
                     )
-                except (StopAsyncIteration, TimeoutError):
+                except TimeoutError:
+                    return out
+                if event is None:
                     return out
                 out.append(event)
+        finally:
+            await events.close()
 
     async def list_events(self, job_id: str, request: Request) -> dict[str, Any]:
         async def body() -> dict[str, Any]:

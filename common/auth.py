@@ -284,6 +284,11 @@ class AuthTable:
         return found
 
 
+def set_current_tenant(tenant: Tenant | None) -> None:
+    """Sets the caller's tenant for the current task (the HTTP gateway's admission)."""
+    _TENANT.set(tenant)
+
+
 def current_tenant() -> Tenant | None:
     """The authenticated tenant of the RPC being handled (None without an auth file)."""
     return _TENANT.get()
@@ -336,7 +341,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             service == HEALTH_SERVICE or service.startswith(REFLECTION_PREFIX)
         )
 
-    def _admit(self, method: str, metadata: Any) -> tuple[Tenant, Admission]:
+    def admit(self, method: str, metadata: Any) -> tuple[Tenant, Admission]:
+        """Authenticates one call of ``method`` (token -> tenant, fine-tuning right, quotas);
+        raises the RequestError to answer. The HTTP gateway admits through this too."""
         tenant: Tenant | None = None
         try:
             tenant = self.table.authenticate(metadata)
@@ -361,7 +368,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or self._open(method):
             return handler
-        return _wrap(handler, lambda metadata: self._admit(method, metadata))
+        return _wrap(handler, lambda metadata: self.admit(method, metadata))
 
 
 async def _refuse(context: grpc.aio.ServicerContext, exc: BaseException) -> None:

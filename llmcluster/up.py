@@ -141,6 +141,15 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    http = None if args.no_http else (args.http_host, args.http_port)
+    if http is not None and http[1] and not port_is_free(*http):
+        # Fail before anything starts: a gateway on a surprise port would be missed.
+        print(
+            f"llmcluster up: HTTP port {http[1]} is in use; pass --http-port N (0 = any free "
+            "port) or --no-http",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     procs: list[subprocess.Popen[bytes]] = []
@@ -174,11 +183,12 @@ def _run(args: argparse.Namespace) -> int:
             cmd += worker_tls
             workers.append(_spawn(cmd, args.child_log_level))
             procs.append(workers[-1])
-        router = _spawn(
-            ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)]
-            + router_tls,
-            args.child_log_level,
-        )
+        router_cmd = ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)]
+        if http is not None:
+            if not http[1]:
+                http = (http[0], _free_port())
+            router_cmd += ["--http-host", http[0], "--http-port", str(http[1])]
+        router = _spawn(router_cmd + router_tls, args.child_log_level)
         procs.insert(0, router)  # stopped first, so workers drain what it sent
         address = f"127.0.0.1:{args.port}"
         print(f"starting router on {address} and {args.workers} worker(s)...", flush=True)
@@ -191,6 +201,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"router listening on {address}" + (" (TLS)" if tls_dir else ""), flush=True)
         ca_flag = f" --tls-ca {tls_dir}/ca.crt" if tls_dir else ""
         print(f'try: llmcluster generate --chat "Hello!" --target {address}{ca_flag}', flush=True)
+        if http is not None:
+            url = f"http://{http[0]}:{http[1]}"
+            print(f"OpenAI-compatible HTTP API on {url}/v1 (playground: {url}/)", flush=True)
         if args.demo:
             _demo(address, credentials)
         print("cluster running; Ctrl-C to stop", flush=True)
@@ -215,6 +228,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start a local cluster: router + workers + the default model")
     up.add_argument("--workers", type=int, default=1, help="number of workers (default: 1)")
     up.add_argument("--port", type=int, default=50051, help="router port (default: 50051)")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="port of the router's OpenAI-compatible HTTP gateway (default: 8000; 0 = any)",
+    )
+    up.add_argument(
+        "--http-host", default="127.0.0.1", help="address of the HTTP gateway (default: 127.0.0.1)"
+    )
+    up.add_argument("--no-http", action="store_true", help="do not serve the HTTP gateway")
     up.add_argument("--model", default="", help="base model (default: the offline default)")
     up.add_argument("--dtype", default="auto", help="worker dtype (default: auto)")
     up.add_argument("--demo", action="store_true", help="stream a sample answer once healthy")

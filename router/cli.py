@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # Local import: keeps `llmcluster router --help` light.
     from common.auth import AuthFileError
+    from common.listen import PortInUse
     from common.tls import TlsFileError
     from router.server import serve
 
@@ -57,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     except TlsFileError as exc:
         logger.error("invalid TLS flags: %s", exc)
         return 2
+    except OSError as exc:  # a port that cannot be bound: say which, no traceback
+        if isinstance(exc, PortInUse):
+            raise  # exit 2 naming the port, the same for every server (llmcluster/cli.py)
+        logger.error("router cannot start: %s", exc)
+        return 1
     finally:
         shutdown_tracing()
     return 0

@@ -72,6 +72,20 @@ class RouterConfig(ServerTlsFields):
     auth_health: bool = field(
         False, help="with --auth-file, health and reflection need a token too (probes do not)"
     )
+    http_port: int | None = field(
+        None,
+        help="port of the OpenAI-compatible HTTP gateway (0 = any free port; unset = none)",
+    )
+    http_host: str = field("", help="address the HTTP gateway binds; empty = the same as --host")
+    files_dir: str = field(
+        "", help="where the gateway keeps uploaded files (default: $LLMCLUSTER_HOME/files)"
+    )
+    max_file_bytes: int = field(
+        32 * 1024 * 1024, help="largest file POST /v1/files accepts, in bytes"
+    )
+    max_http_body_bytes: int = field(
+        4 * 1024 * 1024, help="largest JSON request body the HTTP gateway accepts, in bytes"
+    )
 
     def __post_init__(self) -> None:
         self.check_server_tls()
@@ -100,6 +114,13 @@ class RouterConfig(ServerTlsFields):
             raise ValueError(
                 "need 0 < reconnect_initial_s <= reconnect_max_s, got "
                 f"{self.reconnect_initial_s} and {self.reconnect_max_s}"
+            )
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if self.max_file_bytes < 1 or self.max_http_body_bytes < 1:
+            raise ValueError(
+                "max_file_bytes and max_http_body_bytes must be >= 1, got "
+                f"{self.max_file_bytes} and {self.max_http_body_bytes}"
             )
         for address in self.workers:
             if ":" not in address:

@@ -32,6 +32,7 @@ from common.tls import server_credentials
 from router.cluster import Cluster
 from router.config import RouterConfig
 from router.finetune_proxy import FINETUNE_SERVICE, add_finetune_proxy
+from router.gateway import RunningGateway, start_gateway
 from router.quotas import TenantQuotas
 from router.service import GENERATE_SERVICE, GenerateService
 
@@ -51,6 +52,12 @@ class RouterServer:
     registry: Registry | None = None
     watch: Watch | None = None
     instance: ServiceInstance | None = None
+    gateway: RunningGateway | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """Port of the OpenAI-compatible HTTP gateway, or None when it is off."""
+        return self.gateway.port if self.gateway is not None else None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops taking calls, lets running ones finish within grace, closes links."""
@@ -63,7 +70,11 @@ class RouterServer:
             if self.watch is not None:
                 self.watch.stop()
             self.registry.close()
-        await self.server.stop(grace)
+        # Both servers drain at once: open HTTP streams and gRPC calls share the grace.
+        await asyncio.gather(
+            self.server.stop(grace),
+            *([self.gateway.stop(grace)] if self.gateway is not None else []),
+        )
         await self.cluster.close()
         stats = self.cluster.stats()
         logger.info(
@@ -109,19 +120,19 @@ async def start_router(
     Raises AuthFileError for an unusable ``--auth-file`` before anything starts."""
     metrics = RouterMetrics()
     interceptors = []
+    auth: AuthInterceptor | None = None
     if config.auth_file:
         # Admission in order: TLS (the port), token -> tenant, tenant quotas; then the
         # servicers (queue bound, validation, policy).
-        interceptors.append(
-            AuthInterceptor(
-                load_auth_file(config.auth_file),
-                protect_health=config.auth_health,
-                quota=TenantQuotas(),
-                on_refused=lambda method, code, tenant: metrics.record_request(
-                    method, code, tenant=tenant
-                ),
-            )
+        auth = AuthInterceptor(
+            load_auth_file(config.auth_file),
+            protect_health=config.auth_health,
+            quota=TenantQuotas(),
+            on_refused=lambda method, code, tenant: metrics.record_request(
+                method, code, tenant=tenant
+            ),
         )
+        interceptors.append(auth)
     server = grpc.aio.server(interceptors=interceptors, options=server_options())
     health = HealthServicer()
     loop = asyncio.get_running_loop()
@@ -155,10 +166,11 @@ async def start_router(
     await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(GENERATE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set(FINETUNE_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(cluster, metrics), server)
+    generate_service = GenerateService(cluster, metrics)
+    generate_pb2_grpc.add_GenerateServicer_to_server(generate_service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # Jobs run on workers; the router only routes them (router/finetune_proxy.py).
-    add_finetune_proxy(server, cluster, metrics)
+    finetune_proxy = add_finetune_proxy(server, cluster, metrics)
     reflection.enable_server_reflection(
         (
             GENERATE_SERVICE,
@@ -170,7 +182,23 @@ async def start_router(
     )
     credentials = server_credentials(config)  # None: plaintext
     port = bind(server, config.host, config.port, credentials)
-    await server.start()
+    gateway = None
+    if config.http_port is not None:
+        # Bound before the gRPC server starts: a taken HTTP port fails start-up whole.
+        gateway = await start_gateway(
+            config,
+            cluster,
+            generate_service,
+            finetune_proxy,
+            metrics,
+            admit=auth.admit if auth is not None else None,  # the same admission as gRPC
+        )
+    try:
+        await server.start()
+    except BaseException:
+        if gateway is not None:
+            await gateway.stop(0)
+        raise
     registry_config = registry_config or RegistryConfig()
     registry = make_registry(registry_config, static_addresses=config.workers)
     watch = _follow_registry(registry, cluster, metrics, loop)
@@ -197,7 +225,7 @@ async def start_router(
         ",".join(config.workers) or "from the registry",
     )
     return RouterServer(
-        server, cluster, health, port, metrics, metrics_port, registry, watch, instance
+        server, cluster, health, port, metrics, metrics_port, registry, watch, instance, gateway
     )
 
 

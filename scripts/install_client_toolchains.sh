@@ -3,7 +3,9 @@
 #   - Go: Debian's golang-go, the gRPC and protobuf Go sources (GOPATH mode, offline) and
 #     the protoc-gen-go / protoc-gen-go-grpc plugins;
 #   - Node: `npm ci` in examples/clients/node (@grpc/grpc-js, protobuf-ts, and buf, which
-#     the buf tests use too).
+#     the buf tests use too);
+#   - Debian's chromium, which the HTTP gateway's playground test drives headless through
+#     Playwright (the pinned Python package, from the dev extras; it never downloads a browser).
 # Idempotent and quiet: does nothing when everything is there. It never fails the caller:
 # where apt or npm cannot run, it says so and the tests skip with the reason.
 set -uo pipefail
@@ -19,32 +21,35 @@ note() { echo "install_client_toolchains: $*" >&2; }
 # naming it makes apt pick it over the 1.3 line grpc-dev would pull in otherwise.
 go_packages=(golang-go golang-google-grpc-dev golang-google-protobuf-dev
   golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc)
+browser_packages=(chromium)
 
-install_go() {
-  local missing=() pkg
-  for pkg in "${go_packages[@]}"; do
+# apt_install WHAT PACKAGE...: installs the missing ones; says what skips where it cannot.
+apt_install() {
+  local what="$1" missing=() pkg
+  shift
+  for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
       || missing+=("$pkg")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
   if ! command -v apt-get >/dev/null 2>&1; then
-    note "no apt-get: Go client tests will skip"
+    note "no apt-get: $what will skip"
     return 0
   fi
   local sudo=()
   if [[ $(id -u) -ne 0 ]]; then
     if sudo -n true 2>/dev/null; then sudo=(sudo -n); else
-      note "not root and no passwordless sudo: Go client tests will skip"
+      note "not root and no passwordless sudo: $what will skip"
       return 0
     fi
   fi
   # Say what goes onto the system before it does (set LLMCLUSTER_SKIP_TOOLCHAINS=1 to
-  # skip: the Go client tests then skip with the reason).
-  note "installing system packages for the Go client tests with apt-get: ${missing[*]}"
+  # skip: those tests then skip with the reason).
+  note "installing system packages for $what with apt-get: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   if ! { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq \
-    --no-install-recommends "${go_packages[@]}"; } >"$log" 2>&1; then
-    note "apt-get install failed (Go client tests will skip):"
+    --no-install-recommends "$@"; } >"$log" 2>&1; then
+    note "apt-get install failed ($what will skip):"
     tail -n 5 "$log" >&2
   fi
 }
@@ -68,9 +73,10 @@ install_node() {
 }
 
 if [[ "${LLMCLUSTER_SKIP_TOOLCHAINS:-}" == 1 ]]; then
-  note "LLMCLUSTER_SKIP_TOOLCHAINS=1: not installing; the Go, Node and buf tests will skip"
+  note "LLMCLUSTER_SKIP_TOOLCHAINS=1: not installing; the Go, Node, buf and browser tests will skip"
   exit 0
 fi
-install_go
+apt_install "Go client tests" "${go_packages[@]}"
+apt_install "the playground's browser test" "${browser_packages[@]}"
 install_node
 exit 0

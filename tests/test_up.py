@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import openai
 import pytest
 
 from common.pb import generate_pb2, generate_pb2_grpc
@@ -86,6 +87,9 @@ def up_factory() -> Iterator[list[UpProcess]]:
 def _port_is_free(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     with socket.socket() as s:
+        # As a server binds: a connection in TIME_WAIT is no process holding the port
+        # (whichever side closed first keeps one for a minute).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, int(port)))
         except OSError:
@@ -135,8 +139,11 @@ def _wait_stopped(ports: list[str], timeout_s: float) -> None:
 def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
     up_factory: list[UpProcess],
 ) -> None:
-    port = free_port()
-    up = UpProcess("--workers", "2", "--port", str(port), "--dtype", "float32", "--demo")
+    port, http_port = free_port(), free_port()
+    up = UpProcess(
+        "--workers", "2", "--port", str(port), "--dtype", "float32", "--demo",
+        "--http-port", str(http_port),
+    )  # fmt: skip
     up_factory.append(up)
     # Each worker prints its own "serving on" line (children share the terminal).
     seen: dict[str, str] = {}  # worker id -> its address
@@ -146,6 +153,8 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
         assert set(seen) <= {"local-0", "local-1"}, seen
     router = up.wait_for(r"router listening on (\S+)", 120).group(1)
     assert router == f"127.0.0.1:{port}"
+    gateway = up.wait_for(r"OpenAI-compatible HTTP API on (\S+) ", 30).group(1)
+    assert gateway == f"http://127.0.0.1:{http_port}/v1"
     # The demo: a real streamed answer, then its finish reason and usage.
     served = up.wait_for(r"\[(LENGTH|EOS|STOP): (\d+) tokens, .* served by (local-\d)\]", 300)
     assert int(served.group(2)) > 0
@@ -172,17 +181,26 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
         )
     assert messages[-1].usage.completion_tokens == 4
     assert messages[-1].usage.worker_id in {"local-0", "local-1"}
+    # And the official OpenAI client, through up's HTTP gateway.
+    with openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0) as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4, stream=True, stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
     ports = _cluster_ports(port)
     assert sorted(ports[1:]) == sorted(a.rsplit(":", 1)[1] for a in seen.values())
     assert up.interrupt(timeout_s=60) == 0
     up.wait_for(r"stopping cluster", 5)
-    _wait_stopped(ports, timeout_s=10)
+    _wait_stopped([*ports, str(http_port)], timeout_s=10)
 
 
 def test_ctrl_c_while_workers_load_stops_everything(up_factory: list[UpProcess]) -> None:
     port = free_port()
-    up = UpProcess("--workers", "1", "--port", str(port), "--dtype", "float32")
+    up = UpProcess("--workers", "1", "--port", str(port), "--dtype", "float32", "--no-http")
     up_factory.append(up)
     up.wait_for(r"starting router on", 60)
     ports = _cluster_ports(port)

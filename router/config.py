@@ -50,6 +50,11 @@ class RouterConfig:
         None, help="port of the Prometheus /metrics endpoint (0 = any free port; unset = none)"
     )
     seed: int | None = field(None, help="seed of the balancing policy's RNG (tests)")
+    stall_timeout_s: float = field(
+        300.0,
+        help="no token for this long on a request: cancel it on the worker, then re-route "
+        "it (nothing sent yet) or fail it with UNAVAILABLE (0 = off)",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,6 +63,8 @@ class RouterConfig:
             raise ValueError(f"coalesce_window_ms must be >= 0, got {self.coalesce_window_ms}")
         if self.stream_interval_ms < 0:
             raise ValueError(f"stream_interval_ms must be >= 0, got {self.stream_interval_ms}")
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queue < 1:

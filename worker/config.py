@@ -60,6 +60,10 @@ class WorkerConfig:
     )
     self_test_interval_s: float = field(15.0, help="period of the engine self-test (0 = off)")
     self_test_timeout_s: float = field(30.0, help="a self-test slower than this fails")
+    stall_timeout_s: float = field(
+        120.0,
+        help="no engine step for this long while work exists: fail in-flight requests with UNAVAILABLE and rebuild (0 = off)",
+    )
     fault_file: str = field("", help="test hook: while this file exists the engine hangs")
     warmup: bool = field(True, help="run a short generation before reporting SERVING")
     grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")

@@ -57,6 +57,11 @@ FINISH_LENGTH = "LENGTH"
 FINISH_STOP = "STOP"
 FINISH_EOS = "EOS"
 
+# Request ids for the process lifetime, shared by every engine: a rebuilt engine never
+# reuses an id, so a late cancel cannot reach another request (itertools.count's next()
+# is atomic under the GIL).
+_REQUEST_IDS = itertools.count(1)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -103,6 +108,8 @@ class SeqOutput:
     finish_reason: str | None = None
     usage: UsageStats | None = None
     error: RequestError | None = None
+    # Set by the engine front (worker.front) on errors: may another worker take it?
+    retryable: bool = False
 
     @property
     def done(self) -> bool:
@@ -192,7 +199,6 @@ class Engine:
         self._token_texts: dict[int, str] = {}
         self._packed = PackedLlama(model) if config.packed_step and supports_packed(model) else None
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._keys = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._pending = 0  # submitted, not yet seen by the engine thread (bounded queue)
@@ -260,7 +266,7 @@ class Engine:
             if self._pending + len(self._waiting) >= self.config.max_queue:
                 raise ResourceExhausted(f"worker queue is full ({self.config.max_queue} waiting)")
             self._pending += 1
-        req.key = next(self._keys)
+        req.key = next(_REQUEST_IDS)
         self._control.put(("submit", req))
         return req.key
 

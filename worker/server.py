@@ -33,11 +33,11 @@ from common.tracing import (
 )
 from worker.config import WorkerConfig
 from worker.finetune_service import add_finetune_servicer
+from worker.front import EngineFront
 from worker.health import SelfTester
 from worker.jobs import JobManager, jobs_config_from_worker
 from worker.link import WorkerLinkServicer
 from worker.runtime import ModelRuntime, WorkerState
-from worker.selftest import run_engine_probe
 from worker.service import GenerateServicer
 
 logger = logging.getLogger(__name__)
@@ -112,9 +112,11 @@ class WorkerServer:
         self._attach_metrics(runtime)
         runtime.engine.fault_file = self.config.fault_file or None
         runtime.engine.start()
+        front = EngineFront(runtime)
         if self.config.warmup:
-            await asyncio.to_thread(run_engine_probe, runtime)
+            await front.probe(4, 60.0)
         self.state.runtime = runtime
+        self.state.front = front
         self.jobs.attach_runtime(runtime)
         self.jobs.on_training_processes = self._share_cores_with_training()
         await self.jobs.start()  # resumes jobs a crash cut off, then runs the queue
@@ -126,6 +128,7 @@ class WorkerServer:
             self.metrics,
             self.config.self_test_interval_s,
             self.config.self_test_timeout_s,
+            self.config.stall_timeout_s,
         )
         self.self_tester.start()
         await self._register(runtime)
@@ -175,11 +178,11 @@ class WorkerServer:
         return on_training_processes
 
     def _attach_metrics(self, runtime: ModelRuntime) -> None:
-        engine, metrics = runtime.engine, self.metrics
+        metrics = self.metrics
 
         def on_step(batch_size: int, new_tokens: int) -> None:  # engine thread
             metrics.observe_step(batch_size)
-            s = engine.stats()
+            s = runtime.engine.stats()  # the current engine, also after a rebuild
             metrics.set_engine_state(
                 waiting=s["queued"],
                 running=s["running"],
@@ -188,7 +191,7 @@ class WorkerServer:
             )
             metrics.loaded_adapters.set(len(runtime.adapters.loaded_refs()))
 
-        engine.on_step = on_step
+        runtime.engine.on_step = on_step
 
     async def drain_and_stop(self) -> None:
         """SIGTERM: deregister and stop taking work, hand queued requests back to the

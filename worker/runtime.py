@@ -106,6 +106,8 @@ class ModelRuntime:
         self.check_model(spec.model)
         adapter = self.adapters.resolve(spec.adapter) if spec.adapter else None
         ids = self.prompt_ids(spec)
+        if not ids:  # the engine needs at least one position to predict from
+            raise InvalidArgument("prompt has no tokens after tokenisation")
         context = self.limits.max_context_tokens
         if len(ids) >= context:
             raise InvalidArgument(f"prompt has {len(ids)} tokens; the model's context is {context}")

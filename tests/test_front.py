@@ -205,3 +205,37 @@ def test_list_models_while_loading_is_unavailable_then_answers() -> None:
         assert set(codes) <= {grpc.StatusCode.UNAVAILABLE}, codes
     finally:
         worker.stop()
+
+
+def test_the_health_loop_survives_exceptions_and_keeps_judging(runtime) -> None:
+    """A check that raises something unexpected (here: no front yet, then a real one)
+    is logged; the loop goes on and judges again instead of freezing health."""
+
+    async def main() -> None:
+        if runtime.engine._thread is None:
+            runtime.engine.start()
+        state = WorkerState("w")
+        state.accepting.set()  # accepting, but the front is not there: every check raises
+        flips: list[bool] = []
+
+        async def set_serving(serving: bool) -> None:
+            flips.append(serving)
+
+        tester = SelfTester(state, set_serving, None, 0.01, 30.0)
+        tester.start()
+        try:
+            for _ in range(500):
+                await asyncio.sleep(0.01)  # let several periods fail
+            assert tester._task is not None and not tester._task.done()
+            assert tester.checks_total == 0
+            state.runtime, state.front = runtime, EngineFront(runtime)
+            for _ in range(3000):
+                if tester.checks_total >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert tester.checks_total >= 3 and tester.healthy and flips == []
+        finally:
+            await tester.stop()
+            state.front.close()
+
+    asyncio.run(main())

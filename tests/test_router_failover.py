@@ -295,3 +295,45 @@ def test_router_stall_timeout_cancels_a_silent_request_on_its_worker(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+def test_router_stall_timeout_reroutes_a_request_that_got_nothing(tmp_path):
+    """A request sent to a silent worker before any token is re-routed by the router's
+    stall bound and completes on the other worker; the client never sees the stall."""
+    fault = tmp_path / "wedge"
+    silent = _worker(
+        ENGINES["null"][0], "stall-silent", 8, "--fault-file", str(fault), "--stall-timeout-s", "0"
+    )
+    healthy = _worker(ENGINES["null"][0], "stall-healthy", 8)
+    procs = [silent, healthy]
+    try:
+        for w in (silent, healthy):
+            w.wait_healthy(timeout_s=300)
+        fault.write_text("")  # from now on the silent worker's engine never steps
+        router = start_router([silent.address, healthy.address], "--stall-timeout-s", "2")
+        procs.append(router)
+        router.wait_healthy(timeout_s=60)
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(router.address) as ch:
+                stub = generate_pb2_grpc.GenerateStub(ch)
+
+                async def one(i: int):
+                    call = stub.Generate(
+                        generate_pb2.GenerateRequest(
+                            prompt=f"Hello {i}",
+                            params=generate_pb2.SamplingParams(max_new_tokens=3),
+                        ),
+                        timeout=120,
+                    )
+                    reply = await call
+                    return reply, dict(await call.trailing_metadata() or ())
+
+                return await asyncio.gather(*(one(i) for i in range(4)))
+
+        results = asyncio.run(scenario())
+        assert all(reply.usage.worker_id == "stall-healthy" for reply, _ in results)
+        assert any(meta.get("llmcluster-attempts") == "2" for _, meta in results), results
+    finally:
+        for p in procs:
+            p.stop()

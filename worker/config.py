@@ -83,6 +83,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.engine not in ("model", "null"):
             raise ValueError(f"engine must be 'model' or 'null', got {self.engine!r}")
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
         if self.max_context_tokens < 0:
             raise ValueError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
         if not 0 <= self.port <= 65535:

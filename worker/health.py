@@ -85,8 +85,7 @@ class SelfTester:
         busy = front.in_flight > 0 or stats["queued"] > 0 or stats["running"] > 0
         if busy:
             stalled_s = front.stalled_s()
-            limit = self.stall_timeout_s or self.timeout_s
-            if stalled_s > limit:
+            if self.stall_timeout_s > 0 and stalled_s > self.stall_timeout_s:
                 raise EngineUnhealthy(f"engine made no step for {stalled_s:.0f}s with work")
             return  # progressing: healthy, and no probe behind real work
         if self.interval_s <= 0:

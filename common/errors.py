@@ -72,8 +72,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a client should see for an exception."""
     if isinstance(exc, RequestError):
         return exc.code, exc.message
-    if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    # Anything else (a ValueError included) is our bug, not the caller's bad input: bad
+    # input is rejected by common.validation with InvalidArgument naming the field.
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 

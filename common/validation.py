@@ -20,6 +20,12 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 128
 MAX_REQUEST_ID_LENGTH = 128
 CHAT_ROLES = ("system", "user", "assistant")
+# Beyond this a penalty is no longer a penalty but an overflow (score / p or score * p
+# leaves float32); 100 already pins every seen token's probability to ~0 or ~1.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+MAX_TOP_K = 1 << 20  # larger than any vocabulary: k above the vocabulary means "all"
+MAX_PROMPT_CHARS = 1 << 20  # 1 MiB of text; the token context is checked by the worker
 
 
 def parse_adapter_ref(ref: str) -> tuple[str, str]:
@@ -68,14 +74,23 @@ class SamplingParams:
             )
         temperature = float(pb.temperature)
         if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidArgument(f"params.temperature must be >= 0, got {temperature}")
+            raise InvalidArgument(
+                f"params.temperature must be a finite number >= 0, got {temperature}"
+            )
         top_p = float(pb.top_p) if pb.HasField("top_p") else 1.0
         if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
             raise InvalidArgument(f"params.top_p must be in (0, 1], got {top_p}")
         penalty = float(pb.repetition_penalty) if pb.HasField("repetition_penalty") else 1.0
-        if not math.isfinite(penalty) or penalty <= 0:
-            raise InvalidArgument(f"params.repetition_penalty must be > 0, got {penalty}")
-        if pb.logprobs > MAX_LOGPROBS:
+        if not math.isfinite(penalty) or not (
+            MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY
+        ):
+            raise InvalidArgument(
+                f"params.repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+                f"{MAX_REPETITION_PENALTY}], got {penalty}"
+            )
+        if not 0 <= pb.top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"params.top_k must be in [0, {MAX_TOP_K}], got {pb.top_k}")
+        if not 0 <= pb.logprobs <= MAX_LOGPROBS:
             raise InvalidArgument(
                 f"params.logprobs must be in [0, {MAX_LOGPROBS}], got {pb.logprobs}"
             )
@@ -124,12 +139,24 @@ def generation_spec_from_pb(
         raise InvalidArgument("set either prompt or messages, not both")
     if not req.prompt and not len(req.messages):
         raise InvalidArgument("prompt is empty: set prompt or messages")
+    if len(req.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(
+            f"prompt has {len(req.prompt)} characters; at most {MAX_PROMPT_CHARS}"
+        )
     messages: list[tuple[str, str]] = []
+    total_chars = 0
     for i, m in enumerate(req.messages):
         if m.role not in CHAT_ROLES:
-            raise InvalidArgument(f"messages[{i}].role must be one of {CHAT_ROLES}, got {m.role!r}")
+            raise InvalidArgument(
+                f"messages[{i}].role must be one of {CHAT_ROLES}, got {m.role[:64]!r}"
+            )
         if not m.content:
             raise InvalidArgument(f"messages[{i}].content is empty")
+        total_chars += len(m.content)
+        if total_chars > MAX_PROMPT_CHARS:
+            raise InvalidArgument(
+                f"messages hold more than {MAX_PROMPT_CHARS} characters of content"
+            )
         messages.append((m.role, m.content))
     adapter = ""
     if req.adapter:

@@ -19,7 +19,7 @@ import grpc
 from opentelemetry import trace
 
 from common import tracing
-from common.errors import RequestError, ResourceExhausted, Unavailable
+from common.errors import NotFound, RequestError, ResourceExhausted, Unavailable
 from common.metrics import RouterMetrics
 from common.pb import generate_pb2
 from common.tls import channel_credentials
@@ -240,8 +240,15 @@ class Cluster:
                 held: Event | None = None
                 last_yield: float | None = None
                 while True:
-                    event = held if held is not None else await lr.events.get()
-                    held = None
+                    if held is not None:
+                        event, held = held, None
+                    else:
+                        try:
+                            event = await asyncio.wait_for(
+                                lr.events.get(), self.config.stall_timeout_s or None
+                            )
+                        except TimeoutError:
+                            event = self._stalled(link, lr, delivered)
                     if isinstance(event, Delta):
                         if stream_interval_s > 0 and last_yield is not None:
                             # Let the next tokens (or the end) join this message.
@@ -278,6 +285,20 @@ class Cluster:
                 expired = deadline_unix_ms and time.time() * 1000 >= deadline_unix_ms
                 link.cancel(lr, "deadline exceeded" if expired else "client cancelled")
 
+    def _stalled(self, link: WorkerLink, lr: LinkRequest, delivered: int) -> Failed:
+        """``--stall-timeout-s`` passed without a token: the worker's slot is freed and the
+        request fails as a retryable UNAVAILABLE (re-routed while nothing was sent)."""
+        stall_s = self.config.stall_timeout_s
+        logger.warning(
+            "request %s on %s: no token for %.0fs", lr.link_request_id, link.address, stall_s
+        )
+        link.cancel(lr, f"no token for {stall_s:.0f}s (router --stall-timeout-s)")
+        return Failed(
+            grpc.StatusCode.UNAVAILABLE,
+            f"worker {link.address} sent no token for {stall_s:.0f}s",
+            retryable=True,
+        )
+
     def _choose(
         self,
         request: generate_pb2.GenerateRequest,
@@ -285,7 +306,18 @@ class Cluster:
         last_error: RequestError | None,
         span: trace.Span,
     ) -> WorkerLink:
-        candidates = [link.snapshot() for a, link in self.links.items() if a not in tried]
+        known = [link.snapshot() for link in self.links.values()]
+        if (
+            request.model
+            and known
+            and all(w.models for w in known)  # every worker has told us what it serves
+            and not any(w.serves(request.model) for w in known)
+        ):
+            # No worker serves it, up or down: retrying cannot help (UNAVAILABLE would
+            # say it can). A known model whose workers are all down stays UNAVAILABLE.
+            served = sorted({m for w in known for m in w.models})
+            raise NotFound(f"model {request.model[:200]!r} is not served here (served: {served})")
+        candidates = [w for w in known if w.address not in tried]
         if tried and not any(w.healthy for w in candidates) and last_error is not None:
             # Every worker that could take it has failed it: the client sees why.
             raise last_error

@@ -86,6 +86,11 @@ class RouterConfig(ServerTlsFields):
     max_http_body_bytes: int = field(
         4 * 1024 * 1024, help="largest JSON request body the HTTP gateway accepts, in bytes"
     )
+    stall_timeout_s: float = field(
+        300.0,
+        help="no token for this long on a request: cancel it on the worker, then re-route "
+        "it (nothing sent yet) or fail it with UNAVAILABLE (0 = off)",
+    )
 
     def __post_init__(self) -> None:
         self.check_server_tls()
@@ -104,6 +109,8 @@ class RouterConfig(ServerTlsFields):
             raise ValueError(f"coalesce_window_ms must be >= 0, got {self.coalesce_window_ms}")
         if self.stream_interval_ms < 0:
             raise ValueError(f"stream_interval_ms must be >= 0, got {self.stream_interval_ms}")
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queue < 1:

@@ -370,3 +370,67 @@ def test_a_rebuilt_engine_keeps_the_hooks_and_the_lowered_thread_count():
         new.stop()
     # An engine never lowered comes back with every thread (no count to carry).
     assert runtime.rebuild_engine(runtime._new_engine()).compute_threads is None
+
+
+HOSTILE_SAMPLING = [
+    dict(temperature=1e-40),  # subnormal: logits / t overflows without the guard
+    dict(temperature=3.4e38),  # the largest float32
+    dict(temperature=1e-40, top_p=1e-30, top_k=1 << 20),
+    dict(temperature=2.0, repetition_penalty=100.0, seed=2**64 - 1),
+    dict(temperature=3.4e38, repetition_penalty=0.01, top_p=1.0, logprobs=20),
+]
+
+
+def test_extreme_sampling_rows_end_cleanly_and_others_stay_token_identical(
+    engine, default_model, references
+):
+    """Issue 13: temperature 1e-40 / 3.4e38 killed the engine thread; now they sample
+    safely beside greedy rows, which stay equal to model.generate."""
+    _, tokenizer = default_model
+    sink = CollectingSink()
+    innocent = [
+        submit(engine, sink, chat_ids(tokenizer, p), max_new_tokens=MAX_NEW) for p in PROMPTS[:3]
+    ]
+    hostile = [
+        submit(engine, sink, chat_ids(tokenizer, PROMPTS[3]), max_new_tokens=8, **params)
+        for params in HOSTILE_SAMPLING
+    ]
+    sink.wait_done([*innocent, *hostile])
+    assert engine.alive
+    for key, ref in zip(innocent, references[:3], strict=True):
+        assert sink.tokens[key] == ref
+    for key in hostile:
+        assert sink.final[key].error is None, sink.final[key].error
+        assert 1 <= len(sink.tokens[key]) <= 8
+
+
+def test_a_row_whose_sampling_raises_ends_alone_and_the_engine_goes_on(
+    engine, default_model, references
+):
+    """The per-row exception boundary: parameters only the validator would reject
+    (a negative logprobs count reaches torch.topk and raises there) fail that request
+    with INTERNAL; the batch's other rows go on token-identical and the engine lives."""
+    import grpc
+
+    _, tokenizer = default_model
+    sink = CollectingSink()
+    innocent = [
+        submit(engine, sink, chat_ids(tokenizer, p), max_new_tokens=MAX_NEW) for p in PROMPTS[:3]
+    ]
+    for key in innocent:
+        assert sink.token_events[key].wait(120)
+    broken = [
+        submit(engine, sink, chat_ids(tokenizer, "Hi"), temperature=0.7, logprobs=-3),
+        submit(engine, sink, chat_ids(tokenizer, "Hi"), logprobs=-1),
+    ]
+    sink.wait_done([*innocent, *broken])
+    for key in broken:
+        assert sink.final[key].error is not None
+        assert sink.final[key].error.code == grpc.StatusCode.INTERNAL
+        assert sink.tokens[key] == []
+    for key, ref in zip(innocent, references[:3], strict=True):
+        assert sink.tokens[key] == ref
+    assert engine.alive
+    again = submit(engine, sink, chat_ids(tokenizer, PROMPTS[0]), max_new_tokens=MAX_NEW)
+    sink.wait_done([again])
+    assert sink.tokens[again] == references[0]

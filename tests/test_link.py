@@ -605,3 +605,34 @@ def test_deltas_queued_behind_a_lagging_client_leave_as_one_message() -> None:
         assert [t.id for t in first.tokens] == [1]  # the original is not mutated
 
     asyncio.run(scenario())
+
+
+def test_unknown_model_is_not_found_and_a_known_model_with_workers_down_is_unavailable():
+    """NOT_FOUND when no known worker serves the model (retrying cannot help); a model
+    whose workers are all down is UNAVAILABLE (retry later)."""
+
+    async def body() -> None:
+        fake = FakeWorker("w1")
+        async with started(fake) as cluster:
+            unknown = request()
+            unknown.model = "gpt-9"
+            with pytest.raises(RequestError) as info:
+                await collect(cluster.generate(unknown))
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            assert "'gpt-9' is not served" in info.value.message
+            await fake.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            link = cluster.links[fake.address]
+            for _ in range(200):
+                if not link.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            known = request()
+            known.model = MODEL
+            with pytest.raises(RequestError) as info:
+                await collect(cluster.generate(known))
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(RequestError) as info:  # still nobody serves gpt-9
+                await collect(cluster.generate(unknown))
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+    run(body)

@@ -230,13 +230,14 @@ def test_bad_input_gets_the_workers_status_and_message(router, workers, request_
     assert via_router == direct
 
 
-def test_unknown_model_is_unavailable_with_a_message(router):
+def test_unknown_model_is_not_found_with_a_message(router):
+    """No worker serves it: NOT_FOUND (UNAVAILABLE would make clients retry forever)."""
     with grpc.insecure_channel(router.address) as ch:
         with pytest.raises(grpc.RpcError) as info:
             generate_pb2_grpc.GenerateStub(ch).Generate(
                 generate_pb2.GenerateRequest(prompt="hi", model="gpt-9"), timeout=30
             )
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "'gpt-9' is not served" in info.value.details()
 
 

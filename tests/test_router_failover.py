@@ -18,6 +18,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.pb import generate_pb2, generate_pb2_grpc
 from tests.procs import start_router, start_worker
@@ -35,19 +36,35 @@ ENGINES = {
 }
 
 
-def _worker(engine_flags: tuple[str, ...], worker_id: str, max_running: int, *extra: str):
-    """A worker without self-tests (they would ride in the measured batches)."""
+# Health checks every 0.5 s that must not mistake the survivor's re-routed load for a
+# dead engine (issue 13: its probe waited behind real work and it rebuilt its engine).
+EAGER_SELF_TEST = ("--self-test-interval-s", "0.5", "--self-test-timeout-s", "2")
+
+
+def _worker(
+    engine_flags: tuple[str, ...],
+    worker_id: str,
+    max_running: int,
+    *extra: str,
+    self_test: tuple[str, ...] = NO_SELF_TEST,
+):
+    """A worker, by default without self-tests (they would ride in the measured batches)."""
     return start_worker(
         *engine_flags,
         "--worker-id", worker_id, "--max-running", str(max_running), "--max-queue", "64",
-        *extra, *NO_SELF_TEST,
+        *extra, *self_test,
     )  # fmt: skip
 
 
 @pytest.fixture
 def cluster(request):
-    engine_flags, max_new_tokens = ENGINES[request.param]
-    workers = [_worker(engine_flags, wid, 8) for wid in ("failover-victim", "failover-survivor")]
+    engine, _, self_test = request.param.partition("+")
+    engine_flags, max_new_tokens = ENGINES[engine]
+    health = EAGER_SELF_TEST if self_test else NO_SELF_TEST
+    workers = [
+        _worker(engine_flags, wid, 8, self_test=health)
+        for wid in ("failover-victim", "failover-survivor")
+    ]
     procs = list(workers)
     try:
         for w in workers:
@@ -65,6 +82,7 @@ def cluster(request):
     "cluster",
     [
         pytest.param("null", id="null-engine"),
+        pytest.param("null+self-test", id="null-engine-eager-health"),
         # ~90 s on a busy 2-core box (two model loads, 32 streams).
         pytest.param("model", id="default-model", marks=pytest.mark.slow),
     ],
@@ -99,6 +117,19 @@ def test_sigkill_a_worker_mid_stream(cluster):
                     ended[i] = time.monotonic()
                     return exc.code().name, exc.details(), dict(exc.trailing_metadata() or ())
 
+            survivor_health: list[int] = []
+            stop_sampling = asyncio.Event()
+
+            async def sample_survivor() -> None:
+                async with grpc.aio.insecure_channel(survivor.address) as ch:
+                    while not stop_sampling.is_set():
+                        reply = await health_pb2_grpc.HealthStub(ch).Check(
+                            health_pb2.HealthCheckRequest(), timeout=30
+                        )
+                        survivor_health.append(reply.status)
+                        await asyncio.sleep(0.1)
+
+            sampler = asyncio.ensure_future(sample_survivor())
             tasks = [asyncio.ensure_future(one(i)) for i in range(32)]
             # Kill once the victim has sequences both running and waiting.
             deadline = time.monotonic() + 120
@@ -112,6 +143,12 @@ def test_sigkill_a_worker_mid_stream(cluster):
             killed_at = time.monotonic()
             victim.signal(signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*tasks), CALL_TIMEOUT_S)
+            stop_sampling.set()
+            await sampler
+            # The survivor took the re-routed load and never called itself dead.
+            assert survivor_health and set(survivor_health) == {
+                health_pb2.HealthCheckResponse.SERVING
+            }, survivor_health
             return results, tokens, ended, killed_at, load
 
     results, tokens, ended, killed_at, load_at_kill = asyncio.run(scenario())
@@ -206,6 +243,97 @@ def test_sigterm_hands_queued_requests_back_for_rerouting():
         assert len(on_victim) <= load.finished_total + load.running + 2, (len(on_victim), load)
         victim.popen.wait(60)
         assert victim.popen.returncode == 0, victim.output()[-2000:]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_router_stall_timeout_cancels_a_silent_request_on_its_worker(tmp_path):
+    """Router ``--stall-timeout-s``: a request whose worker goes silent (a wedged engine
+    that its own health has not caught yet) ends with UNAVAILABLE instead of hanging the
+    client, and the worker gets a Cancel that frees the slot."""
+    fault = tmp_path / "wedge"
+    worker = _worker(
+        ENGINES["null"][0], "stall-worker", 8, "--fault-file", str(fault), "--stall-timeout-s", "0"
+    )
+    procs = [worker]
+    try:
+        worker.wait_healthy(timeout_s=300)
+        router = start_router([worker.address], "--stall-timeout-s", "2")
+        procs.append(router)
+        router.wait_healthy(timeout_s=60)
+        with grpc.insecure_channel(router.address) as ch:
+            stub = generate_pb2_grpc.GenerateStub(ch)
+            call = stub.GenerateStream(
+                generate_pb2.GenerateRequest(
+                    prompt="Hello",
+                    params=generate_pb2.SamplingParams(max_new_tokens=2000, ignore_eos=True),
+                ),
+                timeout=120,
+            )
+            received = 0
+            with pytest.raises(grpc.RpcError) as info:
+                for msg in call:
+                    received += len(msg.tokens)
+                    if received and not fault.exists():
+                        fault.write_text("")  # the engine thread stops stepping
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert "sent no token for 2s" in info.value.details()
+            assert "tokens were delivered" in info.value.details()
+            fault.unlink()
+            deadline = time.monotonic() + 60
+            while worker_load(worker).running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert worker_load(worker).running == 0  # the Cancel reached the worker
+            reply = stub.Generate(
+                generate_pb2.GenerateRequest(
+                    prompt="Hello", params=generate_pb2.SamplingParams(max_new_tokens=2)
+                ),
+                timeout=60,
+            )
+            assert reply.usage.completion_tokens == 2
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_router_stall_timeout_reroutes_a_request_that_got_nothing(tmp_path):
+    """A request sent to a silent worker before any token is re-routed by the router's
+    stall bound and completes on the other worker; the client never sees the stall."""
+    fault = tmp_path / "wedge"
+    silent = _worker(
+        ENGINES["null"][0], "stall-silent", 8, "--fault-file", str(fault), "--stall-timeout-s", "0"
+    )
+    healthy = _worker(ENGINES["null"][0], "stall-healthy", 8)
+    procs = [silent, healthy]
+    try:
+        for w in (silent, healthy):
+            w.wait_healthy(timeout_s=300)
+        fault.write_text("")  # from now on the silent worker's engine never steps
+        router = start_router([silent.address, healthy.address], "--stall-timeout-s", "2")
+        procs.append(router)
+        router.wait_healthy(timeout_s=60)
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(router.address) as ch:
+                stub = generate_pb2_grpc.GenerateStub(ch)
+
+                async def one(i: int):
+                    call = stub.Generate(
+                        generate_pb2.GenerateRequest(
+                            prompt=f"Hello {i}",
+                            params=generate_pb2.SamplingParams(max_new_tokens=3),
+                        ),
+                        timeout=120,
+                    )
+                    reply = await call
+                    return reply, dict(await call.trailing_metadata() or ())
+
+                return await asyncio.gather(*(one(i) for i in range(4)))
+
+        results = asyncio.run(scenario())
+        assert all(reply.usage.worker_id == "stall-healthy" for reply, _ in results)
+        assert any(meta.get("llmcluster-attempts") == "2" for _, meta in results), results
     finally:
         for p in procs:
             p.stop()

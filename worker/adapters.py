@@ -10,6 +10,7 @@ two names for the same weights share one copy.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -30,6 +31,9 @@ class AdapterSet:
         self.base_model_name = base_model_name
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, ArtifactRef] = OrderedDict()  # peft key → ref (LRU)
+        # The engine thread reorders and edits _loaded while the event loop reports it
+        # (Load messages): mutations and snapshots take this lock, nobody iterates live.
+        self._lock = threading.Lock()
         self.wrapped = False  # the model is a PeftModel once the first adapter loads
 
     @staticmethod
@@ -57,14 +61,16 @@ class AdapterSet:
         return ref
 
     def loaded_refs(self) -> list[str]:
-        return [ref.ref for ref in self._loaded.values()]
+        with self._lock:
+            return [ref.ref for ref in self._loaded.values()]
 
     def activate(self, model: Any, ref: ArtifactRef, in_use: set[str]) -> Any:
         """Loads ``ref`` if needed (engine thread); returns the model to use from now on."""
         key = self.key_of(ref)
-        if key in self._loaded:
-            self._loaded.move_to_end(key)
-            return model
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return model
         path = self.store.load_adapter_dir(ref)  # verifies every checksum first
         while len(self._loaded) >= self.max_loaded:
             victim = next((k for k in self._loaded if k not in in_use), None)
@@ -72,7 +78,8 @@ class AdapterSet:
                 break  # all in use: exceed the bound rather than fail a running batch
             logger.info("unloading adapter %s (LRU)", self._loaded[victim].ref)
             model.delete_adapter(victim)
-            del self._loaded[victim]
+            with self._lock:
+                del self._loaded[victim]
         if not self.wrapped:
             from peft import PeftModel
 
@@ -83,7 +90,8 @@ class AdapterSet:
             self.wrapped = True
         else:
             model.load_adapter(str(path), adapter_name=key, is_trainable=False)
-        self._loaded[key] = ref
+        with self._lock:
+            self._loaded[key] = ref
         logger.info("loaded adapter %s (%s)", ref.ref, key)
         return model
 

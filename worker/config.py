@@ -68,6 +68,10 @@ class WorkerConfig(ServerTlsFields):
     )
     self_test_interval_s: float = field(15.0, help="period of the engine self-test (0 = off)")
     self_test_timeout_s: float = field(30.0, help="a self-test slower than this fails")
+    stall_timeout_s: float = field(
+        120.0,
+        help="no engine step for this long while work exists: fail in-flight requests with UNAVAILABLE and rebuild (0 = off)",
+    )
     fault_file: str = field("", help="test hook: while this file exists the engine hangs")
     warmup: bool = field(True, help="run a short generation before reporting SERVING")
     grace_period_s: float = field(30.0, help="on SIGTERM, how long running requests may finish")
@@ -90,6 +94,8 @@ class WorkerConfig(ServerTlsFields):
             raise ValueError(f"engine must be 'model' or 'null', got {self.engine!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
         if self.max_context_tokens < 0:
             raise ValueError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
         if not 0 <= self.port <= 65535:

@@ -49,13 +49,18 @@ from common.validation import SamplingParams
 from worker.detokenizer import IncrementalDetokenizer
 from worker.kv_cache import cache_views, slab_cache
 from worker.packed_llama import PackedLlama, supports_packed
-from worker.sampling import TokenChoice, make_generator, select_tokens
+from worker.sampling import TokenChoice, make_generator, select_token
 
 logger = logging.getLogger(__name__)
 
 FINISH_LENGTH = "LENGTH"
 FINISH_STOP = "STOP"
 FINISH_EOS = "EOS"
+
+# Request ids for the process lifetime, shared by every engine: a rebuilt engine never
+# reuses an id, so a late cancel cannot reach another request (itertools.count's next()
+# is atomic under the GIL).
+_REQUEST_IDS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class SeqOutput:
     finish_reason: str | None = None
     usage: UsageStats | None = None
     error: RequestError | None = None
+    # Set by the engine front (worker.front) on errors: may another worker take it?
+    retryable: bool = False
 
     @property
     def done(self) -> bool:
@@ -137,16 +144,19 @@ class EngineRequest:
 class _Sequence:
     """Engine-thread state of one admitted request."""
 
-    def __init__(self, req: EngineRequest, tokenizer: Any, now: float) -> None:
+    def __init__(
+        self, req: EngineRequest, tokenizer: Any, now: float, device: torch.device | str = "cpu"
+    ) -> None:
         self.req = req
         self.generated: list[int] = []
         self.detok = IncrementalDetokenizer(tokenizer, req.params.stop)
-        self.generator = make_generator(req.params)
+        # RNG and penalty indices live on the logits' device (ATen rejects a mix).
+        self.generator = make_generator(req.params, device)
         self.admitted = now
         self.first_token: float | None = None
         # Token ids seen so far, for the repetition penalty (kept only when used).
         self.seen: torch.Tensor | None = (
-            torch.tensor(req.prompt_ids, dtype=torch.long)
+            torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
             if req.params.repetition_penalty != 1.0
             else None
         )
@@ -154,6 +164,13 @@ class _Sequence:
     @property
     def length(self) -> int:
         return len(self.req.prompt_ids) + len(self.generated)
+
+
+def _row_error(exc: BaseException) -> RequestError:
+    """The status of a request that failed on its own inside a step."""
+    if isinstance(exc, RequestError):
+        return exc
+    return RequestError(f"request failed in the engine: {type(exc).__name__}: {exc}")
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -182,7 +199,6 @@ class Engine:
         self._token_texts: dict[int, str] = {}
         self._packed = PackedLlama(model) if config.packed_step and supports_packed(model) else None
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._keys = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._pending = 0  # submitted, not yet seen by the engine thread (bounded queue)
@@ -250,7 +266,7 @@ class Engine:
             if self._pending + len(self._waiting) >= self.config.max_queue:
                 raise ResourceExhausted(f"worker queue is full ({self.config.max_queue} waiting)")
             self._pending += 1
-        req.key = next(self._keys)
+        req.key = next(_REQUEST_IDS)
         self._control.put(("submit", req))
         return req.key
 
@@ -299,7 +315,8 @@ class Engine:
         except BaseException as exc:  # engine-fatal: fail everything, tell the worker
             logger.exception("engine failed")
             self.fatal_error = exc
-            self._fail_all(RequestError(f"engine failed: {exc}"))
+            # UNAVAILABLE: the worker recovers; requests that sent no token may go elsewhere.
+            self._fail_all(Unavailable(f"engine failed: {type(exc).__name__}: {exc}"))
             if self.on_fatal is not None:
                 self.on_fatal(exc)
         finally:
@@ -415,9 +432,15 @@ class Engine:
                     outputs[req.key] = SeqOutput(req.key, [], "", error=error)
                     sinks[req.key] = req.sink
                     continue
+            try:
+                seq = _Sequence(req, self.tokenizer, now, self.device)
+            except Exception as exc:  # this request's own state failed to build: it alone ends
+                logger.exception("request %d failed at admission", req.key)
+                outputs[req.key] = SeqOutput(req.key, [], "", error=_row_error(exc))
+                sinks[req.key] = req.sink
+                continue
             self._reserved_kv += req.kv_tokens
             prefill_tokens += len(req.prompt_ids)
-            seq = _Sequence(req, self.tokenizer, now)
             admitted.append(seq)
             if req.on_admitted is not None:
                 req.on_admitted()
@@ -560,25 +583,36 @@ class Engine:
         outputs: dict[int, SeqOutput],
         sinks: dict[int, OutputSink],
     ) -> None:
-        choices = select_tokens(
-            logits,
-            [s.req.params for s in rows],
-            [s.generator for s in rows],
-            [s.seen for s in rows],
-        )
+        choices: list[TokenChoice | BaseException] = []
+        for row, seq in enumerate(rows):
+            try:
+                choices.append(select_token(logits[row], seq.req.params, seq.generator, seq.seen))
+            except Exception as exc:  # the row's own failure: it ends alone (see _emit_choices)
+                choices.append(exc)
         self._emit_choices(rows, choices, outputs, sinks)
 
     def _emit_choices(
         self,
         rows: list[_Sequence],
-        choices: list[TokenChoice],
+        choices: list[TokenChoice] | list[TokenChoice | BaseException],
         outputs: dict[int, SeqOutput],
         sinks: dict[int, OutputSink],
     ) -> None:
+        """Advances each row by its token. The per-row exception boundary: a failure that
+        belongs to one row (sampling, stop handling, detokenisation) ends that request
+        alone with INTERNAL; the other rows go on token-identical. Only the forward pass
+        is engine-fatal."""
         now = time.monotonic()
         for seq, choice in zip(rows, choices, strict=True):
-            outputs[seq.req.key] = self._advance(seq, choice, now)
-            sinks[seq.req.key] = seq.req.sink
+            key = seq.req.key
+            sinks[key] = seq.req.sink
+            try:
+                if isinstance(choice, BaseException):
+                    raise choice
+                outputs[key] = self._advance(seq, choice, now)
+            except Exception as exc:
+                logger.exception("request %d failed in the engine step", key)
+                outputs[key] = SeqOutput(key, [], "", error=_row_error(exc))
         self.generated_tokens_total += len(rows)
         if self.on_step is not None:
             self.on_step(len(rows), len(rows))
@@ -589,7 +623,7 @@ class Engine:
         if seq.first_token is None:
             seq.first_token = now
         if seq.seen is not None:
-            seq.seen = torch.cat([seq.seen, torch.tensor([tok])])
+            seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([tok])])
         text_of = self._token_text
         token = TokenOut(
             tok,

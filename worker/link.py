@@ -32,6 +32,7 @@ from common.tracing import (
 from common.validation import generation_spec_from_pb
 from worker.convert import FINISH_REASON_PB, token_to_pb, usage_to_pb
 from worker.engine import SeqOutput
+from worker.front import EngineFront, FrontStream, deadline_from_unix_ms, retryable
 from worker.observe import RequestObserver
 from worker.runtime import WorkerState
 
@@ -39,36 +40,34 @@ logger = logging.getLogger(__name__)
 
 
 class _LinkSink:
-    """Engine outputs of one link → WorkerMessages on the link's outbound queue."""
+    """Engine outputs of one link → WorkerMessages on the link's outbound queue (event
+    loop only: the engine front delivers here)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, worker_id: str) -> None:
-        self._loop = loop
+    def __init__(self, worker_id: str) -> None:
         self._worker_id = worker_id
         self.outbound: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
-        self.link_ids: dict[int, str] = {}  # engine key → link_request_id (event loop only)
+        self.link_ids: dict[int, str] = {}  # front request id → link_request_id
+        self.request_ids: dict[str, int] = {}  # link_request_id → front request id
         self.observers: dict[int, RequestObserver] = {}
-        self.produced: set[int] = set()  # keys that streamed at least one token
         # What arrived on this link, reported in its Load (worker.proto: "on this link").
         self.batches_received = 0
         self.requests_received = 0
+        self.stream: FrontStream  # set by Serve: this link's stream on the engine front
 
-    def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._publish, step, outputs)
-
-    def _publish(self, step: int, outputs: list[SeqOutput]) -> None:
+    def deliver(self, step: int, outputs: list[SeqOutput]) -> None:
         deltas = []
         endings = []
         for out in outputs:
-            link_id = self.link_ids.pop(out.key, None) if out.done else self.link_ids.get(out.key)
+            link_id = self.link_ids.get(out.key)
             if link_id is None:
                 continue
-            observer = (
-                self.observers.pop(out.key, None) if out.done else self.observers.get(out.key)
-            )
+            observer = self.observers.get(out.key)
+            if out.done:
+                del self.link_ids[out.key]
+                self.request_ids.pop(link_id, None)
+                self.observers.pop(out.key, None)
             if observer is not None:
                 observer.on_output(out)
-            if out.tokens:
-                self.produced.add(out.key)
             if out.tokens or out.text:
                 deltas.append(
                     worker_pb2.SequenceDelta(
@@ -78,19 +77,7 @@ class _LinkSink:
                     )
                 )
             if out.error is not None:
-                code, message = status_of(out.error)
-                # Handed back before a token (drain): the router may re-route it.
-                retryable = isinstance(out.error, Unavailable) and out.key not in self.produced
-                endings.append(
-                    worker_pb2.WorkerMessage(
-                        rejected=worker_pb2.Rejected(
-                            link_request_id=link_id,
-                            code=code.value[0],
-                            message=message,
-                            retryable=retryable,
-                        )
-                    )
-                )
+                endings.append(_rejected(link_id, out.error, out.retryable))
             elif out.finish_reason is not None and out.usage is not None:
                 endings.append(
                     worker_pb2.WorkerMessage(
@@ -101,9 +88,6 @@ class _LinkSink:
                         )
                     )
                 )
-        for out in outputs:
-            if out.done:
-                self.produced.discard(out.key)
         if deltas:
             self.outbound.put_nowait(
                 worker_pb2.WorkerMessage(
@@ -114,10 +98,13 @@ class _LinkSink:
             self.outbound.put_nowait(msg)
 
 
-def _deadline_monotonic(deadline_unix_ms: int) -> float | None:
-    if deadline_unix_ms <= 0:
-        return None
-    return time.monotonic() + (deadline_unix_ms / 1000.0 - time.time())
+def _rejected(link_id: str, exc: BaseException, retryable: bool) -> worker_pb2.WorkerMessage:
+    code, message = status_of(exc)
+    return worker_pb2.WorkerMessage(
+        rejected=worker_pb2.Rejected(
+            link_request_id=link_id, code=code.value[0], message=message, retryable=retryable
+        )
+    )
 
 
 class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
@@ -150,20 +137,9 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             loaded_adapters=self._state.runtime.loaded_adapters(),
         )
 
-    def _reject(self, sink: _LinkSink, link_id: str, exc: BaseException, retryable: bool) -> None:
-        code, message = status_of(exc)
-        sink.outbound.put_nowait(
-            worker_pb2.WorkerMessage(
-                rejected=worker_pb2.Rejected(
-                    link_request_id=link_id,
-                    code=code.value[0],
-                    message=message,
-                    retryable=retryable,
-                )
-            )
-        )
-
-    def _submit_batch(self, sink: _LinkSink, batch: worker_pb2.SubmitBatch) -> None:
+    async def _submit_batch(
+        self, front: EngineFront, sink: _LinkSink, batch: worker_pb2.SubmitBatch
+    ) -> None:
         """One span per SubmitBatch, in its own trace: it links to each request it carried,
         and each request's span links back to it (linked, not parented: a batch mixes
         requests of many traces)."""
@@ -195,12 +171,13 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             for item in items:
                 self.requests_received += 1
                 sink.requests_received += 1
-                self._submit(sink, item, batch_link)
+                await self._submit(front, sink, item, batch_link)
         finally:
             span.end()
 
-    def _submit(
+    async def _submit(
         self,
+        front: EngineFront,
         sink: _LinkSink,
         item: worker_pb2.WorkItem,
         links: list[trace.Link] | None = None,
@@ -211,9 +188,9 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
         try:
             if not state.accepting.is_set():
                 raise Unavailable("worker is draining")
-            spec = generation_spec_from_pb(item.request, state.runtime.limits)
-            req = state.runtime.build_request(
-                spec, sink, _deadline_monotonic(item.deadline_unix_ms)
+            spec = generation_spec_from_pb(item.request, front.runtime.limits)
+            req = await front.prepare(
+                spec, sink.stream, deadline_from_unix_ms(item.deadline_unix_ms)
             )
             observer = RequestObserver(
                 state.metrics,
@@ -223,46 +200,47 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
                 context_from_dict(item.trace_context),
                 req.adapter,
                 links=links,
-                served_model=state.runtime.source.name,
+                served_model=front.runtime.source.name,
             )
             req.on_admitted = observer.admitted
-            key = state.runtime.engine.submit(req)
+            request_id = front.submit(req)
         except Exception as exc:
             if observer is not None:
                 observer.finish(exc)
             else:
                 state.record_rejected("Serve", exc)
-            code, _ = status_of(exc)
-            # No token was produced: another worker may take it.
-            retryable = code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
-            self._reject(sink, link_id, exc, retryable)
+            sink.outbound.put_nowait(_rejected(link_id, exc, retryable(exc, token_sent=False)))
             return
-        sink.link_ids[key] = link_id
-        sink.observers[key] = observer
+        sink.link_ids[request_id] = link_id
+        sink.request_ids[link_id] = request_id
+        sink.observers[request_id] = observer
 
     async def _read(
         self,
         request_iterator: AsyncIterator[worker_pb2.RouterMessage],
+        front: EngineFront,
         sink: _LinkSink,
-        keys_by_link_id: dict[str, int],
     ) -> None:
         async for msg in request_iterator:
             kind = msg.WhichOneof("kind")
             if kind == "submit_batch":
                 self.batches_received += 1
                 sink.batches_received += 1
-                self._submit_batch(sink, msg.submit_batch)
+                await self._submit_batch(front, sink, msg.submit_batch)
             elif kind == "cancel":
-                wanted = set(msg.cancel.link_request_ids)
-                for key, link_id in list(sink.link_ids.items()):
-                    if link_id in wanted:
-                        self._state.runtime.engine.cancel(
-                            key, msg.cancel.reason or "router cancelled"
-                        )
+                for link_id in msg.cancel.link_request_ids:
+                    request_id = sink.request_ids.get(link_id)
+                    if request_id is not None:
+                        front.cancel(request_id, msg.cancel.reason or "router cancelled")
 
     async def Serve(self, request_iterator, context):  # noqa: N802 - gRPC method name
-        sink = _LinkSink(asyncio.get_running_loop(), self._state.worker_id)
-        reader = asyncio.create_task(self._read(request_iterator, sink, {}))
+        try:
+            front = self._state.front
+        except Unavailable as exc:  # still loading: the router retries the link later
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        sink = _LinkSink(self._state.worker_id)
+        sink.stream = front.stream(sink.deliver)
+        reader = asyncio.create_task(self._read(request_iterator, front, sink))
         next_load = 0.0
         try:
             while True:
@@ -283,8 +261,8 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
                 yield msg
         finally:
             reader.cancel()
-            for key in list(sink.link_ids):  # link gone: free every sequence it owned
-                self._state.runtime.engine.cancel(key, "router link closed")
+            for request_id in list(sink.link_ids):  # link gone: free every sequence it owned
+                front.cancel(request_id, "router link closed")
 
     async def Info(self, request, context):  # noqa: N802 - gRPC method name
         return worker_pb2.WorkerInfo(

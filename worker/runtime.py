@@ -18,20 +18,9 @@ from common.validation import GenerationLimits, GenerationSpec, SamplingParams
 from worker.adapters import AdapterSet
 from worker.config import WorkerConfig
 from worker.cpu_layout import use_column_major_linear_weights
-from worker.engine import Engine, EngineConfig, EngineRequest, SeqOutput
+from worker.engine import Engine, EngineConfig, EngineRequest
 
 logger = logging.getLogger(__name__)
-
-
-class AsyncQueueSink:
-    """Delivers engine outputs (engine thread) into an asyncio.Queue (event loop)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.queue: asyncio.Queue[tuple[int, list[SeqOutput]]] = asyncio.Queue()
-
-    def on_outputs(self, step: int, outputs: list[SeqOutput]) -> None:
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, (step, outputs))
 
 
 class ModelRuntime:
@@ -117,6 +106,8 @@ class ModelRuntime:
         self.check_model(spec.model)
         adapter = self.adapters.resolve(spec.adapter) if spec.adapter else None
         ids = self.prompt_ids(spec)
+        if not ids:  # the engine needs at least one position to predict from
+            raise InvalidArgument("prompt has no tokens after tokenisation")
         context = self.limits.max_context_tokens
         if len(ids) >= context:
             raise InvalidArgument(f"prompt has {len(ids)} tokens; the model's context is {context}")
@@ -174,6 +165,7 @@ class WorkerState:
         self.metrics = metrics
         self.accepting = asyncio.Event()
         self._runtime: ModelRuntime | None = None
+        self._front: Any = None  # worker.front.EngineFront once the runtime is loaded
 
     def record_rejected(self, method: str, exc: BaseException) -> None:
         """Counts a request refused before it reached the engine."""
@@ -189,3 +181,14 @@ class WorkerState:
     @runtime.setter
     def runtime(self, value: ModelRuntime) -> None:
         self._runtime = value
+
+    @property
+    def front(self) -> Any:
+        """The engine front (worker.front.EngineFront): what every servicer submits to."""
+        if self._front is None:
+            raise Unavailable("worker is still loading its model")
+        return self._front
+
+    @front.setter
+    def front(self, value: Any) -> None:
+        self._front = value

@@ -38,11 +38,11 @@ from common.tracing import (
 )
 from worker.config import WorkerConfig
 from worker.finetune_service import add_finetune_servicer
+from worker.front import EngineFront
 from worker.health import SelfTester
 from worker.jobs import JobManager, jobs_config_from_worker
 from worker.link import WorkerLinkServicer
 from worker.runtime import ModelRuntime, WorkerState
-from worker.selftest import run_engine_probe
 from worker.service import GenerateServicer
 
 logger = logging.getLogger(__name__)
@@ -124,10 +124,12 @@ class WorkerServer:
         self._attach_metrics(runtime)
         runtime.engine.fault_file = self.config.fault_file or None
         runtime.engine.start()
+        front = EngineFront(runtime)
         if self.config.warmup:
             with phase("warmed up"):
-                await asyncio.to_thread(run_engine_probe, runtime)
+                await front.probe(4, 60.0)
         self.state.runtime = runtime
+        self.state.front = front
         self.jobs.attach_runtime(runtime)
         self.jobs.on_training_processes = self._share_cores_with_training()
         await self.jobs.start()  # resumes jobs a crash cut off, then runs the queue
@@ -139,6 +141,7 @@ class WorkerServer:
             self.metrics,
             self.config.self_test_interval_s,
             self.config.self_test_timeout_s,
+            self.config.stall_timeout_s,
         )
         self.self_tester.start()
         await self._register(runtime)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,19 +15,17 @@ from common.pb import generate_pb2, generate_pb2_grpc
 from common.tracing import context_from_grpc_metadata
 from common.validation import generation_spec_from_pb
 from worker.convert import stream_response_to_pb
+from worker.engine import SeqOutput
+from worker.front import deadline_from_remaining_s
 from worker.observe import RequestObserver
-from worker.runtime import AsyncQueueSink, WorkerState
+from worker.runtime import WorkerState
 
 logger = logging.getLogger(__name__)
 
 
-def deadline_from_context(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + max(0.0, remaining)
-
-
 class GenerateServicer(generate_pb2_grpc.GenerateServicer):
-    """Generate, GenerateStream and ListModels served directly by a worker."""
+    """Generate, GenerateStream and ListModels served directly by a worker: a thin client
+    of the engine front (worker.front)."""
 
     def __init__(self, state: WorkerState) -> None:
         self._state = state
@@ -40,13 +37,16 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         method: str,
     ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         state = self._state
+        queue: asyncio.Queue[list[SeqOutput]] = asyncio.Queue()
         try:
             if not state.accepting.is_set():
                 raise Unavailable("worker is not accepting requests (loading or draining)")
-            runtime = state.runtime
-            spec = generation_spec_from_pb(request, runtime.limits)
-            sink = AsyncQueueSink(asyncio.get_running_loop())
-            req = runtime.build_request(spec, sink, deadline_from_context(context))
+            front = state.front
+            spec = generation_spec_from_pb(request, front.runtime.limits)
+            stream = front.stream(lambda step, outputs: queue.put_nowait(outputs))
+            req = await front.prepare(
+                spec, stream, deadline_from_remaining_s(context.time_remaining())
+            )
         except Exception as exc:
             state.record_rejected(method, exc)
             raise
@@ -58,18 +58,17 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             state.worker_id,
             context_from_grpc_metadata(context.invocation_metadata()),
             req.adapter,
-            served_model=state.runtime.source.name,
+            served_model=front.runtime.source.name,
         )
         req.on_admitted = observer.admitted
         try:
-            key = runtime.engine.submit(req)
+            key = front.submit(req)
         except Exception as exc:
             observer.finish(exc)
             raise
         try:
             while True:
-                _, outputs = await sink.queue.get()
-                for out in outputs:
+                for out in await queue.get():
                     observer.on_output(out)
                     if out.error is not None:
                         raise out.error
@@ -78,7 +77,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
                         return
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: free the slot and KV cache at the next iteration.
-            runtime.engine.cancel(key, "client cancelled")
+            front.cancel(key, "client cancelled")
             observer.finish(Cancelled("client cancelled"))
             raise
 
@@ -114,4 +113,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         )
 
     async def ListModels(self, request, context):  # noqa: N802 - gRPC method name
-        return generate_pb2.ListModelsResponse(models=self._state.runtime.list_models())
+        try:
+            runtime = self._state.runtime  # Unavailable while the model loads
+            models = await asyncio.to_thread(runtime.list_models)  # reads the store
+        except Exception as exc:
+            await abort_with(context, exc)
+        return generate_pb2.ListModelsResponse(models=models)

@@ -93,8 +93,10 @@ class SelfTester:
         try:
             await front.probe(2, self.timeout_s)
         except TimeoutError as exc:
-            if front.in_flight > 1 or engine.stats()["running"] > 0:
-                return  # work arrived while the probe waited: busy, not dead
+            # Work that arrived while the probe waited makes this busy, not dead. The probe
+            # itself is in flight (and may be "running" in a wedged engine): count others.
+            if front.in_flight > 1:
+                return
             raise EngineUnhealthy(str(exc)) from exc
         except Exception as exc:
             raise EngineUnhealthy(str(exc)) from exc

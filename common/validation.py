@@ -7,6 +7,7 @@ with a message naming the offending field. The worker adds what needs the model
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,14 @@ MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 100.0
 MAX_TOP_K = 1 << 20  # larger than any vocabulary: k above the vocabulary means "all"
 MAX_PROMPT_CHARS = 1 << 20  # 1 MiB of text; the token context is checked by the worker
+# Structured output (params.constraint): bounds on the documents a worker compiles. The
+# compile time of a grammar grows with its size; these keep one request from holding a
+# compile thread for long, and the compiled-constraint cache small.
+MAX_CONSTRAINT_CHARS = 64 * 1024  # json_schema, regex, grammar
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024  # each option
+MAX_CHOICES_TOTAL_CHARS = 64 * 1024
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 
 
 def parse_adapter_ref(ref: str) -> tuple[str, str]:
@@ -44,6 +53,64 @@ class GenerationLimits:
 
 
 @dataclass(frozen=True)
+class ConstraintSpec:
+    """A validated params.constraint: ``kind`` is one of CONSTRAINT_KINDS; ``document`` is
+    the schema / regex / grammar text ("" for json_object); ``choices`` the options."""
+
+    kind: str
+    document: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def cache_key(self) -> str:
+        """Stable hash of the constraint: equal constraints share one compiled form."""
+        h = hashlib.sha256(self.kind.encode())
+        for part in (self.document, *self.choices):
+            h.update(b"\0" + part.encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+    @classmethod
+    def from_pb(cls, pb: generate_pb2.Constraint) -> ConstraintSpec:
+        """Checks the shape and sizes (compiling needs the model's tokenizer: the worker
+        does that); raises InvalidArgument naming the field."""
+        kind = pb.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgument(
+                f"params.constraint is set but empty: set one of {', '.join(CONSTRAINT_KINDS)}"
+            )
+        field_name = f"params.constraint.{kind}"
+        if kind == "json_object":
+            if not pb.json_object:
+                raise InvalidArgument(f"{field_name} must be true when set")
+            return cls(kind)
+        if kind == "choice":
+            options = tuple(pb.choice.options)
+            if not options or len(options) > MAX_CHOICES:
+                raise InvalidArgument(
+                    f"{field_name}.options must hold 1 to {MAX_CHOICES} strings, got {len(options)}"
+                )
+            for i, option in enumerate(options):
+                if not option or len(option) > MAX_CHOICE_CHARS:
+                    raise InvalidArgument(
+                        f"{field_name}.options[{i}] must be 1 to {MAX_CHOICE_CHARS} characters, "
+                        f"got {len(option)}"
+                    )
+            if sum(len(o) for o in options) > MAX_CHOICES_TOTAL_CHARS:
+                raise InvalidArgument(
+                    f"{field_name}.options hold more than {MAX_CHOICES_TOTAL_CHARS} characters"
+                )
+            return cls(kind, choices=options)
+        document = str(getattr(pb, kind))
+        if not document.strip():
+            raise InvalidArgument(f"{field_name} is empty")
+        if len(document) > MAX_CONSTRAINT_CHARS:
+            raise InvalidArgument(
+                f"{field_name} has {len(document)} characters; at most {MAX_CONSTRAINT_CHARS}"
+            )
+        return cls(kind, document=document)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Plain, validated sampling parameters (the engine never sees protobuf)."""
 
@@ -56,6 +123,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int = 0
     ignore_eos: bool = False
+    constraint: ConstraintSpec | None = None  # structured output; None = free generation
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +182,7 @@ class SamplingParams:
             stop=stops,
             logprobs=int(pb.logprobs),
             ignore_eos=bool(pb.ignore_eos),
+            constraint=ConstraintSpec.from_pb(pb.constraint) if pb.HasField("constraint") else None,
         )
 
 

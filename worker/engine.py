@@ -46,6 +46,7 @@ from common.errors import (
     Unavailable,
 )
 from common.validation import SamplingParams
+from worker.constraints import RowMatcher, mask_rows
 from worker.detokenizer import IncrementalDetokenizer
 from worker.kv_cache import cache_views, slab_cache
 from worker.packed_llama import PackedLlama, supports_packed
@@ -135,6 +136,8 @@ class EngineRequest:
     arrival_monotonic: float = field(default_factory=time.monotonic)
     key: int = -1  # assigned by Engine.submit
     on_admitted: Callable[[], None] | None = None
+    # params.constraint compiled (worker.constraints.ConstraintCompiler), or None.
+    constraint: Any = None
 
     @property
     def kv_tokens(self) -> int:
@@ -160,6 +163,7 @@ class _Sequence:
             if req.params.repetition_penalty != 1.0
             else None
         )
+        self.matcher = RowMatcher(req.constraint) if req.constraint is not None else None
 
     @property
     def length(self) -> int:
@@ -584,9 +588,15 @@ class Engine:
         sinks: dict[int, OutputSink],
     ) -> None:
         choices: list[TokenChoice | BaseException] = []
+        # Structured output: only constrained rows get masked logits (the others' stay
+        # as the forward produced them).
+        masked = mask_rows(logits, [s.matcher for s in rows])
         for row, seq in enumerate(rows):
             try:
-                choices.append(select_token(logits[row], seq.req.params, seq.generator, seq.seen))
+                row_logits = masked.get(row, logits[row])
+                if isinstance(row_logits, BaseException):
+                    raise row_logits
+                choices.append(select_token(row_logits, seq.req.params, seq.generator, seq.seen))
             except Exception as exc:  # the row's own failure: it ends alone (see _emit_choices)
                 choices.append(exc)
         self._emit_choices(rows, choices, outputs, sinks)
@@ -619,6 +629,8 @@ class Engine:
 
     def _advance(self, seq: _Sequence, choice: TokenChoice, now: float) -> SeqOutput:
         tok = choice.token_id
+        if seq.matcher is not None:
+            seq.matcher.accept(tok)
         seq.generated.append(tok)
         if seq.first_token is None:
             seq.first_token = now
@@ -639,6 +651,9 @@ class Engine:
             text = seq.detok.add_token(tok)
             if seq.detok.stopped:
                 finish = FINISH_STOP
+            elif seq.matcher is not None and seq.matcher.complete:
+                finish = FINISH_STOP  # the constraint allows nothing more
+                text += seq.detok.flush()
             elif len(seq.generated) >= seq.req.params.max_new_tokens:
                 finish = FINISH_LENGTH
                 text += seq.detok.flush()

@@ -17,6 +17,7 @@ from common.models import ModelSource, load_model, load_tokenizer, resolve_model
 from common.validation import GenerationLimits, GenerationSpec, SamplingParams
 from worker.adapters import AdapterSet
 from worker.config import WorkerConfig
+from worker.constraints import ConstraintCompiler
 from worker.cpu_layout import use_column_major_linear_weights
 from worker.engine import Engine, EngineConfig, EngineRequest
 
@@ -48,6 +49,15 @@ class ModelRuntime:
             ModelStore(config.store_dir or None), self.source.name, config.max_loaded_adapters
         )
         self.engine = self._new_engine()
+        # Structured output (params.constraint); None on the null engine, which has no
+        # logits to mask.
+        self.constraints: ConstraintCompiler | None = None
+        if self.model is not None:
+            self.constraints = ConstraintCompiler(
+                self.tokenizer,
+                vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
+                stop_token_ids=sorted(Engine._eos_ids(self.model, self.tokenizer)),
+            )
 
     def _new_engine(self) -> Engine:
         config = EngineConfig(
@@ -115,8 +125,16 @@ class ModelRuntime:
         room = context - len(ids)
         if params.max_new_tokens > room:  # the context ends first: finish with LENGTH there
             params = SamplingParams(**{**params.__dict__, "max_new_tokens": room})
+        constraint = None
+        if params.constraint is not None:  # compiled here: off the loop, before queuing
+            if self.constraints is None:
+                raise InvalidArgument(
+                    "params.constraint: this worker's engine has no logits to mask"
+                )
+            constraint = self.constraints.compile(params.constraint)
         return EngineRequest(
             prompt_ids=ids,
+            constraint=constraint,
             params=params,
             sink=sink,
             deadline_monotonic=deadline_monotonic,

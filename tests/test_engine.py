@@ -154,6 +154,28 @@ def test_stop_string_across_token_boundaries(engine, default_model, references):
     sink.wait_done([key])
     assert sink.final[key].finish_reason == "STOP"
     assert sink.text[key] == ref_text[: ref_text.index(stop)]
+    # Token.text agrees with the text: no piece of the stop string, message by message.
+    assert not sink.misaligned
+    assert "".join(sink.token_texts[key]) == sink.text[key]
+    assert all(stop not in t for t in sink.token_texts[key])
+    assert len(sink.tokens[key]) == sink.final[key].usage.completion_tokens
+    assert sink.tokens[key] == references[5][: len(sink.tokens[key])]
+
+
+def test_token_texts_add_up_to_the_text_with_multibyte_characters(engine, default_model):
+    """Without stop strings too: the token that completes a character carries it."""
+    _, tokenizer = default_model
+    sink = CollectingSink()
+    keys = [
+        submit(engine, sink, chat_ids(tokenizer, p), max_new_tokens=MAX_NEW)
+        for p in (PROMPTS[1], PROMPTS[3], PROMPTS[7])
+    ]
+    sink.wait_done(keys)
+    assert not sink.misaligned
+    for key in keys:
+        assert "".join(sink.token_texts[key]) == sink.text[key]
+        assert all("\ufffd" not in t for t in sink.token_texts[key])
+    assert any(t == "" for key in keys for t in sink.token_texts[key])  # split characters
 
 
 def test_seed_gives_same_output_alone_and_in_a_batch(engine, default_model):

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -83,7 +83,9 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class TokenOut:
-    """A generated token as clients see it."""
+    """A generated token as clients see it. ``text`` is the part of the sequence's text
+    this token adds (worker.detokenizer): the tokens' texts add up to the text, so a
+    matched stop string is in neither; ``top`` carries each alternative's own text."""
 
     token_id: int
     text: str
@@ -174,6 +176,9 @@ class _Sequence:
         # batch-1 cache of this sequence alone, until the whole prompt joins the batch).
         self.prefilled = 0
         self.prompt_cache: Any = None
+        # Generated tokens whose text the detokenizer still holds back (a possible start
+        # of a stop string): they go out with it, so no token shows a stop string.
+        self.held: deque[TokenOut] = deque()
         # Token ids seen so far, for the repetition penalty (kept only when used).
         self.seen: torch.Tensor | None = (
             torch.tensor(req.prompt_ids, dtype=torch.long)
@@ -742,23 +747,26 @@ class Engine:
             seq.seen = torch.cat([seq.seen, torch.tensor([tok])])
         text_of = self._token_text
         token = TokenOut(
-            tok,
-            text_of(tok),
-            choice.logprob,
-            tuple((i, text_of(i), lp) for i, lp in choice.top),
+            tok, "", choice.logprob, tuple((i, text_of(i), lp) for i, lp in choice.top)
         )
         finish: str | None = None
-        if tok in self.eos_ids and not seq.req.params.ignore_eos:
+        eos = tok in self.eos_ids and not seq.req.params.ignore_eos
+        if eos:  # never decoded (a special token): it adds no text
             finish = FINISH_EOS
             text = seq.detok.flush()
         else:
+            seq.held.append(token)
             text = seq.detok.add_token(tok)
             if seq.detok.stopped:
                 finish = FINISH_STOP
             elif len(seq.generated) >= seq.req.params.max_new_tokens:
                 finish = FINISH_LENGTH
                 text += seq.detok.flush()
-        out = SeqOutput(seq.req.key, [token], text)
+        # The tokens whose text was released now, with it (possibly earlier held ones).
+        tokens = [replace(seq.held.popleft(), text=t) for t in seq.detok.take_token_texts()]
+        if eos:
+            tokens.append(token)
+        out = SeqOutput(seq.req.key, tokens, text)
         if finish is not None:
             out.finish_reason = finish
             arrival = seq.req.arrival_monotonic

@@ -163,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         after = [b - a for a, b in gaps if a >= long_first][: args.after_tokens]
         normal_ms = statistics.median(normal) * 1000.0
         p99_ms = _percentile(during, 99) * 1000.0
+        # Where the longest waits fell: 0 = the gap that ends with the long prompt joining
+        # the batch (its last chunk and the merge of its cache), 1 = the one before, ...
+        longest = sorted(range(len(during)), key=lambda i: during[i], reverse=True)[:3]
         per_stream.append(
             {
+                "longest_during_ms_and_gaps_before_join": [
+                    (round(during[i] * 1000.0, 1), len(during) - 1 - i) for i in longest
+                ],
                 "normal_gap_ms": round(normal_ms, 1),
                 "during_gaps": len(during),
                 "during_p50_ms": round(_percentile(during, 50) * 1000.0, 1),

@@ -51,6 +51,7 @@ from common.errors import (
     Unavailable,
 )
 from common.validation import SamplingParams
+from worker.config import WorkerConfig
 from worker.detokenizer import IncrementalDetokenizer
 from worker.kv_cache import cache_views, slab_cache
 from worker.packed_llama import PackedLlama, PromptChunk, base_causal_lm, supports_packed
@@ -74,8 +75,9 @@ class EngineConfig:
     # Prompt tokens prefilled per iteration (chunked prefill): bounds how long a long
     # prompt, or a burst of prompts, delays the streams already running. A prompt token
     # that attends to c earlier tokens counts as 1 + c / attention_break_even(model)
-    # tokens, its real work: late chunks of a long prompt are shorter.
-    max_prefill_tokens_per_step: int = 512
+    # tokens, its real work: late chunks of a long prompt are shorter. Default: the
+    # worker's (one place: worker/config.py, measured by benchmarks/prefill_fairness.py).
+    max_prefill_tokens_per_step: int = WorkerConfig.max_prefill_tokens_per_step
     # Llama-architecture models: decode rows and newcomers' prompts in one packed forward
     # per iteration (worker.packed_llama); False = one model.forward per stage.
     packed_step: bool = True

@@ -16,6 +16,9 @@ class CollectingSink:
         self.tokens: dict[int, list[int]] = defaultdict(list)
         self.text: dict[int, str] = defaultdict(str)
         self.chunks: dict[int, list[str]] = defaultdict(list)
+        self.token_texts: dict[int, list[str]] = defaultdict(list)  # each Token.text
+        # Messages whose text is not the concatenation of their tokens' texts.
+        self.misaligned: list[tuple[str, list[str]]] = []
         self.final: dict[int, SeqOutput] = {}
         self.steps: list[tuple[int, int]] = []  # (step, outputs in the call)
         self.token_events: dict[int, threading.Event] = defaultdict(threading.Event)
@@ -27,6 +30,9 @@ class CollectingSink:
             self.steps.append((step, len(outputs)))
             for out in outputs:
                 self.tokens[out.key].extend(t.token_id for t in out.tokens)
+                self.token_texts[out.key].extend(t.text for t in out.tokens)
+                if out.text != "".join(t.text for t in out.tokens):
+                    self.misaligned.append((out.text, [t.text for t in out.tokens]))
                 self.text[out.key] += out.text
                 if out.text:
                     self.chunks[out.key].append(out.text)

@@ -51,3 +51,38 @@ def test_held_back_prefix_is_released_when_it_does_not_match(tokenizer):
     text = "".join(detok.add_token(i) for i in ids) + detok.flush()
     assert not detok.stopped
     assert text == "a ENDLESS road"
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected"),
+    [
+        (
+            "The answer is forty-two. END OF ANSWER and more",
+            "END OF ANSWER",
+            "The answer is forty-two. ",
+        ),
+        ("xy ENDz and on", "ND", "xy E"),  # the stop starts inside a token
+        ("春天来了🌸🌼 and so on", "🌼", "春天来了🌸"),  # and inside a multi-byte character
+        ("abc😀def", "", "abc😀def"),
+    ],
+)
+def test_token_texts_add_up_to_the_text_and_never_show_the_stop(tokenizer, text, stop, expected):
+    """Each token's text is its share of the released text, released with it: per call
+    they add up to the delta, and a matched stop string is in none of them."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, stop=(stop,) if stop else ())
+    deltas, token_texts, added = [], [], 0
+    for i in ids:
+        added += 1
+        deltas.append(detok.add_token(i))
+        token_texts.append(detok.take_token_texts())
+        if detok.stopped:
+            break
+    deltas.append(detok.flush())
+    token_texts.append(detok.take_token_texts())
+    assert deltas == ["".join(t) for t in token_texts]
+    flat = [t for texts in token_texts for t in texts]
+    assert "".join(deltas) == "".join(flat) == expected
+    assert len(flat) == added  # one text per token, those spelling the stop included
+    assert not stop or not any(stop in t for t in flat)
+    assert "\ufffd" not in "".join(flat)

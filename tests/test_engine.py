@@ -3,6 +3,7 @@ tiny random model for mechanics."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -153,6 +154,28 @@ def test_stop_string_across_token_boundaries(engine, default_model, references):
     sink.wait_done([key])
     assert sink.final[key].finish_reason == "STOP"
     assert sink.text[key] == ref_text[: ref_text.index(stop)]
+    # Token.text agrees with the text: no piece of the stop string, message by message.
+    assert not sink.misaligned
+    assert "".join(sink.token_texts[key]) == sink.text[key]
+    assert all(stop not in t for t in sink.token_texts[key])
+    assert len(sink.tokens[key]) == sink.final[key].usage.completion_tokens
+    assert sink.tokens[key] == references[5][: len(sink.tokens[key])]
+
+
+def test_token_texts_add_up_to_the_text_with_multibyte_characters(engine, default_model):
+    """Without stop strings too: the token that completes a character carries it."""
+    _, tokenizer = default_model
+    sink = CollectingSink()
+    keys = [
+        submit(engine, sink, chat_ids(tokenizer, p), max_new_tokens=MAX_NEW)
+        for p in (PROMPTS[1], PROMPTS[3], PROMPTS[7])
+    ]
+    sink.wait_done(keys)
+    assert not sink.misaligned
+    for key in keys:
+        assert "".join(sink.token_texts[key]) == sink.text[key]
+        assert all("\ufffd" not in t for t in sink.token_texts[key])
+    assert any(t == "" for key in keys for t in sink.token_texts[key])  # split characters
 
 
 def test_seed_gives_same_output_alone_and_in_a_batch(engine, default_model):
@@ -434,3 +457,150 @@ def test_a_row_whose_sampling_raises_ends_alone_and_the_engine_goes_on(
     again = submit(engine, sink, chat_ids(tokenizer, PROMPTS[0]), max_new_tokens=MAX_NEW)
     sink.wait_done([again])
     assert sink.tokens[again] == references[0]
+
+
+LONG_PROMPT = (
+    "Here are my notes from a week of hiking in the mountains. "
+    + " ".join(
+        f"Day {day}: we walked {day + 9} kilometres, crossed {day % 3 + 1} rivers, saw "
+        f"{day * 2} marmots and camped by a lake at {1800 + day * 40} metres."
+        for day in range(1, 9)
+    )
+    + " Summarise the week in two sentences."
+)
+
+
+def chunk_count(engine, prompt_len: int) -> int:
+    """Iterations the engine's budget takes to prefill a prompt alone."""
+    budget, start, chunks = engine.config.max_prefill_tokens_per_step, 0, 0
+    while start < prompt_len:
+        start += max(1, engine._chunk_within(start, prompt_len, budget))
+        chunks += 1
+    return chunks
+
+
+class StepSink(CollectingSink):
+    """Also records which keys got an output at each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys_at_step: dict[int, set[int]] = {}
+
+    def on_outputs(self, step, outputs):
+        with self.lock:
+            self.keys_at_step.setdefault(step, set()).update(o.key for o in outputs)
+        super().on_outputs(step, outputs)
+
+    def first_step(self, key: int) -> int:
+        return min(s for s, keys in self.keys_at_step.items() if key in keys)
+
+
+CHUNKED_RUNNING_PROMPTS = [PROMPTS[5], PROMPTS[2], PROMPTS[6]]
+
+
+@pytest.fixture(scope="module")
+def chunked_references(default_model):
+    model, tokenizer = default_model
+    long_ref = generate_alone(model, tokenizer, LONG_PROMPT, MAX_NEW)
+    refs = [generate_alone(model, tokenizer, p, 40) for p in CHUNKED_RUNNING_PROMPTS]
+    assert all(len(r) == 40 for r in refs)  # they run to LENGTH, beyond the prefill
+    return long_ref, refs
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-step", "staged-step"])
+def test_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
+    default_model, chunked_references, packed
+):
+    """Chunked prefill: the long prompt takes one chunk per iteration (each a step), the
+    running rows get a token at every one of those steps, and every output, the chunked
+    one included, is token for token model.generate's."""
+    model, tokenizer = default_model
+    budget = 48
+    long_ids = chat_ids(tokenizer, LONG_PROMPT)
+    running_prompts = CHUNKED_RUNNING_PROMPTS
+    long_ref, refs = chunked_references
+    eng = Engine(
+        model,
+        tokenizer,
+        EngineConfig(max_running=8, packed_step=packed, max_prefill_tokens_per_step=budget),
+    )
+    assert (eng._packed is not None) == packed
+    chunks = chunk_count(eng, len(long_ids))
+    assert chunks >= math.ceil(len(long_ids) / budget) >= 4  # several chunks, none over budget
+    sink = StepSink()
+    admitted_at: list[int] = []
+    eng.start()
+    try:
+        keys = []
+        for prompt in running_prompts:
+            key = submit(eng, sink, chat_ids(tokenizer, prompt), max_new_tokens=40)
+            sink.min_tokens[key] = 2
+            keys.append(key)
+        for key in keys:
+            assert sink.token_events[key].wait(120)
+        long_key = eng.submit(
+            EngineRequest(
+                long_ids,
+                SamplingParams(max_new_tokens=MAX_NEW),
+                sink,
+                on_admitted=lambda: admitted_at.append(eng.step),
+            )
+        )
+        sink.wait_done([*keys, long_key])
+    finally:
+        eng.stop()
+    assert sink.tokens[long_key] == long_ref
+    for key, ref in zip(keys, refs, strict=True):
+        assert sink.tokens[key] == ref
+    # Admitted during step s (counter at s-1 then), its chunks are steps s .. s+chunks-1
+    # and its first token comes with the last of them.
+    first = sink.first_step(long_key)
+    assert first - admitted_at[0] == chunks
+    for step in range(admitted_at[0] + 1, first + 1):
+        assert set(keys) <= sink.keys_at_step[step], f"running rows skipped step {step}"
+
+
+def test_short_request_overtakes_a_long_prefill_and_a_cancel_frees_it(tiny_model, tmp_path):
+    """A short prompt admitted while a long one is mid-prefill gets its first token before
+    the long one does (one iteration, not the rest of the prefill: the self-test probe
+    is such a request); a cancel mid-prefill ends it and frees its KV reservation."""
+    model, tokenizer = tiny_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=4, max_prefill_tokens_per_step=8))
+    eng.eos_ids = set()
+    hold = tmp_path / "hold"
+    eng.fault_file = str(hold)  # the engine waits at the next iteration while it exists
+    sink = StepSink()
+    long_ids = list(range(100, 300))
+    assert chunk_count(eng, len(long_ids)) > 20
+    eng.start()
+    try:
+        long_key = eng.submit(
+            EngineRequest(long_ids, SamplingParams(max_new_tokens=3), sink, on_admitted=hold.touch)
+        )
+        deadline = time.monotonic() + 60
+        while not hold.exists():  # engine thread: admitted, first chunk under way
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        short_key = submit(eng, sink, [5, 6, 7], max_new_tokens=3)
+        hold.unlink()
+        sink.wait_done([short_key, long_key])
+        assert sink.first_step(short_key) < sink.first_step(long_key)
+        assert len(sink.tokens[long_key]) == 3
+
+        victim = eng.submit(
+            EngineRequest(long_ids, SamplingParams(max_new_tokens=3), sink, on_admitted=hold.touch)
+        )
+        while not hold.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert eng.stats()["running"] == 1  # prefilling holds a slot
+        eng.cancel(victim, "test")
+        hold.unlink()
+        sink.wait_done([victim])
+        assert isinstance(sink.final[victim].error, Cancelled)
+        assert sink.tokens[victim] == []
+        stats = eng.stats()
+        assert stats["running"] == 0 and stats["free_kv_tokens"] == stats["max_kv_tokens"]
+    finally:
+        eng.fault_file = None
+        eng.stop()

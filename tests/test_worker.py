@@ -64,6 +64,23 @@ def test_unary_generate_matches_stream_and_echoes_request_id(stub):
     assert all(len(t.top_logprobs) == 2 for t in unary.tokens)
 
 
+def test_stop_string_is_in_no_token_text_of_the_stream(stub):
+    """Issue 22: the tokens' texts add up to the stream's text, stop string excluded."""
+    req = chat("Explain gravity to a child in one long paragraph.", max_new_tokens=24)
+    full = stub.Generate(req, timeout=120).text
+    stop = full[10:17]  # most likely starts and ends inside tokens
+    req.params.stop.append(stop)
+    msgs = list(stub.GenerateStream(req, timeout=120))
+    text = "".join(m.text for m in msgs)
+    token_texts = [t.text for m in msgs for t in m.tokens]
+    assert msgs[-1].finish_reason == generate_pb2.STOP
+    assert text == full[: full.index(stop)]
+    assert "".join(token_texts) == text
+    assert all(m.text == "".join(t.text for t in m.tokens) for m in msgs)
+    assert not any(stop in t for t in token_texts)
+    assert len(token_texts) == msgs[-1].usage.completion_tokens
+
+
 def test_list_models_and_health(stub, channel):
     models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=10).models
     assert [m.name for m in models] == ["SmolLM2-135M-Instruct"]

@@ -39,6 +39,12 @@ class WorkerConfig(ServerTlsFields):
         256, help="most requests waiting for admission; more get RESOURCE_EXHAUSTED"
     )
     max_new_tokens_limit: int = field(2048, help="upper bound of a request's max_new_tokens")
+    max_prefill_tokens_per_step: int = field(
+        128,
+        help="prompt tokens prefilled per engine iteration (chunked prefill: running streams "
+        "keep decoding while a long prompt is admitted; a token at a long context counts "
+        "more, for its attention)",
+    )
     max_context_tokens: int = field(0, help="context length; 0 = the model's own limit")
     load_interval_ms: int = field(200, help="period of Load reports on router links")
     engine: str = field(
@@ -85,6 +91,7 @@ class WorkerConfig(ServerTlsFields):
             "max_kv_tokens",
             "max_queue",
             "max_new_tokens_limit",
+            "max_prefill_tokens_per_step",
             "max_concurrent_jobs",
             "job_threads",
         ):

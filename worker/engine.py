@@ -3,17 +3,22 @@
 One engine thread owns the model and the batched KV cache. Each iteration it
 1. applies control messages (new requests, cancels),
 2. drops sequences that were cancelled or passed their deadline,
-3. admits waiting requests within the running-sequence, KV-token and per-iteration
-   prompt-token budgets,
-4. computes the next token of every running sequence and the first token of every
-   newcomer: on Llama-architecture models (the default) in one packed forward
-   (``worker.packed_llama``: all tokens of the iteration share the projections and the
-   MLP, attention is split per sequence); on other models one decode step over the
-   batch (per-row position ids and a 2-D attention mask hide the padding) and then a
-   prefill per newcomer (no padding inside a prompt),
-5. merges each newcomer's cache into the batch cache, left-padded with zeros so every
-   row ends at the same column, and
+3. schedules this iteration's prompt work within the running-sequence and KV-token
+   budgets and the per-iteration prompt-token budget (chunked prefill: a long prompt is
+   prefilled a chunk per iteration, so the running rows keep decoding while it is
+   admitted; see ``_schedule_prefill``),
+4. computes the next token of every running sequence and the prompt chunks (the first
+   token of every sequence whose prompt is now complete): on Llama-architecture models
+   (the default) in one packed forward (``worker.packed_llama``: all tokens of the
+   iteration share the projections and the MLP, attention is split per sequence); on
+   other models one decode step over the batch (per-row position ids and a 2-D
+   attention mask hide the padding) and then a forward per prompt chunk (no padding
+   inside a prompt),
+5. merges each completed prompt's cache into the batch cache, left-padded with zeros so
+   every row ends at the same column, and
 6. hands each sink the outputs of its sequences for this iteration in one call.
+Every iteration that computed anything, a prompt chunk alone included, is one step: the
+step counter is the engine's progress signal.
 Finished or cancelled rows leave the batch at once; nobody restarts.
 
 Why not transformers' own continuous batching (``generate_batch``): measured on this
@@ -32,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -46,10 +51,11 @@ from common.errors import (
     Unavailable,
 )
 from common.validation import SamplingParams
+from worker.config import WorkerConfig
 from worker.constraints import RowMatcher, mask_rows
 from worker.detokenizer import IncrementalDetokenizer
 from worker.kv_cache import cache_views, slab_cache
-from worker.packed_llama import PackedLlama, supports_packed
+from worker.packed_llama import PackedLlama, PromptChunk, base_causal_lm, supports_packed
 from worker.sampling import TokenChoice, make_generator, select_token
 
 logger = logging.getLogger(__name__)
@@ -72,9 +78,12 @@ class EngineConfig:
     max_kv_tokens: int = 65536
     max_queue: int = 256
     max_context_tokens: int = 8192
-    # Prompt tokens prefilled per iteration before decoding the running batch again:
-    # bounds how long a burst of long prompts stalls the streams already running.
-    max_prefill_tokens_per_step: int = 512
+    # Prompt tokens prefilled per iteration (chunked prefill): bounds how long a long
+    # prompt, or a burst of prompts, delays the streams already running. A prompt token
+    # that attends to c earlier tokens counts as 1 + c / attention_break_even(model)
+    # tokens, its real work: late chunks of a long prompt are shorter. Default: the
+    # worker's (one place: worker/config.py, measured by benchmarks/prefill_fairness.py).
+    max_prefill_tokens_per_step: int = WorkerConfig.max_prefill_tokens_per_step
     # Llama-architecture models: decode rows and newcomers' prompts in one packed forward
     # per iteration (worker.packed_llama); False = one model.forward per stage.
     packed_step: bool = True
@@ -82,7 +91,9 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class TokenOut:
-    """A generated token as clients see it."""
+    """A generated token as clients see it. ``text`` is the part of the sequence's text
+    this token adds (worker.detokenizer): the tokens' texts add up to the text, so a
+    matched stop string is in neither; ``top`` carries each alternative's own text."""
 
     token_id: int
     text: str
@@ -144,6 +155,25 @@ class EngineRequest:
         return len(self.prompt_ids) + self.params.max_new_tokens
 
 
+def attention_break_even(model: Any) -> float:
+    """The context length at which a token's attention costs as many FLOPs as its matrix
+    multiplications (4 * layers * heads * head_dim per earlier token against 2 per
+    weight of the layers); infinite when the model does not say (no weighting)."""
+    config = getattr(base_causal_lm(model), "config", None)
+    layers = getattr(config, "num_hidden_layers", 0)
+    heads = getattr(config, "num_attention_heads", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    if not (layers and heads and hidden):
+        return float("inf")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    weights = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.dim() == 2 and "embed" not in name and "lm_head" not in name
+    )
+    return 2.0 * weights / (4.0 * layers * heads * head_dim) or float("inf")
+
+
 class _Sequence:
     """Engine-thread state of one admitted request."""
 
@@ -157,6 +187,13 @@ class _Sequence:
         self.generator = make_generator(req.params, device)
         self.admitted = now
         self.first_token: float | None = None
+        # Chunked prefill: prompt tokens whose keys/values are in ``prompt_cache`` (a
+        # batch-1 cache of this sequence alone, until the whole prompt joins the batch).
+        self.prefilled = 0
+        self.prompt_cache: Any = None
+        # Generated tokens whose text the detokenizer still holds back (a possible start
+        # of a stop string): they go out with it, so no token shows a stop string.
+        self.held: deque[TokenOut] = deque()
         # Token ids seen so far, for the repetition penalty (kept only when used).
         self.seen: torch.Tensor | None = (
             torch.tensor(req.prompt_ids, dtype=torch.long, device=device)
@@ -202,6 +239,9 @@ class Engine:
         # through transformers costs more per token than a small model's share of a step.
         self._token_texts: dict[int, str] = {}
         self._packed = PackedLlama(model) if config.packed_step and supports_packed(model) else None
+        self._break_even_context = (
+            attention_break_even(model) if model is not None else float("inf")
+        )
         self._control: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -210,6 +250,8 @@ class Engine:
         # Engine-thread state.
         self._waiting: deque[EngineRequest] = deque()
         self._rows: list[_Sequence] = []
+        # Admitted, KV reserved, prompt partly prefilled (oldest first); not yet decoding.
+        self._prefilling: list[_Sequence] = []
         self._cache: Any = None  # batched KV cache (worker.kv_cache), rows = self._rows
         self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
         self._reserved_kv = 0
@@ -292,7 +334,7 @@ class Engine:
         self._control.put(("cancel", (key, reason)))
 
     def stats(self) -> dict[str, int]:
-        rows = list(self._rows)
+        rows = [*self._rows, *self._prefilling]
         waiting = list(self._waiting)
         return {
             "queued": len(waiting) + self._pending,
@@ -372,6 +414,14 @@ class Engine:
                 self._waiting.remove(req)
                 outputs[req.key] = SeqOutput(req.key, [], "", error=err)
                 sinks[req.key] = req.sink
+        for seq in list(self._prefilling):
+            err = self._lifetime_error(seq.req, cancel_reasons.get(seq.req.key), now)
+            if err is not None:
+                self._prefilling.remove(seq)
+                self._reserved_kv -= seq.req.kv_tokens
+                seq.prompt_cache = None
+                outputs[seq.req.key] = SeqOutput(seq.req.key, [], "", error=err)
+                sinks[seq.req.key] = seq.req.sink
         drop = []
         for i, seq in enumerate(self._rows):
             err = self._lifetime_error(seq.req, cancel_reasons.get(seq.req.key), now)
@@ -381,21 +431,21 @@ class Engine:
                 drop.append(i)
         self._remove_rows(drop)
         if self._packed is not None:
-            admitted = self._admit(outputs, sinks)
-            if self._rows or admitted:
-                self._packed_step(admitted, outputs, sinks)
+            chunks = self._schedule_prefill(outputs, sinks)
+            if self._rows or chunks:
+                self._packed_step(chunks, outputs, sinks)
                 self._remove_finished(outputs)
         else:
-            # Decode the running batch first, then prefill newcomers: a newcomer's first
-            # token comes from its prefill, so it must not ride in this iteration's decode.
+            # Decode the running batch first, then prefill: a newcomer's first token comes
+            # from its prefill, so it must not ride in this iteration's decode.
             if self._rows:
                 self._decode(outputs, sinks)
                 self._remove_finished(outputs)
-            admitted = self._admit(outputs, sinks)
-            if admitted:
-                self._prefill(admitted, outputs, sinks)
+            chunks = self._schedule_prefill(outputs, sinks)
+            if chunks:
+                self._prefill(chunks, outputs, sinks)
                 self._remove_finished(outputs)
-        if outputs:
+        if outputs or chunks:  # a prompt chunk alone is progress too
             self.step += 1
             self._deliver(outputs, sinks)
 
@@ -414,47 +464,114 @@ class Engine:
             return DeadlineExceeded("deadline passed before the request finished")
         return None
 
-    def _admit(
+    def _schedule_prefill(
         self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]
-    ) -> list[_Sequence]:
-        admitted: list[_Sequence] = []
-        prefill_tokens = 0
-        now = time.monotonic()
-        while self._waiting and len(self._rows) + len(admitted) < self.config.max_running:
-            req = self._waiting[0]
-            if self._reserved_kv + req.kv_tokens > self.config.max_kv_tokens:
-                break  # FIFO: the head waits for KV space rather than being overtaken
-            if (
-                admitted
-                and prefill_tokens + len(req.prompt_ids) > self.config.max_prefill_tokens_per_step
-            ):
+    ) -> list[tuple[_Sequence, int]]:
+        """This iteration's prompt work, ``(sequence, tokens)`` per prompt chunk, within
+        ``max_prefill_tokens_per_step``: first the waiting prompts that fit the budget
+        whole (a short request never waits behind a long prompt's chunks), then the next
+        chunk of the prompts being prefilled (oldest first; the oldest gets at least one
+        token, so a prefill always ends), then a first chunk of the next waiting prompt.
+        Admission is FIFO within the running-sequence and KV budgets; starvation of a
+        long prompt by short ones is bounded by ``max_running``."""
+        budget = float(self.config.max_prefill_tokens_per_step)
+        plan: list[tuple[_Sequence, int]] = []
+        whole: list[_Sequence] = []  # admitted this iteration, prompt prefilled in one go
+        while self._head_admissible(len(whole)):
+            prompt_len = len(self._waiting[0].prompt_ids)
+            cost = self._prefill_cost(0, prompt_len)
+            if cost > budget:
                 break
-            self._waiting.popleft()
-            if req.adapter is not None:
-                error = self._activate_adapter(req, admitted)
-                if error is not None:
-                    outputs[req.key] = SeqOutput(req.key, [], "", error=error)
-                    sinks[req.key] = req.sink
-                    continue
-            try:
-                seq = _Sequence(req, self.tokenizer, now, self.device)
-            except Exception as exc:  # this request's own state failed to build: it alone ends
-                logger.exception("request %d failed at admission", req.key)
-                outputs[req.key] = SeqOutput(req.key, [], "", error=_row_error(exc))
+            seq = self._admit_head(whole, outputs, sinks)
+            if seq is not None:
+                budget -= cost
+                whole.append(seq)
+                plan.append((seq, prompt_len))
+        for i, seq in enumerate(self._prefilling):
+            n = self._chunk_within(seq.prefilled, len(seq.req.prompt_ids), budget)
+            if n == 0 and i == 0:
+                n = 1
+            if n == 0:
+                break
+            budget -= self._prefill_cost(seq.prefilled, n)
+            plan.append((seq, n))
+        while budget >= 1 and self._head_admissible(len(whole)):
+            n = self._chunk_within(0, len(self._waiting[0].prompt_ids), budget)
+            seq = self._admit_head(whole, outputs, sinks)
+            if seq is not None:
+                budget -= self._prefill_cost(0, n)
+                self._prefilling.append(seq)
+                plan.append((seq, n))
+        return plan
+
+    def _head_admissible(self, admitted_now: int) -> bool:
+        """The oldest waiting request fits the running-sequence and KV budgets (FIFO: the
+        head waits for KV space rather than being overtaken)."""
+        if not self._waiting:
+            return False
+        slots = len(self._rows) + len(self._prefilling) + admitted_now
+        kv = self._reserved_kv + self._waiting[0].kv_tokens
+        return slots < self.config.max_running and kv <= self.config.max_kv_tokens
+
+    def _admit_head(
+        self,
+        admitted_now: list[_Sequence],
+        outputs: dict[int, SeqOutput],
+        sinks: dict[int, OutputSink],
+    ) -> _Sequence | None:
+        """Takes the oldest waiting request in: KV reserved, adapter loaded. None when its
+        adapter failed to load (that request alone ends with the error)."""
+        req = self._waiting.popleft()
+        if req.adapter is not None:
+            error = self._activate_adapter(req, [*self._prefilling, *admitted_now])
+            if error is not None:
+                outputs[req.key] = SeqOutput(req.key, [], "", error=error)
                 sinks[req.key] = req.sink
-                continue
-            self._reserved_kv += req.kv_tokens
-            prefill_tokens += len(req.prompt_ids)
-            admitted.append(seq)
-            if req.on_admitted is not None:
-                req.on_admitted()
-        return admitted
+                return None
+        try:
+            seq = _Sequence(req, self.tokenizer, time.monotonic(), self.device)
+        except Exception as exc:  # this request's own state failed to build: it alone ends
+            logger.exception("request %d failed at admission", req.key)
+            outputs[req.key] = SeqOutput(req.key, [], "", error=_row_error(exc))
+            sinks[req.key] = req.sink
+            return None
+        self._reserved_kv += req.kv_tokens
+        if req.on_admitted is not None:
+            req.on_admitted()
+        return seq
+
+    def _prefill_cost(self, start: int, n: int) -> float:
+        """Budget tokens of prompt positions ``[start, start + n)``: one per token plus
+        its attention over the positions before it, in units of a token's weights."""
+        return n + (n * start + n * (n - 1) / 2) / self._break_even_context
+
+    def _chunk_within(self, start: int, total: int, budget: float) -> int:
+        """The most prompt tokens from ``start`` (at most to ``total``) within ``budget``."""
+        low, high = 0, total - start
+        while low < high:  # cost grows with n: bisect for the last n that fits
+            mid = (low + high + 1) // 2
+            if self._prefill_cost(start, mid) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def _prompt_done(self, seq: _Sequence, n: int) -> bool:
+        """Counts a chunk of ``n`` prompt tokens as prefilled; True once the whole prompt
+        is (the sequence then leaves ``_prefilling``: the caller merges it into the batch)."""
+        seq.prefilled += n
+        if seq.prefilled < len(seq.req.prompt_ids):
+            return False
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        return True
 
     def _activate_adapter(
         self, req: EngineRequest, admitted: list[_Sequence]
     ) -> RequestError | None:
         """Loads the request's adapter into the model (engine thread: the only one that
-        touches the model). A load failure fails this request only."""
+        touches the model), keeping those of the running rows and of ``admitted``
+        (sequences not in the batch yet). A load failure fails this request only."""
         in_use = {
             self.adapters.key_of(s.req.adapter)
             for s in [*self._rows, *admitted]
@@ -473,46 +590,89 @@ class Engine:
         return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
 
     def _prefill(
-        self, admitted: list[_Sequence], outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]
+        self,
+        plan: list[tuple[_Sequence, int]],
+        outputs: dict[int, SeqOutput],
+        sinks: dict[int, OutputSink],
     ) -> None:
+        """Generic path: one forward per prompt chunk, over the sequence's own cache."""
         from transformers import DynamicCache
 
+        done: list[_Sequence] = []
         new_caches: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         logits_rows = []
-        for seq in admitted:
-            ids = torch.tensor([seq.req.prompt_ids], dtype=torch.long, device=self.device)
-            cache = DynamicCache()
-            out = self._forward(ids, past_key_values=cache, **self._adapter_kwargs([seq]))
-            logits_rows.append(out.logits[:, -1, :])
-            layers = out.past_key_values.layers
-            new_caches.append(
-                ([layer.keys for layer in layers], [layer.values for layer in layers])
+        for seq, n in plan:
+            chunk = seq.req.prompt_ids[seq.prefilled : seq.prefilled + n]
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            if seq.prompt_cache is None:
+                seq.prompt_cache = DynamicCache()
+            # The cache's length gives the chunk's positions and its causal offset.
+            out = self._forward(
+                ids, past_key_values=seq.prompt_cache, **self._adapter_kwargs([seq])
             )
-        self._merge(admitted, new_caches)
-        self._emit(admitted, torch.cat(logits_rows, dim=0), outputs, sinks)
+            if self._prompt_done(seq, n):
+                layers = seq.prompt_cache.layers
+                new_caches.append(
+                    ([layer.keys for layer in layers], [layer.values for layer in layers])
+                )
+                seq.prompt_cache = None
+                done.append(seq)
+                logits_rows.append(out.logits[:, -1, :])
+        if done:
+            self._merge(done, new_caches)
+            self._emit(done, torch.cat(logits_rows, dim=0), outputs, sinks)
 
     def _packed_step(
-        self, admitted: list[_Sequence], outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]
+        self,
+        plan: list[tuple[_Sequence, int]],
+        outputs: dict[int, SeqOutput],
+        sinks: dict[int, OutputSink],
     ) -> None:
         """One forward for the whole iteration: the next token of every running row and
-        the first token of every newcomer (whose cache then joins the batch)."""
+        this iteration's prompt chunks; a sequence whose prompt is then complete gets its
+        first token and its cache joins the batch."""
         assert self._packed is not None
         running = list(self._rows)
         decode_ids = positions = None
         if running:
             decode_ids, positions = self._next_decode_inputs()
-        prompts = [
-            torch.tensor(s.req.prompt_ids, dtype=torch.long, device=self.device) for s in admitted
+        chunks = [
+            PromptChunk(
+                torch.tensor(
+                    seq.req.prompt_ids[seq.prefilled : seq.prefilled + n],
+                    dtype=torch.long,
+                    device=self.device,
+                ),
+                seq.prefilled,
+                seq.prompt_cache,
+            )
+            for seq, n in plan
         ]
-        names = self._adapter_kwargs([*running, *admitted]).get("adapter_names")
-        out = self._packed.forward(decode_ids, positions, self._cache, self._mask, prompts, names)
+        names = self._adapter_kwargs([*running, *(seq for seq, _ in plan)]).get("adapter_names")
+        out = self._packed.forward(decode_ids, positions, self._cache, self._mask, chunks, names)
         if running:
             assert out.decode_logits is not None
             self._emit(running, out.decode_logits, outputs, sinks)
-        if admitted:
+        done: list[_Sequence] = []
+        done_rows: list[int] = []
+        new_caches: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        for j, (seq, n) in enumerate(plan):
+            first_chunk = seq.prompt_cache is None
+            if not self._prompt_done(seq, n):
+                if first_chunk:  # room for the whole prompt: later chunks write in place
+                    keys, values = out.prompt_kv[j]
+                    rest = len(seq.req.prompt_ids) - seq.prefilled
+                    seq.prompt_cache = slab_cache(keys, values, headroom=rest)
+                continue
+            new_caches.append(out.prompt_kv[j] if first_chunk else cache_views(seq.prompt_cache))
+            seq.prompt_cache = None
+            done.append(seq)
+            done_rows.append(j)
+        if done:
             assert out.prompt_logits is not None
-            self._merge(admitted, out.prompt_kv)
-            self._emit(admitted, out.prompt_logits, outputs, sinks)
+            self._merge(done, new_caches)
+            index = torch.tensor(done_rows, dtype=torch.long, device=out.prompt_logits.device)
+            self._emit(done, out.prompt_logits.index_select(0, index), outputs, sinks)
 
     def _merge(
         self,
@@ -638,16 +798,15 @@ class Engine:
             seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([tok])])
         text_of = self._token_text
         token = TokenOut(
-            tok,
-            text_of(tok),
-            choice.logprob,
-            tuple((i, text_of(i), lp) for i, lp in choice.top),
+            tok, "", choice.logprob, tuple((i, text_of(i), lp) for i, lp in choice.top)
         )
         finish: str | None = None
-        if tok in self.eos_ids and not seq.req.params.ignore_eos:
+        eos = tok in self.eos_ids and not seq.req.params.ignore_eos
+        if eos:  # never decoded (a special token): it adds no text
             finish = FINISH_EOS
             text = seq.detok.flush()
         else:
+            seq.held.append(token)
             text = seq.detok.add_token(tok)
             if seq.detok.stopped:
                 finish = FINISH_STOP
@@ -657,7 +816,11 @@ class Engine:
             elif len(seq.generated) >= seq.req.params.max_new_tokens:
                 finish = FINISH_LENGTH
                 text += seq.detok.flush()
-        out = SeqOutput(seq.req.key, [token], text)
+        # The tokens whose text was released now, with it (possibly earlier held ones).
+        tokens = [replace(seq.held.popleft(), text=t) for t in seq.detok.take_token_texts()]
+        if eos:
+            tokens.append(token)
+        out = SeqOutput(seq.req.key, tokens, text)
         if finish is not None:
             out.finish_reason = finish
             arrival = seq.req.arrival_monotonic
@@ -714,7 +877,7 @@ class Engine:
     def _fail_all(self, error: RequestError) -> None:
         outputs: dict[int, SeqOutput] = {}
         sinks: dict[int, OutputSink] = {}
-        for req in [*self._waiting, *(s.req for s in self._rows)]:
+        for req in [*self._waiting, *(s.req for s in [*self._prefilling, *self._rows])]:
             outputs[req.key] = SeqOutput(req.key, [], "", error=error)
             sinks[req.key] = req.sink
         while True:
@@ -726,6 +889,7 @@ class Engine:
                 outputs[payload.key] = SeqOutput(payload.key, [], "", error=error)
                 sinks[payload.key] = payload.sink
         self._waiting.clear()
+        self._prefilling = []
         self._rows = []
         self._cache, self._mask = None, None
         self._reserved_kv = 0

@@ -68,10 +68,13 @@ class SlabLayer(DynamicLayer):
         return self.length
 
 
-def slab_cache(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
-    """A DynamicCache whose layers are SlabLayers holding copies of ``keys``/``values``."""
+def slab_cache(
+    keys: list[torch.Tensor], values: list[torch.Tensor], headroom: int = HEADROOM
+) -> DynamicCache:
+    """A DynamicCache whose layers are SlabLayers holding copies of ``keys``/``values``,
+    with room for ``headroom`` more positions before a reallocation."""
     cache = DynamicCache()
-    cache.layers = [SlabLayer(k, v) for k, v in zip(keys, values, strict=True)]
+    cache.layers = [SlabLayer(k, v, headroom) for k, v in zip(keys, values, strict=True)]
     cache.layer_class_to_replicate = None
     return cache
 

@@ -34,9 +34,11 @@ class NullEngine(Engine):
     def _choices(self, rows: list[_Sequence]) -> list[TokenChoice]:
         return [TokenChoice(self._token_id, 0.0) for _ in rows]
 
-    def _prefill(self, admitted, outputs: dict[int, SeqOutput], sinks) -> None:
-        self._rows.extend(admitted)
-        self._emit_choices(admitted, self._choices(admitted), outputs, sinks)
+    def _prefill(self, plan, outputs: dict[int, SeqOutput], sinks) -> None:
+        done = [seq for seq, n in plan if self._prompt_done(seq, n)]
+        self._rows.extend(done)
+        if done:
+            self._emit_choices(done, self._choices(done), outputs, sinks)
 
     def _decode(self, outputs: dict[int, SeqOutput], sinks) -> None:
         time.sleep(self._step_s)  # stands in for the forward pass

@@ -11,6 +11,10 @@ cache, and each prompt attends causally to itself (packed variable-length batchi
 as vLLM does). Numerically it is the model's own computation (same modules, same
 rotary embedding, same RMSNorm); only the matrix shapes, and so the rounding, differ.
 
+A prompt may come in chunks (chunked prefill, so a long prompt never stalls the running
+rows): a later chunk carries the cache of the chunks before it and attends to it and,
+causally, to itself.
+
 Other architectures use the engine's generic path (``model.forward`` per stage).
 """
 
@@ -46,9 +50,21 @@ def supports_packed(model: Any) -> bool:
 
 
 @dataclass
+class PromptChunk:
+    """Prompt tokens ``[start, start + len(ids))`` of one sequence. ``cache`` holds the
+    keys/values of its tokens before ``start`` (a batch-1 cache that grows in place by
+    this chunk); None for a first chunk (``start`` 0)."""
+
+    ids: torch.Tensor  # 1-D
+    start: int = 0
+    cache: Any = None
+
+
+@dataclass
 class PackedOutput:
-    """Logits of the last position of every decode row and of every prompt, and each
-    prompt's keys/values per layer (``[1, kv_heads, prompt_len, head_dim]``)."""
+    """Logits of the last position of every decode row and of every prompt chunk, and the
+    keys/values per layer (``[1, kv_heads, chunk_len, head_dim]``) of each first chunk
+    (a later chunk's keys/values went into its cache)."""
 
     decode_logits: torch.Tensor | None  # [rows, vocab]
     prompt_logits: torch.Tensor | None  # [prompts, vocab]
@@ -85,19 +101,22 @@ class PackedLlama:
         decode_positions: torch.Tensor | None,
         cache: Any,
         cache_mask: torch.Tensor | None,
-        prompts: list[torch.Tensor],
+        prompts: list[PromptChunk],
         adapter_names: list[str] | None = None,
     ) -> PackedOutput:
         """``decode_ids``/``decode_positions``: ``[rows]`` last token and its position per
         running row; ``cache``: their batched KV cache (grows in place by one column);
         ``cache_mask``: ``[rows, columns]`` incl. the new column (1 = real token);
-        ``prompts``: 1-D id tensors of the newcomers; ``adapter_names``: one per decode
-        row then one per prompt (peft names), or None when no adapter is loaded."""
+        ``prompts``: the prompt chunks of this iteration; ``adapter_names``: one per
+        decode row then one per prompt (peft names), or None when no adapter is loaded."""
         inner = self.base.model
         device = inner.embed_tokens.weight.device
-        lengths = [int(p.shape[0]) for p in prompts]
-        id_parts = [p.to(device) for p in prompts]
-        position_parts = [torch.arange(n, device=device) for n in lengths]
+        lengths = [int(p.ids.shape[0]) for p in prompts]
+        id_parts = [p.ids.to(device) for p in prompts]
+        position_parts = [
+            torch.arange(p.start, p.start + n, device=device)
+            for p, n in zip(prompts, lengths, strict=True)
+        ]
         rows = 0
         if decode_ids is not None and decode_positions is not None:
             rows = int(decode_ids.shape[0])
@@ -122,6 +141,14 @@ class PackedLlama:
         for n in lengths:
             starts.append(offset)
             offset += n
+        # A later chunk's query i (prompt position start + i) sees keys 0 .. start + i.
+        chunk_masks = [
+            None
+            if p.cache is None
+            else torch.arange(p.start + n, device=device)[None, :]
+            <= torch.arange(p.start, p.start + n, device=device)[:, None]
+            for p, n in zip(prompts, lengths, strict=True)
+        ]
         prompt_kv: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in prompts]
         n_tokens = x.shape[0]
         for index, layer in enumerate(inner.layers):
@@ -147,11 +174,23 @@ class PackedLlama:
                 qp = q[start : start + n].transpose(0, 1)[None]  # [1, heads, n, d]
                 kp = k[start : start + n].transpose(0, 1)[None].contiguous()
                 vp = v[start : start + n].transpose(0, 1)[None].contiguous()
-                prompt_kv[j][0].append(kp)
-                prompt_kv[j][1].append(vp)
-                op = F.scaled_dot_product_attention(
-                    qp, kp, vp, is_causal=True, scale=attn.scaling, enable_gqa=self.groups > 1
-                )
+                past = prompts[j].cache
+                if past is None:
+                    prompt_kv[j][0].append(kp)
+                    prompt_kv[j][1].append(vp)
+                    op = F.scaled_dot_product_attention(
+                        qp, kp, vp, is_causal=True, scale=attn.scaling, enable_gqa=self.groups > 1
+                    )
+                else:
+                    keys_p, values_p = past.layers[index].update(kp, vp)
+                    op = F.scaled_dot_product_attention(
+                        qp,
+                        keys_p,
+                        values_p,
+                        attn_mask=chunk_masks[j],
+                        scale=attn.scaling,
+                        enable_gqa=self.groups > 1,
+                    )
                 outs.append(op[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + _project(attn.o_proj, o, token_names)

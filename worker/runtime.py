@@ -65,6 +65,7 @@ class ModelRuntime:
             max_kv_tokens=self.config.max_kv_tokens,
             max_queue=self.config.max_queue,
             max_context_tokens=self.limits.max_context_tokens,
+            max_prefill_tokens_per_step=self.config.max_prefill_tokens_per_step,
         )
         if self.model is None:
             from worker.null_engine import NullEngine

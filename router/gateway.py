@@ -389,6 +389,9 @@ class Gateway:
             version="1",
             docs_url=None,
             redoc_url=None,
+            # Our own spans and metrics (common/tracing, http_span) are the one tracing
+            # setup: FastAPI's native telemetry would add a second SERVER span per request.
+            telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
         )
 
         @app.exception_handler(ApiError)

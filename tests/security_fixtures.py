@@ -83,10 +83,23 @@ def stream_texts(
     timeout_s: float = 30.0,
 ) -> list[str]:
     """GenerateStream's text deltas (raises grpc.RpcError on failure)."""
+    return [
+        m.text for m in stream_messages(channel, prompt, max_new_tokens, metadata, timeout_s)[:-1]
+    ]
+
+
+def stream_messages(
+    channel: grpc.Channel,
+    prompt: str = "hello",
+    max_new_tokens: int = 4,
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout_s: float = 30.0,
+) -> list[generate_pb2.GenerateStreamResponse]:
+    """GenerateStream's messages, the last one its finish (raises grpc.RpcError on failure)."""
     stub = generate_pb2_grpc.GenerateStub(channel)
     request = generate_pb2.GenerateRequest(
         prompt=prompt, params=generate_pb2.SamplingParams(max_new_tokens=max_new_tokens)
     )
     msgs = list(stub.GenerateStream(request, timeout=timeout_s, metadata=metadata))
     assert msgs[-1].finish_reason, msgs[-1]
-    return [m.text for m in msgs[:-1]]
+    return msgs

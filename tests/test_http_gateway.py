@@ -280,9 +280,6 @@ def test_unknown_fields_are_ignored(http: httpx.Client) -> None:
     assert reply.json()["usage"]["completion_tokens"] <= 2
 
 
-@pytest.mark.skip(
-    reason="regressed at the merge: the 413 arrives as a closed connection (issue 16 open)"
-)
 def test_huge_body_is_413_before_it_is_read(http: httpx.Client) -> None:
     huge = b'{"model": "x", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'
     reply = http.post("/v1/completions", content=huge, headers={"content-type": "application/json"})
@@ -397,7 +394,9 @@ def test_one_trace_from_the_http_traceparent_to_the_worker(
         timeout_s=30,
     )
     mine = {s.span_id: s for s in spans if s.trace_id == trace_id}
-    http_span = next(s for s in mine.values() if s.name == "POST /v1/chat/completions")
+    http_spans = [s for s in mine.values() if s.name == "POST /v1/chat/completions"]
+    assert len(http_spans) == 1, http_spans  # ours alone: no framework's second SERVER span
+    http_span = http_spans[0]
     assert http_span.parent_span_id == caller_span
     assert http_span.attributes["http.route"] == "/v1/chat/completions"
     assert http_span.attributes["http.response.status_code"] == 200
@@ -445,9 +444,6 @@ def _records(n: int) -> str:
     return "\n".join((DATA / "records.jsonl").read_text().splitlines()[:n]) + "\n"
 
 
-@pytest.mark.skip(
-    reason="regressed at the merge: the 413 arrives as a closed connection (issue 16 open)"
-)
 def test_bad_uploads_are_refused_and_nothing_is_written(
     client: openai.OpenAI, http: httpx.Client, home: Path
 ) -> None:
@@ -583,7 +579,7 @@ def test_taken_http_port_fails_the_router_clearly(worker: Proc) -> None:
         proc = start_router([worker.address], "--http-port", str(port))
         try:
             assert proc.popen.wait(60) == 2  # PortInUse: the same exit code as every port
-            assert f"HTTP gateway cannot bind 127.0.0.1:{port}" in proc.output()
+            assert f"HTTP gateway port {port} is in use" in proc.output()
         finally:
             proc.stop()
 

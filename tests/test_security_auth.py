@@ -28,7 +28,13 @@ from common.errors import Unauthenticated
 from common.pb import finetune_pb2, finetune_pb2_grpc
 from router.quotas import QuotaExceeded, TenantQuotas
 from tests.procs import REPO_ROOT, free_port, start_router, start_worker
-from tests.security_fixtures import NULL_WORKER, make_pki, stream_texts, wait_serving
+from tests.security_fixtures import (
+    NULL_WORKER,
+    make_pki,
+    stream_messages,
+    stream_texts,
+    wait_serving,
+)
 
 TOKENS = {"team-a": "tok-a", "team-b": "tok-b", "limited": "tok-limited", "trainer": "tok-t"}
 GENERATE_STREAM = "/llmcluster.v1.Generate/GenerateStream"
@@ -313,14 +319,16 @@ def test_tenant_over_its_rate_is_refused_while_another_is_served(secured):
         except grpc.RpcError as exc:
             stub_errors.append(exc)
 
-    def served() -> list[str]:
+    def served() -> int:
         start.wait()
-        return stream_texts(channel, metadata=bearer(TOKENS["team-b"]), max_new_tokens=8)
+        msgs = stream_messages(channel, metadata=bearer(TOKENS["team-b"]), max_new_tokens=8)
+        # Tokens, not text deltas: under load a stream may carry several tokens per message.
+        return msgs[-1].usage.completion_tokens
 
     with ThreadPoolExecutor(9) as pool:
         floods = [pool.submit(flood) for _ in range(6)]
         others = [pool.submit(served) for _ in range(3)]
-        assert [len(f.result()) for f in others] == [8, 8, 8]
+        assert [f.result() for f in others] == [8, 8, 8]
         for f in floods:
             f.result()
     assert len(stub_errors) == 6

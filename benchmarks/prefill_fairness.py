@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the engine's prompt-token budget per iteration (0 = the worker's default)",
     )
+    parser.add_argument(
+        "--max-prefill-stall",
+        type=float,
+        default=-1.0,
+        help="the engine's stall bound for a step with prompt work (-1 = the worker's default)",
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
@@ -117,7 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.max_prefill_tokens_per_step or worker_fields.get(
         "max_prefill_tokens_per_step", 512
     )
-    config = EngineConfig(max_running=args.streams + 1, max_prefill_tokens_per_step=budget)
+    stall = (
+        args.max_prefill_stall
+        if args.max_prefill_stall >= 0
+        else worker_fields.get("max_prefill_stall", 0.0)
+    )
+    config_fields = {f.name for f in fields(EngineConfig)}
+    config = EngineConfig(
+        max_running=args.streams + 1,
+        max_prefill_tokens_per_step=budget,
+        # Older checkouts' engines have no stall bound: compare them at their own fixed budget.
+        **({"max_prefill_stall": stall} if "max_prefill_stall" in config_fields else {}),
+    )
     engine = Engine(model, tokenizer, config)
     engine.start()
     sink = _Stamps()
@@ -185,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "streams": args.streams,
         "long_prompt_tokens": len(long_ids),
         "max_prefill_tokens_per_step": budget,
+        "max_prefill_stall": getattr(config, "max_prefill_stall", None),
         "threads": torch.get_num_threads(),
         "long_ttft_s": round(long_first - long_submitted, 2),
         "normal_gap_ms_median": round(statistics.median(s["normal_gap_ms"] for s in per_stream), 1),

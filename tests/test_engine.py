@@ -12,7 +12,7 @@ import torch
 from common.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from common.validation import SamplingParams
 from tests.engine_helpers import CollectingSink
-from worker.engine import Engine, EngineConfig, EngineRequest
+from worker.engine import Engine, EngineConfig, EngineRequest, StepClock
 
 PROMPTS = [
     "What is the capital of France?",
@@ -470,9 +470,10 @@ LONG_PROMPT = (
 )
 
 
-def chunk_count(engine, prompt_len: int) -> int:
-    """Iterations the engine's budget takes to prefill a prompt alone."""
-    budget, start, chunks = engine.config.max_prefill_tokens_per_step, 0, 0
+def chunk_count(engine, prompt_len: int, budget: float | None = None) -> int:
+    """Iterations the engine's budget (or ``budget``) takes to prefill a prompt alone."""
+    budget = engine.config.max_prefill_tokens_per_step if budget is None else budget
+    start, chunks = 0, 0
     while start < prompt_len:
         start += max(1, engine._chunk_within(start, prompt_len, budget))
         chunks += 1
@@ -522,7 +523,12 @@ def test_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
     eng = Engine(
         model,
         tokenizer,
-        EngineConfig(max_running=8, packed_step=packed, max_prefill_tokens_per_step=budget),
+        EngineConfig(
+            max_running=8,
+            packed_step=packed,
+            max_prefill_tokens_per_step=budget,
+            max_prefill_stall=0,  # the fixed budget: chunk counts are exact
+        ),
     )
     assert (eng._packed is not None) == packed
     chunks = chunk_count(eng, len(long_ids))
@@ -560,12 +566,77 @@ def test_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
         assert set(keys) <= sink.keys_at_step[step], f"running rows skipped step {step}"
 
 
+def test_step_clock_bounds_the_prompt_budget_by_measured_step_times():
+    clock = StepClock()
+    assert clock.budget(2.0, 128) == 128  # nothing measured yet: the configured budget
+    clock.observe(0.5, decoding=False, prefill_cost=100)  # prompt-only: not the streams' pace
+    assert clock.decode_s is None
+    clock.observe(0.040, decoding=True, prefill_cost=0)
+    clock.observe(0.040 + 64 * 0.002, decoding=True, prefill_cost=64)
+    assert clock.decode_s == pytest.approx(0.040)
+    assert clock.prefill_unit_s == pytest.approx(0.002)
+    # A step with prompt work may add (stall - 1) decode steps: 0.040 s / 0.002 s per unit.
+    assert clock.budget(2.0, 128) == pytest.approx(20)
+    assert clock.budget(3.0, 32) == 32  # never above the configured budget
+    assert clock.budget(1.1, 128) == StepClock.MIN_BUDGET  # a long prompt still gets in
+    assert clock.budget(0, 128) == 128  # 0: the fixed budget alone
+    clock.observe(0.080, decoding=True, prefill_cost=0)  # the machine got slower: it follows
+    assert 0.040 < clock.decode_s < 0.080
+
+
+class _FrozenClock(StepClock):
+    """The stall bound's budget fixed at ``units`` (observations ignored)."""
+
+    def __init__(self, units: float) -> None:
+        super().__init__()
+        self.decode_s, self.prefill_unit_s = units * 0.001, 0.001
+
+    def observe(self, elapsed_s: float, decoding: bool, prefill_cost: float) -> None:
+        pass
+
+
+def test_stall_bound_shrinks_prompt_chunks_only_while_rows_decode(tiny_model):
+    """Beside decoding rows a long prompt gets the clock's budget per step (20 units with
+    stall 2); alone, the configured one (128)."""
+    model, tokenizer = tiny_model
+    eng = Engine(
+        model,
+        tokenizer,
+        EngineConfig(max_running=4, max_prefill_tokens_per_step=128, max_prefill_stall=2.0),
+    )
+    eng.eos_ids = set()
+    eng.clock = _FrozenClock(20)
+    sink = StepSink()
+    long_ids = list(range(100, 500))
+    eng.start()
+    try:
+        alone = eng.submit(EngineRequest(long_ids, SamplingParams(max_new_tokens=1), sink))
+        sink.wait_done([alone])
+        assert sink.first_step(alone) == chunk_count(eng, len(long_ids))  # 128 per step
+        runner = submit(eng, sink, [5, 6, 7], max_new_tokens=400)
+        sink.min_tokens[runner] = 2
+        assert sink.token_events[runner].wait(60)
+        start = eng.step
+        beside = eng.submit(EngineRequest(long_ids, SamplingParams(max_new_tokens=1), sink))
+        sink.wait_done([beside])
+        eng.cancel(runner, "test done")
+        sink.wait_done([runner])
+    finally:
+        eng.stop()
+    steps = sink.first_step(beside) - start
+    assert steps >= chunk_count(eng, len(long_ids), 20) > 2 * chunk_count(eng, len(long_ids))
+
+
 def test_short_request_overtakes_a_long_prefill_and_a_cancel_frees_it(tiny_model, tmp_path):
     """A short prompt admitted while a long one is mid-prefill gets its first token before
     the long one does (one iteration, not the rest of the prefill: the self-test probe
     is such a request); a cancel mid-prefill ends it and frees its KV reservation."""
     model, tokenizer = tiny_model
-    eng = Engine(model, tokenizer, EngineConfig(max_running=4, max_prefill_tokens_per_step=8))
+    eng = Engine(
+        model,
+        tokenizer,
+        EngineConfig(max_running=4, max_prefill_tokens_per_step=8, max_prefill_stall=0),
+    )
     eng.eos_ids = set()
     hold = tmp_path / "hold"
     eng.fault_file = str(hold)  # the engine waits at the next iteration while it exists

@@ -45,6 +45,12 @@ class WorkerConfig(ServerTlsFields):
         "keep decoding while a long prompt is admitted; a token at a long context counts "
         "more, for its attention)",
     )
+    max_prefill_stall: float = field(
+        2.0,
+        help="while streams decode, a step that also prefills prompt tokens may take at most "
+        "this many times a decode-only step (the per-step prompt budget adapts to measured "
+        "step times, within --max-prefill-tokens-per-step; 0 = fixed budget)",
+    )
     max_context_tokens: int = field(0, help="context length; 0 = the model's own limit")
     load_interval_ms: int = field(200, help="period of Load reports on router links")
     engine: str = field(
@@ -103,6 +109,10 @@ class WorkerConfig(ServerTlsFields):
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.stall_timeout_s < 0:
             raise ValueError(f"stall_timeout_s must be >= 0, got {self.stall_timeout_s}")
+        if self.max_prefill_stall != 0 and not self.max_prefill_stall > 1:
+            raise ValueError(
+                f"max_prefill_stall must be 0 (off) or > 1, got {self.max_prefill_stall}"
+            )
         if self.max_context_tokens < 0:
             raise ValueError(f"max_context_tokens must be >= 0, got {self.max_context_tokens}")
         if not 0 <= self.port <= 65535:

@@ -84,9 +84,48 @@ class EngineConfig:
     # tokens, its real work: late chunks of a long prompt are shorter. Default: the
     # worker's (one place: worker/config.py, measured by benchmarks/prefill_fairness.py).
     max_prefill_tokens_per_step: int = WorkerConfig.max_prefill_tokens_per_step
+    # While rows decode, a step carrying prompt work takes at most this many times a
+    # decode-only step: the budget above shrinks to what the measured step times allow
+    # (StepClock). On a small CPU a 128-token chunk costs ~10 decode steps; on a GPU the
+    # whole budget may fit. 0 = the fixed budget alone.
+    max_prefill_stall: float = WorkerConfig.max_prefill_stall
     # Llama-architecture models: decode rows and newcomers' prompts in one packed forward
     # per iteration (worker.packed_llama); False = one model.forward per stage.
     packed_step: bool = True
+
+
+class StepClock:
+    """Measured step times of one engine: a decode-only step, and the extra time per
+    prefill budget unit (``Engine._prefill_cost``) a step with prompt work adds to it;
+    exponential moving averages, so they follow the batch size and the machine's load."""
+
+    ALPHA = 0.2
+    # The fewest prompt tokens a step takes while rows decode: an 8k prompt still gets in.
+    MIN_BUDGET = 16.0
+
+    def __init__(self) -> None:
+        self.decode_s: float | None = None
+        self.prefill_unit_s: float | None = None
+
+    def observe(self, elapsed_s: float, decoding: bool, prefill_cost: float) -> None:
+        if not decoding:
+            return  # a prompt-only step says nothing about the streams' normal pace
+        if prefill_cost <= 0:
+            self.decode_s = self._ema(self.decode_s, elapsed_s)
+        elif self.decode_s is not None:
+            unit = max(0.0, elapsed_s - self.decode_s) / prefill_cost
+            self.prefill_unit_s = self._ema(self.prefill_unit_s, unit)
+
+    def budget(self, stall: float, ceiling: float) -> float:
+        """The prompt budget of a step beside decoding rows: its prompt work adds at most
+        ``stall - 1`` decode steps (``ceiling`` until both times are measured)."""
+        if stall <= 0 or self.decode_s is None or not self.prefill_unit_s:
+            return ceiling
+        allowed = (stall - 1.0) * self.decode_s / self.prefill_unit_s
+        return min(ceiling, max(self.MIN_BUDGET, allowed))
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.ALPHA * (new - old)
 
 
 @dataclass(frozen=True)
@@ -256,6 +295,7 @@ class Engine:
         self._mask: torch.Tensor | None = None  # [B, T] 1 = real token
         self._reserved_kv = 0
         self._hand_back = False
+        self.clock = StepClock()
         # Test hook: while this file exists the engine thread hangs (wedged-engine tests).
         self.fault_file: str | None = None
         # Counters read by stats() from other threads (plain ints: atomic enough).
@@ -430,8 +470,11 @@ class Engine:
                 sinks[seq.req.key] = seq.req.sink
                 drop.append(i)
         self._remove_rows(drop)
+        decoding = bool(self._rows)
+        started = time.perf_counter()
         if self._packed is not None:
             chunks = self._schedule_prefill(outputs, sinks)
+            cost = self._plan_cost(chunks)
             if self._rows or chunks:
                 self._packed_step(chunks, outputs, sinks)
                 self._remove_finished(outputs)
@@ -442,9 +485,11 @@ class Engine:
                 self._decode(outputs, sinks)
                 self._remove_finished(outputs)
             chunks = self._schedule_prefill(outputs, sinks)
+            cost = self._plan_cost(chunks)
             if chunks:
                 self._prefill(chunks, outputs, sinks)
                 self._remove_finished(outputs)
+        self.clock.observe(time.perf_counter() - started, decoding, cost)
         if outputs or chunks:  # a prompt chunk alone is progress too
             self.step += 1
             self._deliver(outputs, sinks)
@@ -475,6 +520,8 @@ class Engine:
         Admission is FIFO within the running-sequence and KV budgets; starvation of a
         long prompt by short ones is bounded by ``max_running``."""
         budget = float(self.config.max_prefill_tokens_per_step)
+        if self._rows:  # streams are decoding: keep their step within the stall bound
+            budget = self.clock.budget(self.config.max_prefill_stall, budget)
         plan: list[tuple[_Sequence, int]] = []
         whole: list[_Sequence] = []  # admitted this iteration, prompt prefilled in one go
         while self._head_admissible(len(whole)):
@@ -544,6 +591,9 @@ class Engine:
         """Budget tokens of prompt positions ``[start, start + n)``: one per token plus
         its attention over the positions before it, in units of a token's weights."""
         return n + (n * start + n * (n - 1) / 2) / self._break_even_context
+
+    def _plan_cost(self, plan: list[tuple[_Sequence, int]]) -> float:
+        return sum(self._prefill_cost(seq.prefilled, n) for seq, n in plan)
 
     def _chunk_within(self, start: int, total: int, budget: float) -> int:
         """The most prompt tokens from ``start`` (at most to ``total``) within ``budget``."""

@@ -66,6 +66,7 @@ class ModelRuntime:
             max_queue=self.config.max_queue,
             max_context_tokens=self.limits.max_context_tokens,
             max_prefill_tokens_per_step=self.config.max_prefill_tokens_per_step,
+            max_prefill_stall=self.config.max_prefill_stall,
         )
         if self.model is None:
             from worker.null_engine import NullEngine

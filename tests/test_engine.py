@@ -584,6 +584,14 @@ def test_step_clock_bounds_the_prompt_budget_by_measured_step_times():
     assert 0.040 < clock.decode_s < 0.080
 
 
+def tiny_engine(tiny_model, **config) -> Engine:
+    """An engine on the tiny random model that never stops at EOS (4 running rows)."""
+    model, tokenizer = tiny_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=4, **config))
+    eng.eos_ids = set()
+    return eng
+
+
 class _FrozenClock(StepClock):
     """The stall bound's budget fixed at ``units`` (observations ignored)."""
 
@@ -598,13 +606,7 @@ class _FrozenClock(StepClock):
 def test_stall_bound_shrinks_prompt_chunks_only_while_rows_decode(tiny_model):
     """Beside decoding rows a long prompt gets the clock's budget per step (20 units with
     stall 2); alone, the configured one (128)."""
-    model, tokenizer = tiny_model
-    eng = Engine(
-        model,
-        tokenizer,
-        EngineConfig(max_running=4, max_prefill_tokens_per_step=128, max_prefill_stall=2.0),
-    )
-    eng.eos_ids = set()
+    eng = tiny_engine(tiny_model, max_prefill_tokens_per_step=128, max_prefill_stall=2.0)
     eng.clock = _FrozenClock(20)
     sink = StepSink()
     long_ids = list(range(100, 500))
@@ -631,13 +633,7 @@ def test_short_request_overtakes_a_long_prefill_and_a_cancel_frees_it(tiny_model
     """A short prompt admitted while a long one is mid-prefill gets its first token before
     the long one does (one iteration, not the rest of the prefill: the self-test probe
     is such a request); a cancel mid-prefill ends it and frees its KV reservation."""
-    model, tokenizer = tiny_model
-    eng = Engine(
-        model,
-        tokenizer,
-        EngineConfig(max_running=4, max_prefill_tokens_per_step=8, max_prefill_stall=0),
-    )
-    eng.eos_ids = set()
+    eng = tiny_engine(tiny_model, max_prefill_tokens_per_step=8, max_prefill_stall=0)
     hold = tmp_path / "hold"
     eng.fault_file = str(hold)  # the engine waits at the next iteration while it exists
     sink = StepSink()
@@ -675,3 +671,12 @@ def test_short_request_overtakes_a_long_prefill_and_a_cancel_frees_it(tiny_model
     finally:
         eng.fault_file = None
         eng.stop()
+
+
+@pytest.mark.parametrize("stall", [float("nan"), -1.0, 0.5, 1.0])
+def test_a_stall_bound_that_cannot_hold_is_refused_at_start(stall):
+    from worker.config import WorkerConfig
+
+    with pytest.raises(ValueError, match="max_prefill_stall must be 0 \\(off\\) or > 1"):
+        WorkerConfig(engine="null", max_prefill_stall=stall)
+    assert WorkerConfig(engine="null", max_prefill_stall=0).max_prefill_stall == 0

@@ -64,6 +64,43 @@ def test_unary_generate_matches_stream_and_echoes_request_id(stub):
     assert all(len(t.top_logprobs) == 2 for t in unary.tokens)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "t0.7"])
+def test_logprobs_over_the_wire_are_log_softmax_of_the_model(stub, default_model, temperature):
+    """Issue 22 item 4: Token.logprob and TopLogprob.logprob are log-probabilities
+    (log_softmax of the logits, divided by the temperature when sampling), not raw
+    logits: checked against a separate forward pass of the same model and dtype."""
+    import math
+
+    import torch
+
+    model, tokenizer = default_model
+    prompt = "The capital of France is"
+    req = generate_pb2.GenerateRequest(
+        prompt=prompt,
+        params=generate_pb2.SamplingParams(
+            max_new_tokens=6, temperature=temperature, seed=5, logprobs=20, ignore_eos=True
+        ),
+    )
+    tokens = list(stub.Generate(req, timeout=120).tokens)
+    assert len(tokens) == 6
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = torch.tensor([prompt_ids + [t.id for t in tokens]])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    expected = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+    for token, row in zip(tokens, expected, strict=True):
+        assert token.logprob == pytest.approx(float(row[token.id]), abs=1e-3)
+        assert token.logprob <= 0.0
+        top = list(token.top_logprobs)
+        assert len(top) == 20
+        assert sum(math.exp(t.logprob) for t in top) <= 1.0 + 1e-4
+        assert [t.id for t in top[:5]] == torch.topk(row, 5).indices.tolist()
+        for t in top:
+            assert t.logprob == pytest.approx(float(row[t.id]), abs=1e-3)
+        if temperature == 0.0:  # greedy: the chosen token is the most likely one
+            assert top[0].id == token.id
+
+
 def test_stop_string_is_in_no_token_text_of_the_stream(stub):
     """Issue 22: the tokens' texts add up to the stream's text, stop string excluded."""
     req = chat("Explain gravity to a child in one long paragraph.", max_new_tokens=24)

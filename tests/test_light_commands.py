@@ -88,3 +88,20 @@ def test_the_torch_backed_trainer_names_still_resolve() -> None:
     assert callable(run_local) and callable(latest_checkpoint)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         trainer.nope  # noqa: B018
+
+
+@pytest.mark.benchmark
+def test_light_commands_benchmark_measures_against_a_running_router(tmp_path) -> None:
+    """``python -m benchmarks.light_commands`` runs end to end: the cancelled job is
+    listed and a ratio to ``--help`` is reported for each client command."""
+    out = tmp_path / "light.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.light_commands", "--runs", "1", "--no-fail",
+         "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = json.loads(out.read_text())
+    assert "CANCELLED" in figures["finetune_list_output"]
+    assert set(figures["ratio_to_help"]) == {"finetune list", "models"}
+    assert all(r > 0 for r in figures["ratio_to_help"].values())

@@ -54,7 +54,7 @@ from common.validation import SamplingParams
 from worker.config import WorkerConfig
 from worker.constraints import RowMatcher, mask_rows
 from worker.detokenizer import IncrementalDetokenizer
-from worker.kv_cache import cache_views, slab_cache
+from worker.kv_cache import cache_views, slab_cache, stacked_cache
 from worker.packed_llama import PackedLlama, PromptChunk, base_causal_lm, supports_packed
 from worker.sampling import TokenChoice, make_generator, select_token
 
@@ -251,14 +251,6 @@ def _row_error(exc: BaseException) -> RequestError:
     if isinstance(exc, RequestError):
         return exc
     return RequestError(f"request failed in the engine: {type(exc).__name__}: {exc}")
-
-
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[2] = n
-    return torch.cat([t.new_zeros(shape), t], dim=2)
 
 
 class Engine:
@@ -733,30 +725,22 @@ class Engine:
         lengths = [len(s.req.prompt_ids) for s in admitted]
         current = self._mask.shape[1] if self._mask is not None else 0
         target = max([current, *lengths])
-        n_layers = len(new_caches[0][0])
-        keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-        values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         masks: list[torch.Tensor] = []
         if self._mask is not None and self._rows:
-            pad = target - current
-            batch_keys, batch_values = cache_views(self._cache)
-            for layer in range(n_layers):
-                keys[layer].append(_left_pad(batch_keys[layer], pad))
-                values[layer].append(_left_pad(batch_values[layer], pad))
+            parts.append(cache_views(self._cache))
             masks.append(
-                torch.cat([self._mask.new_zeros(self._mask.shape[0], pad), self._mask], dim=1)
+                torch.cat(
+                    [self._mask.new_zeros(self._mask.shape[0], target - current), self._mask],
+                    dim=1,
+                )
             )
-        for (k_list, v_list), length in zip(new_caches, lengths, strict=True):
-            pad = target - length
-            for layer in range(n_layers):
-                keys[layer].append(_left_pad(k_list[layer], pad))
-                values[layer].append(_left_pad(v_list[layer], pad))
+        for new_cache, length in zip(new_caches, lengths, strict=True):
+            parts.append(new_cache)
             row_mask = torch.zeros(1, target, dtype=torch.long, device=self.device)
-            row_mask[0, pad:] = 1
+            row_mask[0, target - length :] = 1
             masks.append(row_mask)
-        self._cache = slab_cache(
-            [torch.cat(k, dim=0) for k in keys], [torch.cat(v, dim=0) for v in values]
-        )
+        self._cache = stacked_cache(parts, target)
         self._mask = torch.cat(masks, dim=0)
         self._rows.extend(admitted)
 
@@ -908,9 +892,19 @@ class Engine:
         first = int(mask.any(dim=0).nonzero()[0])
         self._mask = mask[:, first:]
         keys, values = cache_views(self._cache)
-        self._cache = slab_cache(
-            [k.index_select(0, index)[:, :, first:] for k in keys],
-            [v.index_select(0, index)[:, :, first:] for v in values],
+        # Runs of consecutive kept rows, copied straight into the new buffers.
+        runs: list[tuple[int, int]] = []
+        for i in keep:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        self._cache = stacked_cache(
+            [
+                ([k[a:b, :, first:] for k in keys], [v[a:b, :, first:] for v in values])
+                for a, b in runs
+            ],
+            self._mask.shape[1],
         )
 
     def _deliver(self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]) -> None:

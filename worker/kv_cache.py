@@ -29,6 +29,25 @@ class SlabLayer(DynamicLayer):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
+    @classmethod
+    def stacked(
+        cls,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        length: int,
+        headroom: int = HEADROOM,
+    ) -> SlabLayer:
+        """One layer holding the rows of every part, each part's positions right-aligned
+        at ``length`` (its left padding zeroed), written into the buffer with one copy."""
+        layer = cls.__new__(cls)
+        DynamicLayer.__init__(layer)
+        layer.length = length
+        layer._k = _stack_right_aligned(keys, length, length + headroom)
+        layer._v = _stack_right_aligned(values, length, length + headroom)
+        layer.dtype, layer.device = keys[0].dtype, keys[0].device
+        layer.is_initialized = True
+        return layer
+
     @staticmethod
     def _alloc(src: torch.Tensor, capacity: int) -> torch.Tensor:
         shape = list(src.shape)
@@ -75,6 +94,37 @@ def slab_cache(
     with room for ``headroom`` more positions before a reallocation."""
     cache = DynamicCache()
     cache.layers = [SlabLayer(k, v, headroom) for k, v in zip(keys, values, strict=True)]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+def _stack_right_aligned(parts: list[torch.Tensor], length: int, capacity: int) -> torch.Tensor:
+    first = parts[0]
+    rows = sum(p.shape[0] for p in parts)
+    buf = first.new_empty((rows, first.shape[1], capacity, first.shape[3]))
+    row = 0
+    for part in parts:
+        n, pad = part.shape[0], length - part.shape[2]
+        if pad:  # masked positions must hold finite values (0 * nan is nan in attention)
+            buf[row : row + n, :, :pad].zero_()
+        buf[row : row + n, :, pad:length] = part
+        row += n
+    return buf
+
+
+def stacked_cache(
+    parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]], length: int
+) -> DynamicCache:
+    """A cache of every part's rows (``(keys, values)`` per layer), each part left-padded
+    to ``length``: one buffer per layer, filled with one copy of each part (a long prompt
+    joining a batch pads every row to its length; chained pad-and-cat copies of that
+    were seconds of stall on CPU)."""
+    cache = DynamicCache()
+    n_layers = len(parts[0][0])
+    cache.layers = [
+        SlabLayer.stacked([p[0][i] for p in parts], [p[1][i] for p in parts], length)
+        for i in range(n_layers)
+    ]
     cache.layer_class_to_replicate = None
     return cache
 

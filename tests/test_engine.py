@@ -73,8 +73,13 @@ def column_major_model(default_model):
 
 
 @pytest.fixture(
-    params=[(True, False), (False, False), (True, True)],
-    ids=["packed-step", "staged-step", "packed-step-column-major"],
+    params=[
+        pytest.param((True, False), id="packed-step"),
+        # The staged path (non-Llama architectures) runs every test under -m slow; the
+        # default run covers it through the chunked-prefill and max-running tests.
+        pytest.param((False, False), id="staged-step", marks=pytest.mark.slow),
+        pytest.param((True, True), id="packed-step-column-major"),
+    ],
 )
 def engine(request, default_model, column_major_model):
     """The engine on both forward paths (one packed forward per iteration, for Llama
@@ -215,13 +220,23 @@ def test_logprobs_and_alternatives(engine, default_model, references):
         assert token.logprob <= 0
 
 
-def test_repetition_penalty_matches_generate_in_a_batch(engine, default_model):
+PENALTY_PROMPTS = [PROMPTS[6], PROMPTS[3]]
+PENALTY = 1.3
+
+
+@pytest.fixture(scope="module")
+def penalty_references(default_model):
+    model, tokenizer = default_model
+    return [
+        generate_alone(model, tokenizer, p, 16, repetition_penalty=PENALTY) for p in PENALTY_PROMPTS
+    ]
+
+
+def test_repetition_penalty_matches_generate_in_a_batch(engine, default_model, penalty_references):
     """The penalty covers prompt and output tokens, as transformers' logits processor
     does; rows with and without it share the batch."""
-    model, tokenizer = default_model
-    prompts = [PROMPTS[6], PROMPTS[3]]
-    penalty = 1.3
-    refs = [generate_alone(model, tokenizer, p, 16, repetition_penalty=penalty) for p in prompts]
+    _, tokenizer = default_model
+    prompts, penalty, refs = PENALTY_PROMPTS, PENALTY, penalty_references
     sink = CollectingSink()
     plain = submit(engine, sink, chat_ids(tokenizer, PROMPTS[0]), max_new_tokens=16)
     keys = [

@@ -51,6 +51,9 @@ def _answer(stub, prompt: str, adapter: str = "") -> str:
     return reply.text
 
 
+# Minutes of training on 2 cores: -m slow (test_router_finetune serves a new adapter
+# through the router in the default run).
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_trained_adapter_served_through_the_router_shows_the_format(cluster: Proc) -> None:
     with grpc.insecure_channel(cluster.address) as channel:

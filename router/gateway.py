@@ -45,7 +45,7 @@ from common.auth import Admission, Tenant, set_current_tenant
 from common.config import home_dir
 from common.errors import InvalidArgument, RequestError, status_of
 from common.listen import PortInUse
-from common.metrics import RouterMetrics
+from common.metrics import API_OPENAI, RouterMetrics
 from common.pb import generate_pb2
 from common.validation import parse_adapter_ref
 from router.cluster import Cluster
@@ -84,7 +84,11 @@ class CallContext:
     :func:`call_context`) and the gateway span's W3C context, so bearer-token admission
     and trace parenting read it exactly as they read a gRPC caller's metadata.
     ``abort`` raises the :class:`RequestError` the gateway turns into an HTTP error.
+    ``api`` labels the servicers' latency histograms, and tells them the gateway counts
+    the call in ``llmcluster_requests_total`` itself (once, as ``openai.<endpoint>``).
     """
+
+    api = API_OPENAI
 
     def __init__(
         self,
@@ -154,11 +158,20 @@ def _api_error(exc: BaseException, *, not_found_code: str | None = None) -> ApiE
     return api_error_from_status(code, message, not_found_code=not_found_code)
 
 
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "any"})
+
+
+def _union_member(part: str) -> bool:
+    return part in _UNION_MEMBERS or "[" in part or part.startswith(("constrained-", "function-"))
+
+
 def _validation_error(exc: RequestValidationError | ValidationError) -> ApiError:
     """A 400 naming the first offending field (``messages.0.role`` → ``messages[0].role``)."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # pydantic names the union member it tried ("content.str", "schema.dict[str,any]"):
+    # not a field the client sent, so not in the name we show.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(str(p))]
     param = ""
     for part in loc:
         param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
@@ -415,6 +428,9 @@ class Gateway:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         self.fine_tuning.add_routes(app)
+        from router import openapi_doc  # local: it imports the fine-tuning half's models
+
+        openapi_doc.install(app)
         app.add_middleware(
             BodyLimit,
             max_json_bytes=self.config.max_http_body_bytes,

@@ -152,6 +152,8 @@ def _error_response(error: ApiError) -> JSONResponse:
 def _api_error(exc: BaseException, *, not_found_code: str | None = None) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, BodyTooLarge):  # for spans and metrics; BodyLimit answers it
+        return ApiError(413, f"request body is larger than {exc.limit} bytes")
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("internal error in the HTTP gateway", exc_info=exc)
@@ -272,26 +274,52 @@ class BodyLimit:
         )
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _discard_body(receive)
                 await _send_too_large(send, limit)
                 return
         seen = 0
+        body_left = True  # the client has more of the body to send
 
         async def counting_receive() -> Any:
-            nonlocal seen
+            nonlocal seen, body_left
             message = await receive()
             if message["type"] == "http.request":
+                body_left = bool(message.get("more_body", False))
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge(limit)
+                    raise BodyTooLarge(limit)
             return message
 
         try:
             await self.app(scope, counting_receive, send)
-        except _TooLarge:
+        except BodyTooLarge:
+            if body_left:
+                await _discard_body(receive)
             await _send_too_large(send, limit)
 
 
-class _TooLarge(Exception):
+DISCARD_BODY_S = 10.0
+"""How long a refused body is read and dropped before its 413 (see _discard_body)."""
+
+
+async def _discard_body(receive: Any) -> None:
+    """Reads what the client still sends of a refused body, dropping it, until its end
+    (bounded by DISCARD_BODY_S), before the 413 goes out: a socket closed with unread data
+    sends a reset, which can destroy the 413 before the client reads it (nginx's "lingering
+    close" does the same). Before, not after: once the response is complete, uvicorn
+    stops reading and closes."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DISCARD_BODY_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+
+
+class BodyTooLarge(Exception):
+    """Raised from a request's ``receive`` once its body passes the limit; BodyLimit
+    answers 413. Code that reads a body must let it through (not turn it into a 400)."""
+
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
         self.limit = limit
@@ -488,6 +516,8 @@ class Gateway:
         """Counts one HTTP call in llmcluster_requests_total, method ``openai.<api>``."""
         if self.metrics is None:
             return
+        if isinstance(exc, BodyTooLarge):
+            exc = _api_error(exc)
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             code: Any = grpc.StatusCode.CANCELLED
         elif exc is None:
@@ -513,7 +543,7 @@ class Gateway:
                 return await body()
             except BaseException as exc:
                 error = exc
-                if isinstance(exc, Exception):
+                if isinstance(exc, Exception) and not isinstance(exc, BodyTooLarge):
                     raise _api_error(exc, not_found_code="not_found") from exc
                 raise
             finally:
@@ -600,7 +630,7 @@ class Gateway:
             error = exc
             if isinstance(exc, ValidationError):
                 error = _validation_error(exc)
-            elif isinstance(exc, Exception):
+            elif isinstance(exc, Exception) and not isinstance(exc, BodyTooLarge):
                 error = _api_error(exc, not_found_code="model_not_found")
             self.end_span(span, error)
             self.record(api, error)

@@ -360,6 +360,47 @@ def test_huge_body_is_413_before_it_is_read(http: httpx.Client) -> None:
     assert "larger than" in reply.json()["error"]["message"]
 
 
+def test_chunked_bodies_past_the_limit_are_413_and_nothing_is_written(
+    http: httpx.Client, home: Path
+) -> None:
+    """Without a Content-Length the limit is counted as the body arrives: a JSON body
+    and a multipart upload, sent in chunks, are refused alike (not a 400 or a 500)."""
+
+    def json_chunks() -> Iterator[bytes]:
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(6):
+            yield b"a" * (1024 * 1024)
+        yield b'"}'
+
+    reply = http.post(
+        "/v1/completions", content=json_chunks(), headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 413, reply.text
+    assert "larger than" in reply.json()["error"]["message"]
+
+    before = _stored(home)
+    boundary = "llmcluster-test-boundary"
+
+    def upload_chunks() -> Iterator[bytes]:
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+            f'fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="big.jsonl"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        line = b'{"text": "' + b"a" * (1024 * 1024) + b'"}\n'
+        for _ in range(34):  # past the default 32 MiB file limit
+            yield line
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    reply = http.post(
+        "/v1/files",
+        content=upload_chunks(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert reply.status_code == 413, reply.text
+    assert _stored(home) == before
+
+
 def test_unknown_route_is_an_openai_shaped_404(http: httpx.Client) -> None:
     reply = http.get("/v1/no/such/thing")
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found"

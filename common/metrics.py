@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 ROLE_ROUTER = "router"
 ROLE_WORKER = "worker"
+# The router's ``api`` label: which front door a request came in by (its gRPC Generate
+# service, or the OpenAI HTTP gateway), on its latency and token-count histograms.
+API_GRPC = "grpc"
+API_OPENAI = "openai"
+ROUTER_APIS = (API_GRPC, API_OPENAI)
 
 # Buckets: seconds. TTFT includes queueing, so it reaches into minutes under overload.
 TTFT_BUCKETS_S = (
@@ -91,12 +96,20 @@ def status_code_name(code: Any) -> str:
 
 
 class _ServingMetrics:
-    """Metrics every serving role exposes (the ``role`` label tells router from worker)."""
+    """Metrics every serving role exposes (the ``role`` label tells router from worker).
 
-    def __init__(self, role: str, registry: CollectorRegistry | None = None) -> None:
+    ``apis``: where a role has several front doors (the router: gRPC and OpenAI HTTP),
+    its TTFT, inter-token, end-to-end and token-count histograms carry an ``api`` label
+    with these values (all present from the start); a worker's have none."""
+
+    def __init__(
+        self, role: str, registry: CollectorRegistry | None = None, apis: tuple[str, ...] = ()
+    ) -> None:
         self.role = role
+        self.apis = apis
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        by_api = ["api"] if apis else []
         self.requests_total = Counter(
             "llmcluster_requests_total",
             "Finished RPCs by method and gRPC status code.",
@@ -107,18 +120,21 @@ class _ServingMetrics:
             "llmcluster_time_to_first_token_seconds",
             "Time from request arrival to its first generated token.",
             buckets=TTFT_BUCKETS_S,
+            labelnames=by_api,
             registry=r,
         )
         self.inter_token_latency_seconds = Histogram(
             "llmcluster_inter_token_latency_seconds",
             "Time between consecutive tokens of one sequence.",
             buckets=INTER_TOKEN_BUCKETS_S,
+            labelnames=by_api,
             registry=r,
         )
         self.e2e_request_latency_seconds = Histogram(
             "llmcluster_e2e_request_latency_seconds",
             "Time from request arrival to its last token.",
             buckets=E2E_BUCKETS_S,
+            labelnames=by_api,
             registry=r,
         )
         self.queue_time_seconds = Histogram(
@@ -143,12 +159,14 @@ class _ServingMetrics:
             "llmcluster_request_prompt_tokens",
             "Prompt length per request.",
             buckets=TOKEN_COUNT_BUCKETS,
+            labelnames=by_api,
             registry=r,
         )
         self.request_generation_tokens = Histogram(
             "llmcluster_request_generation_tokens",
             "Generated tokens per request.",
             buckets=TOKEN_COUNT_BUCKETS,
+            labelnames=by_api,
             registry=r,
         )
         self.cancellations_total = Counter(
@@ -194,11 +212,27 @@ class _ServingMetrics:
         )
         for reason in CANCELLATION_REASONS.values():  # zeros from the start
             self.cancellations_total.labels(reason)
+        for api in apis:
+            for histogram in self._api_histograms():
+                histogram.labels(api)
         self.build_info = Gauge(
             "llmcluster_build_info", "Always 1; labels say what runs.", ["role", "version"],
             registry=r,
         )  # fmt: skip
         self.build_info.labels(role=role, version=package_version()).set(1)
+
+    def _api_histograms(self) -> tuple[Histogram, ...]:
+        return (
+            self.time_to_first_token_seconds,
+            self.inter_token_latency_seconds,
+            self.e2e_request_latency_seconds,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
+        )
+
+    def _of(self, histogram: Histogram, api: str) -> Any:
+        """``histogram``'s series for ``api`` (the histogram itself where none is kept)."""
+        return histogram.labels(api) if self.apis else histogram
 
     # -- hot-path helpers -------------------------------------------------------------------
     def record_request(self, method: str, code: Any = "OK") -> None:
@@ -214,15 +248,16 @@ class _ServingMetrics:
         """The process's health status changed (every flip, both ways)."""
         self.healthy.set(1 if serving else 0)
 
-    def observe_ttft(self, seconds: float) -> None:
+    def observe_ttft(self, seconds: float, api: str = API_GRPC) -> None:
         """Time to first token of one request."""
-        self.time_to_first_token_seconds.observe(seconds)
+        self._of(self.time_to_first_token_seconds, api).observe(seconds)
 
-    def observe_inter_token(self, seconds: float, count: int = 1) -> None:
+    def observe_inter_token(self, seconds: float, count: int = 1, api: str = API_GRPC) -> None:
         """Gap between tokens; ``count`` > 1 spreads one gap over tokens emitted together."""
         per_token = seconds / count if count > 1 else seconds
+        histogram = self._of(self.inter_token_latency_seconds, api)
         for _ in range(max(count, 1)):
-            self.inter_token_latency_seconds.observe(per_token)
+            histogram.observe(per_token)
 
     def observe_queue_time(self, seconds: float) -> None:
         """Time one request waited before being scheduled."""
@@ -236,14 +271,15 @@ class _ServingMetrics:
         generation_tokens: int,
         ttft_s: float | None = None,
         operation: str = GEN_AI_OPERATION_TEXT_COMPLETION,
+        api: str = API_GRPC,
     ) -> None:
         """A successfully finished request: end-to-end latency and token counts, and the
         GenAI histograms (``ttft_s``: its time to first token, None if it made none)."""
-        self.e2e_request_latency_seconds.observe(e2e_s)
+        self._of(self.e2e_request_latency_seconds, api).observe(e2e_s)
         self.prompt_tokens_total.inc(prompt_tokens)
         self.generation_tokens_total.inc(generation_tokens)
-        self.request_prompt_tokens.observe(prompt_tokens)
-        self.request_generation_tokens.observe(generation_tokens)
+        self._of(self.request_prompt_tokens, api).observe(prompt_tokens)
+        self._of(self.request_generation_tokens, api).observe(generation_tokens)
         self.genai_request_duration.labels(operation).observe(e2e_s)
         self.genai_token_usage.labels(operation, "input").observe(prompt_tokens)
         self.genai_token_usage.labels(operation, "output").observe(generation_tokens)
@@ -378,7 +414,7 @@ class RouterMetrics(_ServingMetrics):
             self.tenant_requests_total.labels(name, method, status_code_name(code)).inc()
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        super().__init__(ROLE_ROUTER, registry)
+        super().__init__(ROLE_ROUTER, registry, apis=ROUTER_APIS)
         r = self.registry
         self.tenant_requests_total = Counter(
             "llmcluster_router_tenant_requests_total",

@@ -33,10 +33,11 @@ from opentelemetry import trace
 from common import tracing
 from common.auth import TENANT_METADATA, current_tenant_name
 from common.errors import InvalidArgument, NotFound, RequestError, Unavailable, status_of
-from common.metrics import RouterMetrics
+from common.metrics import API_GRPC, RouterMetrics
 from common.pb import finetune_pb2, finetune_pb2_grpc
 from router.cluster import Cluster
 from router.link import WorkerLink
+from router.service import api_of
 
 logger = logging.getLogger(__name__)
 
@@ -448,7 +449,8 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                     logger.exception("internal error in FineTune/%s", method)
                 await context.abort(code, message)
             finally:
-                self._record(method, code)
+                if api_of(context) == API_GRPC:  # the gateway counts its own calls, once
+                    self._record(method, code)
         raise AssertionError("unreachable: context.abort raises")
 
     def _record(self, method: str, code: Any) -> None:

@@ -45,7 +45,7 @@ from common.auth import Admission, Tenant, set_current_tenant
 from common.config import home_dir
 from common.errors import InvalidArgument, RequestError, status_of
 from common.listen import PortInUse
-from common.metrics import RouterMetrics
+from common.metrics import API_OPENAI, RouterMetrics
 from common.pb import generate_pb2
 from common.validation import parse_adapter_ref
 from router.cluster import Cluster
@@ -84,7 +84,11 @@ class CallContext:
     :func:`call_context`) and the gateway span's W3C context, so bearer-token admission
     and trace parenting read it exactly as they read a gRPC caller's metadata.
     ``abort`` raises the :class:`RequestError` the gateway turns into an HTTP error.
+    ``api`` labels the servicers' latency histograms, and tells them the gateway counts
+    the call in ``llmcluster_requests_total`` itself (once, as ``openai.<endpoint>``).
     """
+
+    api = API_OPENAI
 
     def __init__(
         self,
@@ -148,17 +152,28 @@ def _error_response(error: ApiError) -> JSONResponse:
 def _api_error(exc: BaseException, *, not_found_code: str | None = None) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, BodyTooLarge):  # for spans and metrics; BodyLimit answers it
+        return ApiError(413, f"request body is larger than {exc.limit} bytes")
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("internal error in the HTTP gateway", exc_info=exc)
     return api_error_from_status(code, message, not_found_code=not_found_code)
 
 
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "any"})
+
+
+def _union_member(part: str) -> bool:
+    return part in _UNION_MEMBERS or "[" in part or part.startswith(("constrained-", "function-"))
+
+
 def _validation_error(exc: RequestValidationError | ValidationError) -> ApiError:
     """A 400 naming the first offending field (``messages.0.role`` → ``messages[0].role``)."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # pydantic names the union member it tried ("content.str", "schema.dict[str,any]"):
+    # not a field the client sent, so not in the name we show.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(str(p))]
     param = ""
     for part in loc:
         param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
@@ -259,26 +274,52 @@ class BodyLimit:
         )
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _discard_body(receive)
                 await _send_too_large(send, limit)
                 return
         seen = 0
+        body_left = True  # the client has more of the body to send
 
         async def counting_receive() -> Any:
-            nonlocal seen
+            nonlocal seen, body_left
             message = await receive()
             if message["type"] == "http.request":
+                body_left = bool(message.get("more_body", False))
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge(limit)
+                    raise BodyTooLarge(limit)
             return message
 
         try:
             await self.app(scope, counting_receive, send)
-        except _TooLarge:
+        except BodyTooLarge:
+            if body_left:
+                await _discard_body(receive)
             await _send_too_large(send, limit)
 
 
-class _TooLarge(Exception):
+DISCARD_BODY_S = 10.0
+"""How long a refused body is read and dropped before its 413 (see _discard_body)."""
+
+
+async def _discard_body(receive: Any) -> None:
+    """Reads what the client still sends of a refused body, dropping it, until its end
+    (bounded by DISCARD_BODY_S), before the 413 goes out: a socket closed with unread data
+    sends a reset, which can destroy the 413 before the client reads it (nginx's "lingering
+    close" does the same). Before, not after: once the response is complete, uvicorn
+    stops reading and closes."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DISCARD_BODY_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+
+
+class BodyTooLarge(Exception):
+    """Raised from a request's ``receive`` once its body passes the limit; BodyLimit
+    answers 413. Code that reads a body must let it through (not turn it into a 400)."""
+
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
         self.limit = limit
@@ -415,6 +456,9 @@ class Gateway:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         self.fine_tuning.add_routes(app)
+        from router import openapi_doc  # local: it imports the fine-tuning half's models
+
+        openapi_doc.install(app)
         app.add_middleware(
             BodyLimit,
             max_json_bytes=self.config.max_http_body_bytes,
@@ -472,6 +516,8 @@ class Gateway:
         """Counts one HTTP call in llmcluster_requests_total, method ``openai.<api>``."""
         if self.metrics is None:
             return
+        if isinstance(exc, BodyTooLarge):
+            exc = _api_error(exc)
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             code: Any = grpc.StatusCode.CANCELLED
         elif exc is None:
@@ -497,7 +543,7 @@ class Gateway:
                 return await body()
             except BaseException as exc:
                 error = exc
-                if isinstance(exc, Exception):
+                if isinstance(exc, Exception) and not isinstance(exc, BodyTooLarge):
                     raise _api_error(exc, not_found_code="not_found") from exc
                 raise
             finally:
@@ -584,7 +630,7 @@ class Gateway:
             error = exc
             if isinstance(exc, ValidationError):
                 error = _validation_error(exc)
-            elif isinstance(exc, Exception):
+            elif isinstance(exc, Exception) and not isinstance(exc, BodyTooLarge):
                 error = _api_error(exc, not_found_code="model_not_found")
             self.end_span(span, error)
             self.record(api, error)

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.pb import finetune_pb2
-from router.gateway import StreamPump, call_context
+from router.gateway import BodyTooLarge, StreamPump, call_context
 from router.openai_api import ApiError
 
 if TYPE_CHECKING:
@@ -359,6 +359,8 @@ class FineTuningApi:
         async def body() -> dict[str, Any]:
             try:
                 form = await request.form(max_files=1, max_fields=8)
+            except BodyTooLarge:
+                raise  # BodyLimit answers 413
             except Exception as exc:  # malformed multipart
                 raise ApiError(400, f"expected a multipart/form-data body: {exc}") from None
             purpose = form.get("purpose")

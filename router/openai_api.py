@@ -9,9 +9,10 @@ wrong type is a 400 naming it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,10 +21,7 @@ from common.pb import generate_pb2
 
 OWNED_BY = "llmcluster"
 MAX_TOP_LOGPROBS = 20
-STRUCTURED_OUTPUT_UNSUPPORTED = (
-    "response_format {type} is not supported yet: the engine has no structured output; "
-    "omit response_format or use {{'type': 'text'}}"
-)
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
 class ApiError(Exception):
@@ -77,25 +75,31 @@ RETRY_AFTER_S = 1
 """Retry-After of a 429: the router's queue drains at decode speed, so soon."""
 
 
-# Our validation names fields as GenerateRequest does; an OpenAI client knows them so.
+# Our validation names fields as GenerateRequest does; an OpenAI client knows them so:
+# (our prefix, the OpenAI name that replaces it in the message, the error's ``param``).
+# The constraint a response_format became is named by that field (a schema the worker's
+# compiler refuses is "response_format.json_schema.schema does not compile: <why>").
 _OPENAI_FIELD_NAMES = (
-    ("params.max_new_tokens", "max_tokens"),
-    ("params.temperature", "temperature"),
-    ("params.top_p", "top_p"),
-    ("params.logprobs", "top_logprobs"),
-    ("params.stop", "stop"),
-    ("params.seed", "seed"),
-    ("messages", "messages"),
-    ("prompt", "prompt"),
+    ("params.max_new_tokens", "max_tokens", "max_tokens"),
+    ("params.temperature", "temperature", "temperature"),
+    ("params.top_p", "top_p", "top_p"),
+    ("params.logprobs", "top_logprobs", "top_logprobs"),
+    ("params.stop", "stop", "stop"),
+    ("params.seed", "seed", "seed"),
+    ("params.constraint.json_schema", "response_format.json_schema.schema", "response_format"),
+    ("params.constraint.json_object", "response_format", "response_format"),
+    ("params.constraint", "response_format", "response_format"),
+    ("messages", "messages", "messages"),
+    ("prompt", "prompt", "prompt"),
 )
 
 
 def _openai_field(message: str) -> tuple[str, str | None]:
-    """(message with our field name replaced by OpenAI's, that name) for a message
+    """(message with our field name replaced by OpenAI's, the param) for a message
     that starts with a field name, else (message, None)."""
-    for ours, theirs in _OPENAI_FIELD_NAMES:
+    for ours, theirs, param in _OPENAI_FIELD_NAMES:
         if message.startswith(ours):
-            return theirs + message[len(ours) :], theirs
+            return theirs + message[len(ours) :], param
     return message, None
 
 
@@ -133,8 +137,10 @@ class ContentPart(_Lenient):
 
 
 class ChatMessageIn(_Lenient):
-    role: str
-    content: str | list[ContentPart] | None = None
+    # The roles our chat template knows (common.validation.CHAT_ROLES) and their aliases
+    # (_ROLE_ALIASES), declared so the OpenAPI document says what a 400 would otherwise.
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Annotated[str, Field(min_length=1)] | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -142,8 +148,23 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    """``response_format.json_schema``: ``schema`` is the JSON Schema the answer obeys;
+    ``strict`` is accepted, and always holds (the engine masks every token)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # ``schema`` shadows a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Lenient):
-    type: str
+    """``response_format``: ``text`` (free), ``json_object`` (any JSON object) or
+    ``json_schema`` (one JSON value valid under ``json_schema.schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _SamplingFields(_Lenient):
@@ -176,7 +197,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
 
@@ -202,18 +223,48 @@ def _content_text(message: ChatMessageIn, index: int) -> str:
     return "".join(texts)
 
 
+def constraint_of(response_format: ResponseFormat | None) -> generate_pb2.Constraint | None:
+    """The engine's structured-output constraint for a ``response_format`` (None: free
+    text). Shape errors are 400s naming the field; whether the schema compiles is the
+    worker's to say (INVALID_ARGUMENT with the compiler's message)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return generate_pb2.Constraint(json_object=True)
+    if response_format.type == "json_schema":
+        spec = response_format.json_schema
+        if spec is None:
+            raise ApiError(
+                400,
+                "response_format.json_schema is required when response_format.type is "
+                "'json_schema' (an object with name and schema)",
+                param="response_format",
+            )
+        if spec.schema_ is None:
+            raise ApiError(
+                400,
+                "response_format.json_schema.schema is required: the JSON Schema the answer "
+                "must follow",
+                param="response_format",
+            )
+        return generate_pb2.Constraint(json_schema=json.dumps(spec.schema_))
+    raise ApiError(
+        400,
+        f"response_format.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}, "
+        f"got {response_format.type!r}",
+        param="response_format",
+    )
+
+
 def _sampling_params(
     body: _SamplingFields, max_tokens: int | None, logprobs: int
 ) -> generate_pb2.SamplingParams:
     if body.n is not None and body.n != 1:
         raise ApiError(400, f"n must be 1 (one choice per request), got {body.n}", param="n")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ApiError(
-            400,
-            STRUCTURED_OUTPUT_UNSUPPORTED.format(type=repr(body.response_format.type)),
-            param="response_format",
-        )
     params = generate_pb2.SamplingParams(logprobs=logprobs, ignore_eos=body.ignore_eos)
+    constraint = constraint_of(body.response_format)
+    if constraint is not None:
+        params.constraint.CopyFrom(constraint)
     if max_tokens is not None:
         params.max_new_tokens = max_tokens
     if body.temperature is not None:

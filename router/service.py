@@ -19,7 +19,7 @@ from opentelemetry import trace
 from common import tracing
 from common.auth import current_tenant_name
 from common.errors import Unavailable, abort_with, status_of
-from common.metrics import RouterMetrics
+from common.metrics import API_GRPC, RouterMetrics
 from common.pb import generate_pb2, generate_pb2_grpc
 from router.cluster import Cluster, Routed
 from router.link import Delta, Finished
@@ -46,6 +46,12 @@ def _with_request_id(request: generate_pb2.GenerateRequest) -> generate_pb2.Gene
     return copy
 
 
+def api_of(context: object) -> str:
+    """The front door a servicer call came in by (the ``api`` metrics label): the HTTP
+    gateway's in-process context says ``api = "openai"``; a gRPC context has none."""
+    return str(getattr(context, "api", API_GRPC))
+
+
 def _set_usage(span: trace.Span, event: Finished) -> None:
     span.set_attributes(
         tracing.genai_usage_attributes(
@@ -70,7 +76,9 @@ def _routing_metadata(routed: Routed) -> tuple[tuple[str, str], ...]:
 
 
 class _Observation:
-    """Metrics of one request as the client sees it (TTFT, inter-token gaps, status)."""
+    """Metrics of one request as the client sees it (TTFT, inter-token gaps, status),
+    labelled by the API it came in by. A gateway call's status is counted by the gateway
+    (once, as ``openai.<endpoint>``), not here a second time as ``Generate``."""
 
     def __init__(
         self,
@@ -78,9 +86,11 @@ class _Observation:
         method: str,
         chat: bool = False,
         time_remaining_s: float | None = None,
+        api: str = API_GRPC,
     ) -> None:
         self.metrics = metrics
         self.method = method
+        self.api = api
         self.operation = (
             tracing.GEN_AI_OPERATION_CHAT if chat else tracing.GEN_AI_OPERATION_TEXT_COMPLETION
         )
@@ -97,9 +107,9 @@ class _Observation:
         now = time.monotonic()
         if self.last is None:
             self.first = now
-            self.metrics.observe_ttft(now - self.start)
+            self.metrics.observe_ttft(now - self.start, api=self.api)
         else:
-            self.metrics.observe_inter_token(now - self.last, len(event.tokens))
+            self.metrics.observe_inter_token(now - self.last, len(event.tokens), api=self.api)
         self.last = now
 
     def finished(self, event: Finished) -> None:
@@ -111,10 +121,11 @@ class _Observation:
                 generation_tokens=event.usage.completion_tokens,
                 ttft_s=None if self.first is None else self.first - self.start,
                 operation=self.operation,
+                api=self.api,
             )
 
     def done(self) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and self.api == API_GRPC:
             code = self.code
             expired = self.deadline is not None and time.monotonic() >= self.deadline
             if code == grpc.StatusCode.CANCELLED and expired:
@@ -161,6 +172,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             "GenerateStream",
             chat=len(request.messages) > 0,
             time_remaining_s=context.time_remaining(),
+            api=api_of(context),
         )
         try:
             with self._span("GenerateStream", request, context) as span:
@@ -209,6 +221,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             "Generate",
             chat=len(request.messages) > 0,
             time_remaining_s=context.time_remaining(),
+            api=api_of(context),
         )
         want_tokens = request.params.logprobs > 0
         response = generate_pb2.GenerateResponse(request_id=request.request_id)

@@ -2,8 +2,8 @@
 # Installs what the polyglot client tests need (tests/test_clients.py, tests/test_buf.py):
 #   - Go: Debian's golang-go, the gRPC and protobuf Go sources (GOPATH mode, offline) and
 #     the protoc-gen-go / protoc-gen-go-grpc plugins;
-#   - Node: `npm ci` in examples/clients/node (@grpc/grpc-js, protobuf-ts, and buf, which
-#     the buf tests use too);
+#   - Node: `npm ci` in examples/clients/node (@grpc/grpc-js, protobuf-ts, the `openai`
+#     client the HTTP gateway's Node test drives, and buf, which the buf tests use too);
 #   - Debian's chromium, which the HTTP gateway's playground test drives headless through
 #     Playwright (the pinned Python package, from the dev extras; it never downloads a browser).
 # Idempotent and quiet: does nothing when everything is there. It never fails the caller:

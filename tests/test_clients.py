@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.procs import Proc, start_router, start_worker
+from tests.procs import Proc, free_port, start_router, start_worker
 
 pytestmark = pytest.mark.clients
 
@@ -118,6 +118,7 @@ def client(request) -> Client:
 class Cluster:
     worker: Proc
     router: Proc
+    http_url: str  # the router's OpenAI-compatible gateway
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +129,10 @@ def cluster() -> Iterator[Cluster]:
     router = None
     try:
         worker.wait_healthy(timeout_s=300)
-        router = start_router([worker.address])
+        http_port = free_port()
+        router = start_router([worker.address], "--http-port", str(http_port))
         router.wait_healthy(timeout_s=120)
-        yield Cluster(worker, router)
+        yield Cluster(worker, router, f"http://127.0.0.1:{http_port}")
     finally:
         if router is not None:
             router.stop()
@@ -221,3 +223,58 @@ def test_bad_request_same_status_as_python(client: Client, cluster: Cluster, fla
     assert summary["code"] == expected_code.name
     assert summary["code_number"] == expected_code.value[0]
     assert summary["message"] == raised.value.details()
+
+
+# ---- the official `openai` npm client against the router's HTTP gateway ------------------
+
+CHAT_MODEL = "SmolLM2-135M-Instruct"
+CHAT_PROMPT = "Name three rivers."
+
+
+def _openai_node(cluster: Cluster, *flags: str) -> dict:
+    if reason := _node_missing():
+        pytest.skip(reason)
+    if not (NODE_DIR / "node_modules" / "openai" / "package.json").exists():
+        pytest.skip(f"the openai npm package is not installed: {INSTALL_HINT}")
+    out = _run(
+        ["node", "openai_chat.js", "--base-url", cluster.http_url + "/v1", *flags],
+        NODE_DIR,
+        timeout_s=120,
+    )
+    lines = out.strip().splitlines()
+    assert lines, "openai_chat.js printed nothing"
+    return json.loads(lines[-1])
+
+
+def test_openai_npm_client_streams_a_chat_completion(cluster: Cluster) -> None:
+    """The `openai` npm package streams from the gateway as from OpenAI: role first,
+    content over several chunks, a finish reason, a last chunk with usage; the text is
+    the Python client's for the same greedy request."""
+    summary = _openai_node(
+        cluster, "--model", CHAT_MODEL, "--prompt", CHAT_PROMPT, "--max-tokens", "12"
+    )
+    assert "error" not in summary, summary
+    assert summary["role"] == "assistant"
+    assert summary["contentChunks"] >= 2, "content deltas arrive as separate chunks"
+    assert summary["finishReason"] in ("stop", "length")
+    usage = summary["usage"]
+    assert usage and 1 <= usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert len(summary["ids"]) == 1 and summary["ids"][0].startswith("chatcmpl-")
+
+    import openai  # the pinned Python client (dev extras), for the reference answer
+
+    with openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="unused", max_retries=0) as c:
+        reference = c.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": CHAT_PROMPT}],
+            max_tokens=12, temperature=0,
+        )  # fmt: skip
+    assert summary["text"] == reference.choices[0].message.content
+    assert usage["completion_tokens"] == reference.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_openai_npm_client_sees_openai_errors(cluster: Cluster) -> None:
+    missing = _openai_node(cluster, "--model", "no-such-model")
+    assert missing["error"]["status"] == 404 and missing["error"]["code"] == "model_not_found"
+    bad = _openai_node(cluster, "--model", CHAT_MODEL, "--temperature", "-1")
+    assert bad["error"]["status"] == 400 and bad["error"]["param"] == "temperature"

@@ -16,14 +16,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx2 as httpx  # the openai client's own HTTP library
+import hypothesis
+import jsonschema
 import openai
+import pydantic
 import pytest
+import schemathesis
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.pb import worker_pb2, worker_pb2_grpc
+from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.otlp_receiver import OtlpReceiver
 from tests.procs import Proc, free_port, start_router, start_worker
 from tests.test_finetune import temp_home
@@ -212,7 +217,16 @@ def test_unknown_or_empty_model_is_not_found(client: openai.OpenAI) -> None:
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
             "response_format",
         ),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "objekt"}},
+                }
+            },
+            "response_format",
+        ),
         ({"stop": ["x"] * 9}, "stop"),
     ],
 )
@@ -227,12 +241,71 @@ def test_bad_parameters_are_bad_requests_naming_the_field(
     assert param in info.value.message
 
 
-def test_structured_output_refusal_says_why(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="structured output"):
+class City(pydantic.BaseModel):
+    # Bounded, so a small sampled model cannot spend its token budget inside one string.
+    name: str = pydantic.Field(max_length=24)
+    country: str = pydantic.Field(max_length=24)
+    population_millions: int = pydantic.Field(ge=0, le=1000)
+
+
+def test_parse_with_a_pydantic_model_answers_in_its_schema(client: openai.OpenAI) -> None:
+    """response_format becomes the engine's constraint: the client's own ``parse`` turns
+    the answer into the pydantic model it asked for, sampled or greedy."""
+    for temperature in (0.0, 1.0):
+        completion = client.chat.completions.parse(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Paris: its name, country and population."}],
+            response_format=City, max_tokens=128, temperature=temperature, seed=7,
+        )  # fmt: skip
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        assert isinstance(choice.message.parsed, City), choice.message.content
+        assert City.model_validate_json(choice.message.content or "") == choice.message.parsed
+
+
+def test_json_object_and_streamed_schema_answers_are_json(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user",
+                   "content": 'Reply with a JSON object with one key "answer": what is 2+2?'}],
+        response_format={"type": "json_object"}, max_tokens=64, temperature=0,
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+    schema = {"type": "object", "properties": {"colours": {"type": "array", "items":
+              {"type": "string", "enum": ["red", "green", "blue"]}, "minItems": 2,
+              "maxItems": 3}}, "required": ["colours"], "additionalProperties": False}  # fmt: skip
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name colours."}], stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "colours",
+                         "schema": schema, "strict": True}},
+        max_tokens=64, temperature=0,
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
+    jsonschema.validate(json.loads(text), schema)
+    completion = client.completions.create(
+        model=MODEL, prompt="A JSON object:", max_tokens=64, temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},
+    )  # fmt: skip
+    assert isinstance(json.loads(completion.choices[0].text), dict)
+
+
+def test_a_schema_that_does_not_compile_is_a_400_with_the_compilers_message(
+    client: openai.OpenAI,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema":
+                             {"type": "integer", "minimum": 5, "maximum": 1}}},
         )  # fmt: skip
+    assert info.value.body["param"] == "response_format"  # type: ignore[index]
+    message = info.value.message
+    assert "response_format.json_schema.schema does not compile" in message, message
+    assert "minimum greater than maximum" in message.lower(), message
 
 
 @pytest.mark.parametrize(
@@ -285,6 +358,47 @@ def test_huge_body_is_413_before_it_is_read(http: httpx.Client) -> None:
     reply = http.post("/v1/completions", content=huge, headers={"content-type": "application/json"})
     assert reply.status_code == 413
     assert "larger than" in reply.json()["error"]["message"]
+
+
+def test_chunked_bodies_past_the_limit_are_413_and_nothing_is_written(
+    http: httpx.Client, home: Path
+) -> None:
+    """Without a Content-Length the limit is counted as the body arrives: a JSON body
+    and a multipart upload, sent in chunks, are refused alike (not a 400 or a 500)."""
+
+    def json_chunks() -> Iterator[bytes]:
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(6):
+            yield b"a" * (1024 * 1024)
+        yield b'"}'
+
+    reply = http.post(
+        "/v1/completions", content=json_chunks(), headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 413, reply.text
+    assert "larger than" in reply.json()["error"]["message"]
+
+    before = _stored(home)
+    boundary = "llmcluster-test-boundary"
+
+    def upload_chunks() -> Iterator[bytes]:
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+            f'fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="big.jsonl"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        line = b'{"text": "' + b"a" * (1024 * 1024) + b'"}\n'
+        for _ in range(34):  # past the default 32 MiB file limit
+            yield line
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    reply = http.post(
+        "/v1/files",
+        content=upload_chunks(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert reply.status_code == 413, reply.text
+    assert _stored(home) == before
 
 
 def test_unknown_route_is_an_openai_shaped_404(http: httpx.Client) -> None:
@@ -407,25 +521,63 @@ def test_one_trace_from_the_http_traceparent_to_the_worker(
     assert worker_spans, "the worker's spans join the HTTP caller's trace"
 
 
-def test_requests_are_counted_by_api(client: openai.OpenAI) -> None:
-    def count(method: str, code: str) -> float:
-        url = f"http://127.0.0.1:{METRICS_PORT['router']}/metrics"
-        text = httpx.get(url, timeout=10).text
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = sample.labels
-                if sample.name == "llmcluster_requests_total" and labels.get("method") == method \
-                        and labels.get("code") == code:  # fmt: skip
-                    total += sample.value
-        return total
+def _router_metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The router's real /metrics, every sample as {(name, sorted labels): value}."""
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['router']}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
-    ok, missing = count("openai.completions", "OK"), count("openai.completions", "NOT_FOUND")
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()
+    )
+
+
+def test_requests_are_counted_once_and_latencies_by_api(
+    client: openai.OpenAI, gateway: tuple[Proc, str]
+) -> None:
+    """An HTTP call counts once (as openai.<endpoint>, not also as the Generate it runs
+    in process); TTFT, inter-token and end-to-end histograms say which API served it."""
+    before = _router_metrics()
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to five."}], stream=True,
+        max_tokens=6, temperature=0, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert len([c for c in stream if c.choices and c.choices[0].delta.content]) >= 2
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="Hi", max_tokens=1)
-    assert count("openai.completions", "OK") == ok + 1
-    assert count("openai.completions", "NOT_FOUND") == missing + 1
+    with grpc.insecure_channel(gateway[0].address) as channel:
+        request = generate_pb2.GenerateRequest(
+            model=MODEL, prompt="Hi", params=generate_pb2.SamplingParams(max_new_tokens=4,
+                                                                        ignore_eos=True))  # fmt: skip
+        replies = list(generate_pb2_grpc.GenerateStub(channel).GenerateStream(request, timeout=60))
+        assert replies[-1].usage.completion_tokens == 4
+    after = _router_metrics()
+
+    def moved(name: str, **labels: str) -> float:
+        return _total(after, name, **labels) - _total(before, name, **labels)
+
+    router = {"role": "router"}
+    assert moved("llmcluster_requests_total", method="openai.chat.completions", code="OK") == 1
+    assert moved("llmcluster_requests_total", method="openai.completions", code="OK") == 1
+    assert moved("llmcluster_requests_total", method="openai.completions", code="NOT_FOUND") == 1
+    assert moved("llmcluster_requests_total", method="GenerateStream", **router) == 1  # gRPC's
+    assert moved("llmcluster_requests_total", method="Generate", **router) == 0
+    assert moved("llmcluster_requests_total", **router) == 4
+    for api, requests in (("openai", 2), ("grpc", 1)):
+        assert moved("llmcluster_time_to_first_token_seconds_count", api=api) == requests, api
+        assert moved("llmcluster_e2e_request_latency_seconds_count", api=api) == requests, api
+        assert moved("llmcluster_request_prompt_tokens_count", api=api) == requests, api
+    # 6 + 1 tokens over HTTP, 4 over gRPC: the tokens after a request's first delta are gaps.
+    assert 1 <= moved("llmcluster_inter_token_latency_seconds_count", api="openai") <= 5
+    assert 1 <= moved("llmcluster_inter_token_latency_seconds_count", api="grpc") <= 3
+    assert moved("llmcluster_request_generation_tokens_sum", api="openai") == 7
 
 
 # ---- files and fine-tuning ---------------------------------------------------------------
@@ -564,6 +716,66 @@ def test_fine_tuned_model_answers_chat_at_once_with_the_trained_format(
         assert RECORD.match(tuned.choices[0].message.content or ""), tuned.choices[0].message
         assert "<<NAME:" not in (base.choices[0].message.content or "")
     assert job.fine_tuned_model in {m.id for m in client.models.list().data}
+
+
+# ---- schemathesis against the gateway's own OpenAPI document ------------------------------
+
+GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
+SCHEMA_CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    schemathesis.checks.status_code_conformance,
+    schemathesis.checks.content_type_conformance,
+    schemathesis.checks.response_schema_conformance,
+    schemathesis.checks.response_headers_conformance,
+]
+api_schema = schemathesis.pytest.from_fixture("openapi_schema")
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(gateway: tuple[Proc, str]) -> Any:
+    return schemathesis.openapi.from_url(gateway[1] + "/openapi.json")
+
+
+def _realistic(case: Any) -> None:
+    """Generated bodies name our model half the time (else every one is a 404 and the
+    engine is never reached) and ask for at most 4 tokens (a test, not a benchmark)."""
+    if case.operation.path not in GENERATE_PATHS or not isinstance(case.body, dict):
+        return
+    body = case.body
+    if len(json.dumps(body, default=str)) % 2:
+        body["model"] = MODEL
+    for key in ("max_tokens", "max_completion_tokens"):
+        if body.get(key) is None or (isinstance(body[key], int) and body[key] > 4):
+            body[key] = 4
+
+
+def _conforms(case: Any) -> None:
+    _realistic(case)
+    case.call_and_validate(checks=SCHEMA_CHECKS, timeout=120)
+
+
+# File uploads are left out of the default run: each generated multipart body is a file
+# the gateway checks and may store, which adds little over test_bad_uploads and costs time.
+@api_schema.exclude(path="/v1/files", method="POST").parametrize()
+@hypothesis.settings(
+    max_examples=20, deadline=None, derandomize=True,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+)  # fmt: skip
+def test_every_operation_answers_as_its_openapi_document_says(case: Any) -> None:
+    """No 500s; every status, content type, header and body is one the document declares."""
+    _conforms(case)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # one test for every operation: ~5 min for the two generating ones
+@api_schema.parametrize()
+@hypothesis.settings(
+    max_examples=100, deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)  # fmt: skip
+def test_every_operation_conforms_under_a_longer_fuzz(case: Any) -> None:
+    _conforms(case)
 
 
 # ---- process wiring -------------------------------------------------------------------

@@ -151,7 +151,14 @@ def test_router_metrics_move_after_traffic(router) -> None:
     assert value(after, "llmcluster_router_retries_total") == 1
     labels = {"role": "router", "method": "GenerateStream", "code": "UNAVAILABLE"}
     assert value(after, "llmcluster_requests_total", **labels) == 1
-    assert value(after, "llmcluster_time_to_first_token_seconds_count") == 1
+    # The router's latency histograms say which API a request came in by.
+    assert value(after, "llmcluster_time_to_first_token_seconds_count", api="grpc") == 1
+    assert value(after, "llmcluster_time_to_first_token_seconds_count", api="openai") == 0
+    metrics.observe_request_done(e2e_s=0.5, prompt_tokens=2, generation_tokens=3, api="openai")
+    openai_series = value(
+        scrape(port), "llmcluster_e2e_request_latency_seconds_count", api="openai"
+    )
+    assert openai_series == 1
     assert value(after, "llmcluster_queue_depth") == 7
     # The router's registry holds no worker-only series.
     assert not [k for k in after if k[0].startswith("llmcluster_kv_cache")]

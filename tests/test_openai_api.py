@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
@@ -59,6 +61,10 @@ def test_defaults_follow_openai() -> None:
     [
         ({"n": 3}, "n"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+        ),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"echo": True}, "echo"),
     ],
@@ -112,3 +118,33 @@ def test_our_field_names_become_openai_names() -> None:
 def test_finish_reasons() -> None:
     assert finish_reason(generate_pb2.LENGTH) == "length"
     assert finish_reason(generate_pb2.STOP) == finish_reason(generate_pb2.EOS) == "stop"
+
+
+def test_response_format_becomes_the_engines_constraint() -> None:
+    def constraint(response_format: dict | None) -> generate_pb2.SamplingParams:
+        body = ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+             "response_format": response_format}
+        )  # fmt: skip
+        return chat_to_pb(body, "", "").params
+
+    assert not constraint(None).HasField("constraint")
+    assert not constraint({"type": "text"}).HasField("constraint")
+    assert constraint({"type": "json_object"}).constraint.json_object
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    params = constraint(
+        {"type": "json_schema", "json_schema": {"name": "A", "schema": schema, "strict": True}}
+    )
+    assert params.constraint.WhichOneof("kind") == "json_schema"
+    assert json.loads(params.constraint.json_schema) == schema
+
+
+def test_a_schema_the_worker_refuses_names_response_format() -> None:
+    error = api_error_from_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.constraint.json_schema does not compile: Unsupported type 'frob'",
+    )
+    assert error.status == 400 and error.param == "response_format"
+    assert error.message == (
+        "response_format.json_schema.schema does not compile: Unsupported type 'frob'"
+    )

@@ -181,15 +181,33 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
         )
     assert messages[-1].usage.completion_tokens == 4
     assert messages[-1].usage.worker_id in {"local-0", "local-1"}
-    # And the official OpenAI client, through up's HTTP gateway.
+    # And the official OpenAI client, through up's HTTP gateway (issue 16's first bar):
+    # content deltas in chunks of their own, usage on the last; completions and models;
+    # an unknown model is NotFoundError, temperature=-1 BadRequestError.
+    model = "SmolLM2-135M-Instruct"
     with openai.OpenAI(base_url=gateway, api_key="unused", max_retries=0) as client:
         chunks = list(
             client.chat.completions.create(
-                model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                model=model, messages=[{"role": "user", "content": "Hi"}],
                 max_tokens=4, stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
             )
         )  # fmt: skip
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+        content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(content) >= 2, "content deltas arrive as separate chunks"
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 4
+        completion = client.completions.create(model=model, prompt="Hello", max_tokens=2)
+        assert completion.usage is not None and completion.usage.completion_tokens >= 1
+        assert model in {m.id for m in client.models.list()}
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(
+                model="no-such-model", messages=[{"role": "user", "content": "Hi"}]
+            )
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi"}], temperature=-1
+            )
 
     ports = _cluster_ports(port)
     assert sorted(ports[1:]) == sorted(a.rsplit(":", 1)[1] for a in seen.values())

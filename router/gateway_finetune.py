@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from common.pb import finetune_pb2
 from router.gateway import BodyTooLarge, StreamPump, call_context
-from router.openai_api import ApiError
+from router.openai_api import ApiError, RequestBody
 
 if TYPE_CHECKING:
     from router.gateway import Gateway
@@ -145,20 +145,16 @@ class FileStore:
         return {"id": file_id, "object": "file", "deleted": True}
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class Supervised(_Lenient):
+class Supervised(RequestBody):
     hyperparameters: dict[str, Any] | None = None
 
 
-class MethodIn(_Lenient):
+class MethodIn(RequestBody):
     type: str = "supervised"
     supervised: Supervised | None = None
 
 
-class JobCreate(_Lenient):
+class JobCreate(RequestBody):
     """``POST /v1/fine_tuning/jobs``."""
 
     training_file: str

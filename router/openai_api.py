@@ -127,16 +127,19 @@ def api_error_from_status(
 # ---- requests ---------------------------------------------------------------------------
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class RequestBody(BaseModel):
+    """Base of every gateway request body: unknown fields are ignored, as OpenAI does; a
+    value of the wrong JSON type is a 400 (strict: "5" is no integer, 1 is a float)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class ContentPart(_Lenient):
+class ContentPart(RequestBody):
     type: str
     text: str | None = None
 
 
-class ChatMessageIn(_Lenient):
+class ChatMessageIn(RequestBody):
     # The roles our chat template knows (common.validation.CHAT_ROLES) and their aliases
     # (_ROLE_ALIASES), declared so the OpenAPI document says what a 400 would otherwise.
     role: Literal["system", "user", "assistant", "developer"]
@@ -144,11 +147,11 @@ class ChatMessageIn(_Lenient):
     name: str | None = None
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(_Lenient):
+class JsonSchemaFormat(RequestBody):
     """``response_format.json_schema``: ``schema`` is the JSON Schema the answer obeys;
     ``strict`` is accepted, and always holds (the engine masks every token)."""
 
@@ -159,7 +162,7 @@ class JsonSchemaFormat(_Lenient):
     strict: bool | None = None
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(RequestBody):
     """``response_format``: ``text`` (free), ``json_object`` (any JSON object) or
     ``json_schema`` (one JSON value valid under ``json_schema.schema``)."""
 
@@ -167,7 +170,7 @@ class ResponseFormat(_Lenient):
     json_schema: JsonSchemaFormat | None = None
 
 
-class _SamplingFields(_Lenient):
+class _SamplingFields(RequestBody):
     """Fields both endpoints share."""
 
     model: str

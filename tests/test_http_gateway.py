@@ -320,6 +320,22 @@ def test_a_schema_that_does_not_compile_is_a_400_with_the_compilers_message(
             "max_tokens",
         ),
         (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', "model"),
+        # Strict types, as OpenAI: a number in a string is no number.
+        (
+            b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}'
+            % MODEL.encode(),
+            "max_tokens",
+        ),
+        (
+            b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}'
+            % MODEL.encode(),
+            "temperature",
+        ),
+        (
+            b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}'
+            % MODEL.encode(),
+            "stream",
+        ),
         (b'{"messages": [{"role": "user", "content": "hi"}]}', "model is required"),
         (b'{"model": "%s", "messages": []}' % MODEL.encode(), "messages"),
         (

@@ -265,7 +265,10 @@ def schema_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["json-schema", "regex", "choice"])
+# regex is the same path as the other two (a third flag): slow, to keep the default run cheap.
+@pytest.mark.parametrize(
+    "kind", ["json-schema", pytest.param("regex", marks=pytest.mark.slow), "choice"]
+)
 def test_constrained_stream_matches_python_client(
     client: Client, cluster: Cluster, schema_file: Path, kind: str
 ):

@@ -156,10 +156,16 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     for m in reply.models:
         if m.kind == generate_pb2.ADAPTER:
-            print(f"adapter  {m.name}@{m.version}  base={m.base_model}  method={m.method}")
+            print(
+                f"adapter  {m.name}@{m.version}  base={m.base_model}  method={m.method}"
+                f"  constraints={'yes' if m.supports_constraints else 'no'}"
+            )
         else:
             default = " (default)" if m.is_default else ""
-            print(f"base     {m.name}{default}  context={m.max_context_tokens}")
+            print(
+                f"base     {m.name}{default}  context={m.max_context_tokens}"
+                f"  constraints={'yes' if m.supports_constraints else 'no'}"
+            )
     return 0
 
 

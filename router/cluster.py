@@ -19,7 +19,7 @@ import grpc
 from opentelemetry import trace
 
 from common import tracing
-from common.errors import NotFound, RequestError, ResourceExhausted, Unavailable
+from common.errors import InvalidArgument, NotFound, RequestError, ResourceExhausted, Unavailable
 from common.metrics import RouterMetrics
 from common.pb import generate_pb2
 from common.tls import channel_credentials
@@ -165,6 +165,15 @@ class Cluster:
             max_context_tokens=max((i.max_context_tokens for i in infos), default=0) or 1 << 30,
         )
         generation_spec_from_pb(request, limits)
+        if (
+            request.params.HasField("constraint")
+            and infos
+            and not any(i.supports_constraints for i in infos)
+        ):
+            raise InvalidArgument(
+                "params.constraint: no worker of this cluster supports constraints "
+                "(structured output)"
+            )
 
     def _health_changed(self) -> None:
         healthy = self.healthy_count() > 0

@@ -257,7 +257,9 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
     async def ListModels(
         self, request: generate_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.ListModelsResponse:
-        """The union of every healthy worker's ListModels (first worker's entry wins)."""
+        """The union of every healthy worker's ListModels (first worker's entry wins,
+        except supports_constraints: true only when every worker listing the entry says so,
+        since a constrained request for it may be routed to any of them)."""
         links = self.cluster.healthy_links()
         if not links:
             await abort_with(context, Unavailable("no healthy worker"))
@@ -269,7 +271,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
             return_exceptions=True,
         )
         merged = generate_pb2.ListModelsResponse()
-        seen: set[tuple[str, str, int]] = set()
+        seen: dict[tuple[str, str, int], generate_pb2.ModelEntry] = {}
         errors: list[str] = []
         for link, reply in zip(links, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -277,9 +279,12 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                 continue
             for entry in reply.models:
                 key = (entry.name, entry.version, entry.kind)
-                if key not in seen:
-                    seen.add(key)
+                first = seen.get(key)
+                if first is None:
                     merged.models.append(entry)
+                    seen[key] = merged.models[-1]
+                elif not entry.supports_constraints:
+                    first.supports_constraints = False
         if errors and len(errors) == len(links):
             await abort_with(
                 context, Unavailable("ListModels failed on every worker: " + "; ".join(errors))

@@ -258,3 +258,27 @@ def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):
     assert ratios["null_tokens_per_s"]["value_with_interval"] > 0
     assert ratios["router_peak_rss_mb"]["max"] > 0
     assert {t["status"] for t in report["targets"]} <= {"PASS", "MISS", "n/a"}
+
+
+@pytest.mark.benchmark
+def test_structured_benchmark_tiny_reports_both_rates_mask_cost_and_ratio(tmp_path):
+    """``python -m benchmarks.structured`` in a tiny configuration: both phases ran, the
+    constrained and free rates, the per-step mask cost and the mixed/free ratio are
+    reported, and the completed constrained outputs validate against the schema."""
+    out = tmp_path / "structured.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.structured", "--streams", "2", "--requests", "2",
+         "--rounds", "1", "--max-new-tokens", "48", "--no-fail", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["streams"] == 2 and report["constrained_streams"] == 1
+    assert report["errors"] == []
+    for key in ("free_tokens_per_s", "mixed_constrained_tokens_per_s", "mixed_free_tokens_per_s"):
+        assert report[key] > 0, key
+    assert report["mixed_free_ratio"] > 0
+    assert report["mask_ms_per_step"]["p50"] > 0 and report["mask_ms_per_step"]["rows_p50"] == 1
+    assert report["constrained_completed"] > 0
+    assert report["constrained_valid"] == report["constrained_checked"]
+    assert "mixed/free" in proc.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
 
 from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -145,15 +147,14 @@ def _request(**params) -> generate_pb2.GenerateRequest:
     )
 
 
-@pytest.fixture(scope="module")
-def python_reference(cluster: Cluster) -> dict:
-    """What the Python client streams for the same greedy request through the router."""
-    with grpc.insecure_channel(cluster.router.address) as channel:
+def _python_stream(address: str, request: generate_pb2.GenerateRequest) -> dict:
+    """What the Python client streams for ``request``, in the example clients' summary keys."""
+    with grpc.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GenerateStub(channel)
         ids: list[int] = []
         text = ""
         finish = 0
-        for msg in stub.GenerateStream(_request(max_new_tokens=MAX_NEW_TOKENS), timeout=120):
+        for msg in stub.GenerateStream(request, timeout=120):
             ids.extend(t.id for t in msg.tokens)
             text += msg.text
             finish = msg.finish_reason or finish
@@ -162,6 +163,12 @@ def python_reference(cluster: Cluster) -> dict:
         "text": text,
         "finish_reason": generate_pb2.FinishReason.Name(finish),
     }
+
+
+@pytest.fixture(scope="module")
+def python_reference(cluster: Cluster) -> dict:
+    """What the Python client streams for the same greedy request through the router."""
+    return _python_stream(cluster.router.address, _request(max_new_tokens=MAX_NEW_TOKENS))
 
 
 def _load(worker: Proc) -> worker_pb2.Load:
@@ -278,3 +285,80 @@ def test_openai_npm_client_sees_openai_errors(cluster: Cluster) -> None:
     assert missing["error"]["status"] == 404 and missing["error"]["code"] == "model_not_found"
     bad = _openai_node(cluster, "--model", CHAT_MODEL, "--temperature", "-1")
     assert bad["error"]["status"] == 400 and bad["error"]["param"] == "temperature"
+
+
+# Structured output: an object with an enum, a bounded integer and a short string array.
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Paris", "Lyon", "Marseille"]},
+        "population_millions": {"type": "integer", "minimum": 1, "maximum": 40},
+        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 2},
+    },
+    "required": ["city", "population_millions", "landmarks"],
+    "additionalProperties": False,
+}
+ISO_DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+CHOICES = ["Paris", "London", "Berlin"]
+CONSTRAINED_MAX_NEW_TOKENS = 64
+
+
+def _check_city(text: str) -> None:
+    jsonschema.validate(json.loads(text), CITY_SCHEMA)
+
+
+def _check_date(text: str) -> None:
+    assert re.fullmatch(ISO_DATE, text), text
+
+
+def _check_choice(text: str) -> None:
+    assert text in CHOICES, text
+
+
+@pytest.fixture(scope="module")
+def schema_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("schema") / "city.schema.json"
+    path.write_text(json.dumps(CITY_SCHEMA))
+    return path
+
+
+# regex is the same path as the other two (a third flag): slow, to keep the default run cheap.
+@pytest.mark.parametrize(
+    "kind", ["json-schema", pytest.param("regex", marks=pytest.mark.slow), "choice"]
+)
+def test_constrained_stream_matches_python_client(
+    client: Client, cluster: Cluster, schema_file: Path, kind: str
+):
+    """--json-schema FILE / --regex / --choice: the output obeys the constraint, ends
+    with the constraint complete, and is token-identical to the Python client's."""
+    constraint, flag_value, check = {
+        "json-schema": (
+            generate_pb2.Constraint(json_schema=schema_file.read_text()),
+            str(schema_file),
+            _check_city,
+        ),
+        "regex": (generate_pb2.Constraint(regex=ISO_DATE), ISO_DATE, _check_date),
+        "choice": (
+            generate_pb2.Constraint(choice=generate_pb2.Choices(options=CHOICES)),
+            ",".join(CHOICES),
+            _check_choice,
+        ),
+    }[kind]
+    reference = _python_stream(
+        cluster.router.address,
+        _request(max_new_tokens=CONSTRAINED_MAX_NEW_TOKENS, constraint=constraint),
+    )
+    check(reference["text"])
+    summary = client.run(
+        cluster.router.address,
+        "stream",
+        "--max-new-tokens",
+        str(CONSTRAINED_MAX_NEW_TOKENS),
+        f"--{kind}",
+        flag_value,
+    )
+    assert summary["code"] == "OK"
+    check(summary["text"])
+    assert summary["finish_reason"] in ("EOS", "STOP"), summary
+    assert summary["token_ids"] == reference["token_ids"]
+    assert summary["text"] == reference["text"]

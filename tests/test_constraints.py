@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from common.errors import InvalidArgument
-from common.pb import generate_pb2, generate_pb2_grpc
+from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.validation import (
     MAX_CONSTRAINT_CHARS,
     ConstraintSpec,
@@ -405,3 +405,58 @@ def test_bad_constraints_through_router_are_invalid_argument(cluster, constraint
                 )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert problem in info.value.details()
+
+
+def _info(address: str) -> worker_pb2.WorkerInfo:
+    with grpc.insecure_channel(address) as ch:
+        return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=30)
+
+
+def _models(address: str) -> dict[tuple[str, str], bool]:
+    with grpc.insecure_channel(address) as ch:
+        reply = generate_pb2_grpc.GenerateStub(ch).ListModels(
+            generate_pb2.ListModelsRequest(), timeout=30
+        )
+    return {(m.name, m.version): m.supports_constraints for m in reply.models}
+
+
+def test_capability_flag_in_info_and_list_models_router_aggregates(cluster):
+    """A real worker says it supports constraints; a null-engine worker (no logits) says
+    it does not; the router's ListModels says yes only where every worker does, and a
+    router over null workers alone refuses a constrained request before routing it."""
+    from tests.procs import start_router, start_worker
+
+    router, worker = cluster
+    assert _info(worker.address).supports_constraints is True
+    direct = _models(worker.address)
+    assert direct and all(direct.values()), direct
+    assert _models(router.address) == direct
+
+    null = start_worker("--engine", "null", "--worker-id", "null-w", "--self-test-interval-s", "0")
+    routers = []
+    try:
+        null.wait_healthy(timeout_s=120)
+        assert _info(null.address).supports_constraints is False
+        null_models = _models(null.address)
+        assert null_models and not any(null_models.values()), null_models
+        only_null = start_router([null.address])
+        routers.append(only_null)
+        mixed = start_router([worker.address, null.address])
+        routers.append(mixed)
+        only_null.wait_healthy(timeout_s=60)
+        mixed.wait_healthy(timeout_s=60)
+        assert not any(_models(only_null.address).values())
+        # The base model is listed by both: a constrained request may land on either.
+        base = next(k for k in direct if k[1] == "")
+        assert _models(mixed.address)[base] is False
+        with grpc.insecure_channel(only_null.address) as ch:
+            with pytest.raises(grpc.RpcError) as raised:
+                generate_pb2_grpc.GenerateStub(ch).Generate(
+                    request_pb(schema_constraint(), max_new_tokens=4), timeout=60
+                )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no worker of this cluster supports constraints" in raised.value.details()
+    finally:
+        for r in routers:
+            r.stop()
+        null.stop()

@@ -145,6 +145,11 @@ class ModelRuntime:
             adapter=adapter,
         )
 
+    @property
+    def supports_constraints(self) -> bool:
+        """Whether params.constraint is served (WorkerInfo and ModelEntry say so)."""
+        return self.constraints is not None
+
     def list_models(self) -> list[Any]:
         from common.pb import generate_pb2
 
@@ -154,6 +159,7 @@ class ModelRuntime:
                 kind=generate_pb2.BASE,
                 is_default=True,
                 max_context_tokens=self.limits.max_context_tokens,
+                supports_constraints=self.supports_constraints,
             )
         ]
         for ref in self.adapters.store.list():
@@ -168,6 +174,7 @@ class ModelRuntime:
                     base_model=base or self.source.name,
                     method=str(ref.metadata.get("method", "")),
                     created_unix_ms=int(ref.metadata.get("created_unix_ms", 0)),
+                    supports_constraints=self.supports_constraints,
                 )
             )
         return entries

@@ -166,7 +166,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelEntry(_message.Message):
-    __slots__ = ("name", "version", "kind", "base_model", "is_default", "max_context_tokens", "method", "created_unix_ms")
+    __slots__ = ("name", "version", "kind", "base_model", "is_default", "max_context_tokens", "method", "created_unix_ms", "supports_constraints")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class ModelEntry(_message.Message):
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     kind: ModelKind
@@ -183,7 +184,8 @@ class ModelEntry(_message.Message):
     max_context_tokens: int
     method: str
     created_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., base_model: _Optional[str] = ..., is_default: _Optional[bool] = ..., max_context_tokens: _Optional[int] = ..., method: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    supports_constraints: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., base_model: _Optional[str] = ..., is_default: _Optional[bool] = ..., max_context_tokens: _Optional[int] = ..., method: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., supports_constraints: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -10,6 +10,10 @@
 //	cancel  stream, then cancel the call after --cancel-after messages
 //	bad     send a request the server must reject (top_p defaults to 2) and print the
 //	        gRPC status code name and message
+//
+// Structured output (any mode, at most one): --json-schema FILE (the output is JSON valid
+// under the schema in FILE), --regex RE (the output matches RE), --choice a,b,c (the
+// output is exactly one of the comma-separated strings).
 package main
 
 import (
@@ -20,6 +24,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	llmclusterv1 "github.com/llmcluster/llmcluster/gen/go/llmcluster/v1"
@@ -43,6 +48,7 @@ type options struct {
 	timeout      time.Duration
 	token        string
 	tlsCA        string
+	constraint   *llmclusterv1.Constraint // nil: free generation
 }
 
 // summary is the machine-readable last line; its keys match the Node client's.
@@ -83,7 +89,35 @@ func parseFlags() options {
 		"API key sent as 'authorization: Bearer' (default: $LLMCLUSTER_TOKEN)")
 	flag.StringVar(&o.tlsCA, "tls-ca", os.Getenv("LLMCLUSTER_TLS_CA"),
 		"CA of the router's certificate: connect with TLS (default: $LLMCLUSTER_TLS_CA)")
+	var schemaFile, regex, choice string
+	flag.StringVar(&schemaFile, "json-schema", "", "structured output: JSON valid under the schema in this file")
+	flag.StringVar(&regex, "regex", "", "structured output: the output matches this regular expression")
+	flag.StringVar(&choice, "choice", "", "structured output: exactly one of these comma-separated strings")
 	flag.Parse()
+	set := 0
+	for _, v := range []string{schemaFile, regex, choice} {
+		if v != "" {
+			set++
+		}
+	}
+	if set > 1 {
+		fmt.Fprintln(os.Stderr, "give at most one of --json-schema, --regex, --choice")
+		os.Exit(2)
+	}
+	switch {
+	case schemaFile != "":
+		schema, err := os.ReadFile(schemaFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		o.constraint = &llmclusterv1.Constraint{Kind: &llmclusterv1.Constraint_JsonSchema{JsonSchema: string(schema)}}
+	case regex != "":
+		o.constraint = &llmclusterv1.Constraint{Kind: &llmclusterv1.Constraint_Regex{Regex: regex}}
+	case choice != "":
+		o.constraint = &llmclusterv1.Constraint{Kind: &llmclusterv1.Constraint_Choice{
+			Choice: &llmclusterv1.Choices{Options: strings.Split(choice, ",")}}}
+	}
 	switch o.mode {
 	case "stream", "cancel":
 	case "bad":
@@ -104,6 +138,7 @@ func buildRequest(o options) *llmclusterv1.GenerateRequest {
 		Temperature:  0,
 		MaxNewTokens: proto.Uint32(uint32(o.maxNewTokens)),
 		IgnoreEos:    o.ignoreEOS,
+		Constraint:   o.constraint,
 	}
 	if o.topP >= 0 {
 		params.TopP = proto.Float32(float32(o.topP))

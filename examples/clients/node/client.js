@@ -10,6 +10,10 @@
 //   bad     send a request the server must reject (top_p defaults to 2) and print the
 //           gRPC status code name and message
 //
+// Structured output (any mode, at most one): --json-schema FILE (the output is JSON valid
+// under the schema in FILE), --regex RE (the output matches RE), --choice a,b,c (the
+// output is exactly one of the comma-separated strings).
+//
 // Stubs come from protos/ via `npm run generate` (see generate.js).
 "use strict";
 
@@ -21,6 +25,7 @@ const { FinishReason, GenerateRequest } = require("./gen/llmcluster/v1/generate"
 const USAGE = `usage: node client.js --target HOST:PORT [--mode stream|cancel|bad]
   [--prompt TEXT] [--max-new-tokens N] [--cancel-after N] [--top-p X] [--ignore-eos]
   [--timeout-s S] [--token TOKEN] [--tls-ca FILE]
+  [--json-schema FILE | --regex RE | --choice a,b,c]   structured output (params.constraint)
   --token / $LLMCLUSTER_TOKEN: API key sent as 'authorization: Bearer'
   --tls-ca / $LLMCLUSTER_TLS_CA: CA of the router's certificate (TLS; unset = plaintext)`;
 
@@ -36,6 +41,11 @@ function parseArgs(argv) {
     timeoutS: 60,
     token: process.env.LLMCLUSTER_TOKEN || "",
     tlsCa: process.env.LLMCLUSTER_TLS_CA || "",
+    constraint: undefined, // the Constraint message's oneof, when a constraint flag is given
+  };
+  const setConstraint = (kind) => {
+    if (args.constraint !== undefined) throw new Error("give at most one of --json-schema, --regex, --choice");
+    args.constraint = kind;
   };
   const numeric = { "--max-new-tokens": "maxNewTokens", "--cancel-after": "cancelAfter",
     "--top-p": "topP", "--timeout-s": "timeoutS" };
@@ -51,6 +61,12 @@ function parseArgs(argv) {
     else if (flag === "--token") args.token = value();
     else if (flag === "--tls-ca") args.tlsCa = value();
     else if (flag === "--ignore-eos") args.ignoreEos = true;
+    else if (flag === "--json-schema") {
+      setConstraint({ oneofKind: "jsonSchema", jsonSchema: fs.readFileSync(value(), "utf8") });
+    } else if (flag === "--regex") setConstraint({ oneofKind: "regex", regex: value() });
+    else if (flag === "--choice") {
+      setConstraint({ oneofKind: "choice", choice: { options: value().split(",") } });
+    }
     else if (flag in numeric) {
       const n = Number(value());
       if (!Number.isFinite(n)) throw new Error(`${flag} needs a number`);
@@ -69,6 +85,8 @@ function buildRequest(args) {
   // temperature 0 = greedy; unset optional fields take the server default.
   const params = { temperature: 0, maxNewTokens: args.maxNewTokens, ignoreEos: args.ignoreEos };
   if (args.topP !== undefined) params.topP = args.topP;
+  // protobuf-ts represents a oneof as { oneofKind, <field> }.
+  if (args.constraint !== undefined) params.constraint = { kind: args.constraint };
   return GenerateRequest.create({ prompt: args.prompt, params });
 }
 

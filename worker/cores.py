@@ -59,6 +59,11 @@ class CorePlacement:
     threads: int
 
 
+def serving_threads(threads: int) -> int:
+    """The engine's compute threads: ``--threads``, or one per core this process may use."""
+    return threads or len(allowed_cpus())
+
+
 def place(cpus: Sequence[int], threads: int) -> CorePlacement:
     """Pins this process to ``cpus`` (empty: keep the current mask) and sets the compute
     threads (0: one per allowed core) through OMP_NUM_THREADS / MKL_NUM_THREADS, which
@@ -70,7 +75,7 @@ def place(cpus: Sequence[int], threads: int) -> CorePlacement:
             raise ValueError(f"cpus {unknown} do not exist (this machine has {os.cpu_count()})")
         os.sched_setaffinity(0, set(cpus))
     allowed = allowed_cpus()
-    threads = threads or len(allowed)
+    threads = serving_threads(threads)
     if threads > len(allowed):
         logger.warning(
             "%d compute threads on %d allowed core(s) (%s): threads will contend for cores; "

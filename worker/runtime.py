@@ -18,6 +18,7 @@ from common.validation import GenerationLimits, GenerationSpec, SamplingParams
 from worker.adapters import AdapterSet
 from worker.config import WorkerConfig
 from worker.constraints import ConstraintCompiler
+from worker.cores import serving_threads
 from worker.cpu_layout import use_column_major_linear_weights
 from worker.engine import Engine, EngineConfig, EngineRequest
 
@@ -72,7 +73,12 @@ class ModelRuntime:
             from worker.null_engine import NullEngine
 
             return NullEngine(self.tokenizer, config, step_s=self.config.null_step_ms / 1000.0)
-        return Engine(self.model, self.tokenizer, config, adapters=self.adapters)
+        engine = Engine(self.model, self.tokenizer, config, adapters=self.adapters)
+        # On the engine thread itself: torch may have started its OpenMP pool (one thread
+        # per core) before --threads/--cpus were applied, and a pinned worker then ran 2
+        # threads on 1 core (20x slower decoding, measured with up --workers 2).
+        engine.set_compute_threads(serving_threads(self.config.threads))
+        return engine
 
     def rebuild_engine(self, old: Engine) -> Engine:
         """A fresh engine on the same model, keeping the old one's hooks and its thread

@@ -36,6 +36,7 @@ from common.tracing import (
     setup_tracing,
     shutdown_tracing,
 )
+from worker import cores as worker_cores
 from worker.config import WorkerConfig
 from worker.finetune_service import add_finetune_servicer
 from worker.front import EngineFront
@@ -180,9 +181,7 @@ class WorkerServer:
     def _share_cores_with_training(self) -> Callable[[int], None]:
         """While training processes run here, the engine gives up the cores they use
         (``--job-threads`` each), keeping at least one; all return when they end."""
-        import torch
-
-        serving_threads = torch.get_num_threads()
+        serving_threads = worker_cores.serving_threads(self.config.threads)
 
         def on_training_processes(count: int) -> None:
             threads = max(1, serving_threads - count * self.config.job_threads)

@@ -43,7 +43,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def _prompt_ids(tokenizer, n_tokens: int, salt: int) -> list[int]:
+def filler_prompt_ids(tokenizer, n_tokens: int, salt: int) -> list[int]:
     text = f"Note {salt}: " + _FILLER * (n_tokens // 20 + 2)
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     return ids[:n_tokens]
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = [
             engine.submit(
                 EngineRequest(
-                    _prompt_ids(tokenizer, args.stream_prompt_tokens, i),
+                    filler_prompt_ids(tokenizer, args.stream_prompt_tokens, i),
                     SamplingParams(max_new_tokens=stream_new, ignore_eos=True),
                     sink,
                 )
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for key in keys:
             sink.wait_for(key, args.warm_tokens + args.normal_tokens).wait(args.timeout_s)
-        long_ids = _prompt_ids(tokenizer, args.long_tokens, 999)
+        long_ids = filler_prompt_ids(tokenizer, args.long_tokens, 999)
         long_submitted = time.perf_counter()
         long_key = engine.submit(
             EngineRequest(long_ids, SamplingParams(max_new_tokens=8, ignore_eos=True), sink)

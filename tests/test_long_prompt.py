@@ -18,16 +18,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.prefill_fairness import filler_prompt_ids
 from common.models import load_tokenizer, resolve_model
 from common.pb import generate_pb2, generate_pb2_grpc
 from tests.procs import start_worker
 
 LONG_TOKENS = 8_000
 STREAMS = 8
-FILLER = (
-    "the river ran past the old mill and the village children watched the boats go by "
-    "while their parents talked about the harvest the weather and the price of bread "
-)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +53,9 @@ def eager_worker():
 
 def long_prompt_text() -> str:
     tokenizer = load_tokenizer(resolve_model(None))
-    ids = tokenizer(FILLER * (LONG_TOKENS // 20 + 2), add_special_tokens=False)["input_ids"]
-    text = tokenizer.decode(ids[:LONG_TOKENS])
+    text = tokenizer.decode(
+        filler_prompt_ids(tokenizer, LONG_TOKENS, salt=0), skip_special_tokens=True
+    )
     # Decoding and re-encoding can merge or split a few tokens; stay within the context.
     assert LONG_TOKENS - 50 <= len(tokenizer(text)["input_ids"]) <= LONG_TOKENS + 50
     return text

@@ -4,6 +4,7 @@ the engine's outputs back. No torch here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -66,25 +67,31 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         except Exception as exc:
             observer.finish(exc)
             raise
-        try:
-            while True:
-                for out in await queue.get():
-                    observer.on_output(out)
-                    if out.error is not None:
-                        raise out.error
-                    yield stream_response_to_pb(out, request_id, state.worker_id)
-                    if out.done:
-                        return
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away: free the slot and KV cache at the next iteration.
+
+        def on_rpc_done(_context: object) -> None:
+            # The client went away (cancel, deadline, broken connection): free the slot
+            # and KV cache at the next iteration. The call's own end is the signal, not
+            # this generator's exit: gRPC may cancel while it writes a message, outside
+            # the generator. Both calls are no-ops once the request has ended.
             front.cancel(key, "client cancelled")
             observer.finish(Cancelled("client cancelled"))
-            raise
+
+        context.add_done_callback(on_rpc_done)
+        while True:
+            for out in await queue.get():
+                observer.on_output(out)
+                if out.error is not None:
+                    raise out.error
+                yield stream_response_to_pb(out, request_id, state.worker_id)
+                if out.done:
+                    return
 
     async def GenerateStream(self, request, context):  # noqa: N802 - gRPC method name
         try:
-            async for msg in self._stream(request, context, "GenerateStream"):
-                yield msg
+            # aclosing: a cancel that lands at this yield must still reach _stream's except.
+            async with contextlib.aclosing(self._stream(request, context, "GenerateStream")) as s:
+                async for msg in s:
+                    yield msg
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -95,10 +102,11 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         tokens = []
         last = None
         try:
-            async for msg in self._stream(request, context, "Generate"):
-                text.append(msg.text)
-                tokens.extend(msg.tokens)
-                last = msg
+            async with contextlib.aclosing(self._stream(request, context, "Generate")) as s:
+                async for msg in s:
+                    text.append(msg.text)
+                    tokens.extend(msg.tokens)
+                    last = msg
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -132,15 +132,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers must be >= 1", file=sys.stderr)
         return 2
-    # The router binds 127.0.0.1 (its default); a taken port is said before any worker
-    # starts loading, not after a minute of start-up.
-    if not port_is_free("127.0.0.1", args.port):
-        print(
-            f"llmcluster up: router port {args.port} is in use (another cluster?); "
-            "stop it or pick another with --port",
-            file=sys.stderr,
-        )
+    if args.routers < 1:
+        print("--routers must be >= 1", file=sys.stderr)
         return 2
+    # Routers bind 127.0.0.1 (their default) on --port, --port+1, ...; a taken port is
+    # said before any worker starts loading, not after a minute of start-up.
+    router_ports = [args.port + i for i in range(args.routers)]
+    for port in router_ports:
+        if not 0 < port < 65536 or not port_is_free("127.0.0.1", port):
+            print(
+                f"llmcluster up: router port {port} is in use or invalid (another cluster?); "
+                "stop it or pick another with --port",
+                file=sys.stderr,
+            )
+            return 2
     http = None if args.no_http else (args.http_host, args.http_port)
     if http is not None and http[1] and not port_is_free(*http):
         # Fail before anything starts: a gateway on a surprise port would be missed.
@@ -183,22 +188,34 @@ def _run(args: argparse.Namespace) -> int:
             cmd += worker_tls
             workers.append(_spawn(cmd, args.child_log_level))
             procs.append(workers[-1])
-        router_cmd = ["router", "--port", str(args.port), "--workers", ",".join(worker_addresses)]
-        if http is not None:
-            if not http[1]:
-                http = (http[0], _free_port())
-            router_cmd += ["--http-host", http[0], "--http-port", str(http[1])]
-        router = _spawn(router_cmd + router_tls, args.child_log_level)
-        procs.insert(0, router)  # stopped first, so workers drain what it sent
-        address = f"127.0.0.1:{args.port}"
-        print(f"starting router on {address} and {args.workers} worker(s)...", flush=True)
-        # Every worker, then the router: the router is SERVING once any one worker is, and
+        # Interchangeable routers over the same workers (each has its own links); the
+        # first also serves the HTTP gateway.
+        for i, port in enumerate(router_ports):
+            router_cmd = ["router", "--port", str(port), "--workers", ",".join(worker_addresses)]
+            if http is not None and i == 0:
+                if not http[1]:
+                    http = (http[0], _free_port())
+                router_cmd += ["--http-host", http[0], "--http-port", str(http[1])]
+            procs.insert(i, _spawn(router_cmd + router_tls, args.child_log_level))
+        # Routers are stopped first (list order), so workers drain what they sent.
+        addresses = [f"127.0.0.1:{port}" for port in router_ports]
+        address = addresses[0]
+        print(
+            f"starting {args.routers} router(s) on {', '.join(addresses)} and "
+            f"{args.workers} worker(s)...",
+            flush=True,
+        )
+        # Every worker, then the routers: a router is SERVING once any one worker is, and
         # "up --workers 2" should not hand out its address with one still loading.
         # Each worker says its own phases and "serving on" line (common/startup.py).
         for worker_address in worker_addresses:
             _wait_serving(worker_address, procs, args.start_timeout_s, credentials)
-        _wait_serving(address, procs, args.start_timeout_s, credentials)
-        print(f"router listening on {address}" + (" (TLS)" if tls_dir else ""), flush=True)
+        for router_address in addresses:
+            _wait_serving(router_address, procs, args.start_timeout_s, credentials)
+            print(
+                f"router listening on {router_address}" + (" (TLS)" if tls_dir else ""),
+                flush=True,
+            )
         ca_flag = f" --tls-ca {tls_dir}/ca.crt" if tls_dir else ""
         print(f'try: llmcluster generate --chat "Hello!" --target {address}{ca_flag}', flush=True)
         if http is not None:
@@ -228,6 +245,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start a local cluster: router + workers + the default model")
     up.add_argument("--workers", type=int, default=1, help="number of workers (default: 1)")
     up.add_argument("--port", type=int, default=50051, help="router port (default: 50051)")
+    up.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="number of routers over the same workers, on --port, --port+1, ... (default: 1)",
+    )
     up.add_argument(
         "--http-port",
         type=int,

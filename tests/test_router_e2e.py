@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -32,7 +33,7 @@ NO_SELF_TEST = ("--self-test-interval-s", "0")
 @pytest.fixture(scope="module")
 def workers():
     procs = [
-        start_worker("--dtype", "float32", "--worker-id", wid, "--max-running", "16", *NO_SELF_TEST)
+        start_worker("--dtype", "float32", "--worker-id", wid, "--max-running", "32", *NO_SELF_TEST)
         for wid in WORKER_IDS
     ]
     try:
@@ -338,3 +339,82 @@ def test_router_never_imports_torch(router):
     )
     for flag in ("--port", "--workers", "--max-queue", "--coalesce-window-ms", "--max-batch"):
         assert flag in help_out.stdout
+
+
+def _follow(address: str, requests: list[generate_pb2.GenerateRequest]):
+    """Streams each request in its own thread; returns (threads, messages, errors, first)
+    where ``first[i]`` is set at stream i's first message."""
+    channel = grpc.insecure_channel(address)
+    stub = generate_pb2_grpc.GenerateStub(channel)
+    messages: list[list] = [[] for _ in requests]
+    errors: dict[int, grpc.RpcError] = {}
+    first = [threading.Event() for _ in requests]
+
+    def run(i: int) -> None:
+        try:
+            for m in stub.GenerateStream(requests[i], timeout=CALL_TIMEOUT_S):
+                messages[i].append(m)
+                first[i].set()
+        except grpc.RpcError as exc:
+            errors[i] = exc
+        finally:
+            first[i].set()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    return channel, threads, messages, errors, first
+
+
+def test_two_routers_share_two_workers_and_one_is_killed(workers):
+    """Issue 20: two routers over the same two workers serve 64 streams together; a router
+    SIGKILLed mid-stream fails its own clients promptly (UNAVAILABLE), the other keeps
+    serving, and the workers free the dead router's sequences (its link closed), so their
+    running counts come back to what the live router holds."""
+    wait_running_zero(workers, 60)
+    doomed, live = (start_router([w.address for w in workers]) for _ in range(2))
+    try:
+        doomed.wait_healthy(timeout_s=60)
+        live.wait_healthy(timeout_s=60)
+        # ignore_eos: every stream still runs when the router dies.
+        doomed_calls = _follow(
+            doomed.address, [prompt_request(f"Tale number {i}:", 400) for i in range(32)]
+        )
+        for event in doomed_calls[4]:
+            assert event.wait(CALL_TIMEOUT_S)
+        live_calls = _follow(
+            live.address, [prompt_request(f"Poem number {i}:", 48) for i in range(32)]
+        )
+        for event in live_calls[4]:
+            assert event.wait(CALL_TIMEOUT_S)
+        assert sum(worker_load(w).running for w in workers) > 32  # both routers' work runs
+        doomed.signal(9)
+        killed_at = time.monotonic()
+        channel, threads, _, errors, _ = doomed_calls
+        for t in threads:
+            t.join(30)
+        channel.close()
+        assert len(errors) == 32 and all(
+            e.code() == grpc.StatusCode.UNAVAILABLE for e in errors.values()
+        ), {e.code() for e in errors.values()}
+        # Within a few seconds the workers run only the live router's streams.
+        channel, threads, messages, errors, _ = live_calls
+        while True:
+            still_open = sum(1 for t in threads if t.is_alive())
+            running = sum(worker_load(w).running for w in workers)
+            if running <= still_open:
+                break
+            assert time.monotonic() - killed_at < 15, (
+                f"workers run {running} sequences, the live router holds {still_open}"
+            )
+            time.sleep(0.05)
+        for t in threads:
+            t.join(CALL_TIMEOUT_S)
+        channel.close()
+        assert not errors, {e.code() for e in errors.values()}
+        served_by = {m[-1].usage.worker_id for m in messages}
+        assert served_by == set(WORKER_IDS)
+        assert all(m[-1].usage.completion_tokens == 48 for m in messages)
+    finally:
+        doomed.stop()
+        live.stop()

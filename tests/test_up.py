@@ -140,8 +140,10 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
     up_factory: list[UpProcess],
 ) -> None:
     port, http_port = free_port(), free_port()
+    while not _port_is_free(f"127.0.0.1:{port + 1}") or port + 1 == http_port:
+        port = free_port()  # the second router takes --port + 1
     up = UpProcess(
-        "--workers", "2", "--port", str(port), "--dtype", "float32", "--demo",
+        "--workers", "2", "--routers", "2", "--port", str(port), "--dtype", "float32", "--demo",
         "--http-port", str(http_port),
     )  # fmt: skip
     up_factory.append(up)
@@ -153,6 +155,8 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
         assert set(seen) <= {"local-0", "local-1"}, seen
     router = up.wait_for(r"router listening on (\S+)", 120).group(1)
     assert router == f"127.0.0.1:{port}"
+    second_router = up.wait_for(r"router listening on (\S+)", 120).group(1)
+    assert second_router == f"127.0.0.1:{port + 1}"
     gateway = up.wait_for(r"OpenAI-compatible HTTP API on (\S+) ", 30).group(1)
     assert gateway == f"http://127.0.0.1:{http_port}/v1"
     # The demo: a real streamed answer, then its finish reason and usage.
@@ -170,17 +174,18 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
         assert len(re.findall(rf"^worker {worker} serving on ", demo_text, re.M)) == 1
     assert "it/s]" not in demo_text and "Warning" not in demo_text, demo_text
 
-    # Another client gets served while up is in the foreground.
-    with grpc.insecure_channel(router) as channel:
-        request = generate_pb2.GenerateRequest(
-            prompt="The capital of France is",
-            params=generate_pb2.SamplingParams(max_new_tokens=4, temperature=0.0),
-        )
-        messages = list(
-            generate_pb2_grpc.GenerateStub(channel).GenerateStream(request, timeout=120)
-        )
-    assert messages[-1].usage.completion_tokens == 4
-    assert messages[-1].usage.worker_id in {"local-0", "local-1"}
+    # Other clients get served while up is in the foreground, by either router.
+    for address in (router, second_router):
+        with grpc.insecure_channel(address) as channel:
+            request = generate_pb2.GenerateRequest(
+                prompt="The capital of France is",
+                params=generate_pb2.SamplingParams(max_new_tokens=4, temperature=0.0),
+            )
+            messages = list(
+                generate_pb2_grpc.GenerateStub(channel).GenerateStream(request, timeout=120)
+            )
+        assert messages[-1].usage.completion_tokens == 4
+        assert messages[-1].usage.worker_id in {"local-0", "local-1"}
     # And the official OpenAI client, through up's HTTP gateway (issue 16's first bar):
     # content deltas in chunks of their own, usage on the last; completions and models;
     # an unknown model is NotFoundError, temperature=-1 BadRequestError.
@@ -213,14 +218,14 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
     assert sorted(ports[1:]) == sorted(a.rsplit(":", 1)[1] for a in seen.values())
     assert up.interrupt(timeout_s=60) == 0
     up.wait_for(r"stopping cluster", 5)
-    _wait_stopped([*ports, str(http_port)], timeout_s=10)
+    _wait_stopped([*ports, str(port + 1), str(http_port)], timeout_s=10)
 
 
 def test_ctrl_c_while_workers_load_stops_everything(up_factory: list[UpProcess]) -> None:
     port = free_port()
     up = UpProcess("--workers", "1", "--port", str(port), "--dtype", "float32", "--no-http")
     up_factory.append(up)
-    up.wait_for(r"starting router on", 60)
+    up.wait_for(r"starting 1 router\(s\) on", 60)
     ports = _cluster_ports(port)
     started = time.monotonic()
     # Interrupted before anything is healthy: up must not sit in its health wait.

@@ -25,7 +25,7 @@ def _null_worker(home: Path, worker_id: str) -> Proc:
 
 def _wait_state(stub: finetune_pb2_grpc.FineTuneStub, job_id: str, state: int) -> None:
     deadline = time.monotonic() + 120
-    while stub.GetJob(finetune_pb2.GetJobRequest(job_id=job_id), timeout=10).state != state:
+    while stub.GetJob(finetune_pb2.GetJobRequest(job_id=job_id), timeout=30).state != state:
         assert time.monotonic() < deadline, f"job {job_id} never reached {state}"
         time.sleep(0.2)
 

@@ -380,13 +380,13 @@ def test_two_routers_share_two_workers_and_one_is_killed(workers):
         doomed_calls = _follow(
             doomed.address, [prompt_request(f"Tale number {i}:", 400) for i in range(32)]
         )
-        for event in doomed_calls[4]:
-            assert event.wait(CALL_TIMEOUT_S)
+        for started in doomed_calls[4]:  # (channel, threads, messages, errors, first)
+            assert started.wait(CALL_TIMEOUT_S)
         live_calls = _follow(
             live.address, [prompt_request(f"Poem number {i}:", 48) for i in range(32)]
         )
-        for event in live_calls[4]:
-            assert event.wait(CALL_TIMEOUT_S)
+        for started in live_calls[4]:
+            assert started.wait(CALL_TIMEOUT_S)
         assert sum(worker_load(w).running for w in workers) > 32  # both routers' work runs
         doomed.signal(9)
         killed_at = time.monotonic()

@@ -4,7 +4,6 @@ the engine's outputs back. No torch here."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -88,10 +87,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
 
     async def GenerateStream(self, request, context):  # noqa: N802 - gRPC method name
         try:
-            # aclosing: a cancel that lands at this yield must still reach _stream's except.
-            async with contextlib.aclosing(self._stream(request, context, "GenerateStream")) as s:
-                async for msg in s:
-                    yield msg
+            async for msg in self._stream(request, context, "GenerateStream"):
+                yield msg
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -102,11 +99,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         tokens = []
         last = None
         try:
-            async with contextlib.aclosing(self._stream(request, context, "Generate")) as s:
-                async for msg in s:
-                    text.append(msg.text)
-                    tokens.extend(msg.tokens)
-                    last = msg
+            async for msg in self._stream(request, context, "Generate"):
+                text.append(msg.text)
+                tokens.extend(msg.tokens)
+                last = msg
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -372,10 +372,20 @@ def test_two_routers_share_two_workers_and_one_is_killed(workers):
     serving, and the workers free the dead router's sequences (its link closed), so their
     running counts come back to what the live router holds."""
     wait_running_zero(workers, 60)
-    doomed, live = (start_router([w.address for w in workers]) for _ in range(2))
+    metrics_ports = [free_port(), free_port()]
+    doomed, live = (
+        start_router([w.address for w in workers], "--metrics-port", str(port))
+        for port in metrics_ports
+    )
     try:
-        doomed.wait_healthy(timeout_s=60)
-        live.wait_healthy(timeout_s=60)
+        # SERVING means one healthy link; each router must see both workers, or (as seen on a
+        # loaded 2-core CI run) both send everything to the first and its queue holds the rest.
+        for proc, port in zip((doomed, live), metrics_ports, strict=True):
+            proc.wait_healthy(timeout_s=60)
+            deadline = time.monotonic() + 60
+            while scrape(port).get("llmcluster_router_healthy_workers") != len(workers):
+                assert time.monotonic() < deadline, "router does not see both workers"
+                time.sleep(0.1)
         # ignore_eos: every stream still runs when the router dies.
         doomed_calls = _follow(
             doomed.address, [prompt_request(f"Tale number {i}:", 400) for i in range(32)]
@@ -387,7 +397,8 @@ def test_two_routers_share_two_workers_and_one_is_killed(workers):
         )
         for started in live_calls[4]:
             assert started.wait(CALL_TIMEOUT_S)
-        assert sum(worker_load(w).running for w in workers) > 32  # both routers' work runs
+        loads = [worker_load(w) for w in workers]
+        assert sum(ld.running for ld in loads) > 32, loads  # both routers' work runs
         doomed.signal(9)
         killed_at = time.monotonic()
         channel, threads, _, errors, _ = doomed_calls

@@ -66,7 +66,13 @@ class _BearerToken(
 def open_channel(
     args: argparse.Namespace, target: str, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:
-    """The channel the flags describe (exits 2 on an unreadable certificate file)."""
+    """The channel the flags describe (exits 2 on an unreadable certificate file).
+
+    round_robin: a target that resolves to several routers (``dns:///routers:50051``,
+    ``ipv4:10.0.0.1:50051,10.0.0.2:50051``) spreads calls over them and skips one that is
+    down; with one address it is gRPC's default behaviour.
+    """
+    options = [("grpc.lb_policy_name", "round_robin"), *options]
     ca = getattr(args, "tls_ca", None) or env("LLMCLUSTER_TLS_CA") or ""
     cert, key = getattr(args, "tls_cert", None) or "", getattr(args, "tls_key", None) or ""
     token = getattr(args, "token", None) or env("LLMCLUSTER_TOKEN") or ""

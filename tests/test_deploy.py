@@ -159,7 +159,7 @@ def test_prometheus_scrapes_router_and_workers_on_their_metrics_ports(compose) -
     router_targets = [
         t for sc in jobs["llmcluster-router"]["static_configs"] for t in sc["targets"]
     ]
-    assert router_targets == [f"router:{ROUTER_METRICS}"]
+    assert router_targets == [f"router:{ROUTER_METRICS}", f"router-2:{ROUTER_METRICS}"]
     dns = jobs["llmcluster-worker"]["dns_sd_configs"][0]
     assert dns["port"] == WORKER_METRICS
     assert {"worker", "worker-gpu"} == set(dns["names"])
@@ -233,6 +233,12 @@ def test_k8s_router_points_at_the_headless_service(k8s) -> None:
     assert svc["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
     ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
     assert ports == {"grpc": ROUTER_GRPC, "metrics": ROUTER_METRICS}
+    # Several interchangeable routers; a headless Service for client-side round_robin.
+    assert deploy["spec"]["replicas"] >= 2
+    headless = k8s[("Service", "llmcluster-router-headless")]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]} == {"grpc": ROUTER_GRPC}
 
 
 def test_k8s_env_config_and_service_names(k8s) -> None:

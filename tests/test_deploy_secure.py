@@ -61,7 +61,7 @@ def test_compose_override_serves_tls_with_an_auth_file(secure) -> None:
         assert services[name]["networks"] == ["backend"]
         assert "ports" not in services[name]
     assert secure["networks"]["backend"]["internal"] is True
-    for name in ("router", "consul", "jaeger", "prometheus"):
+    for name in ("router", "router-2", "consul", "jaeger", "prometheus"):
         assert "backend" in services[name]["networks"], name
     for secret in secure["secrets"].values():
         assert secret["file"].startswith("./secrets/")  # kept out of git (.gitignore)
@@ -126,3 +126,15 @@ def test_k8s_overlay_renders_tls_auth_probes_and_network_policy(tmp_path) -> Non
     assert grpc_rule["from"] == [
         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "llmcluster-router"}}}
     ]
+
+
+def test_every_router_of_the_base_file_is_secured(secure) -> None:
+    """A router the base compose file adds (router-2) without an override here would serve
+    plaintext with no auth beside the secured one."""
+    base = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    routers = {n for n, s in base.items() if s.get("command", [""])[0] == "router"}
+    assert routers >= {"router", "router-2"}
+    for name in routers:
+        flags = _flags([str(a) for a in secure["services"][name]["command"]])
+        assert {"--tls-cert", "--auth-file", "--worker-tls-ca"} <= set(flags), name
+        assert "backend" in secure["services"][name]["networks"], name

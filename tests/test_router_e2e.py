@@ -7,6 +7,7 @@ second router with ``--max-queue 4`` for the admission test. Requests keep
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.pb import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+from llmcluster.connection import open_channel
 from tests.procs import REPO_ROOT, Proc, free_port, start_router, start_worker
 
 WORKER_IDS = ("router-w-a", "router-w-b")
@@ -366,26 +368,64 @@ def _follow(address: str, requests: list[generate_pb2.GenerateRequest]):
     return channel, threads, messages, errors, first
 
 
+def start_routers_seeing(workers: list[Proc], n: int) -> list[Proc]:
+    """``n`` routers over ``workers``, each with a ``metrics_port``, returned once every one
+    has a healthy link to every worker. SERVING means one healthy link: on a loaded 2-core
+    CI run a router still dialling the second worker sent everything to the first."""
+    routers = []
+    for _ in range(n):
+        port = free_port()
+        proc = start_router([w.address for w in workers], "--metrics-port", str(port))
+        proc.metrics_port = port  # type: ignore[attr-defined]
+        routers.append(proc)
+    try:
+        for proc in routers:
+            proc.wait_healthy(timeout_s=60)
+            deadline = time.monotonic() + 60
+            while scrape(proc.metrics_port).get("llmcluster_router_healthy_workers") != len(
+                workers
+            ):
+                assert time.monotonic() < deadline, "router does not see every worker"
+                time.sleep(0.1)
+    except BaseException:
+        for proc in routers:
+            proc.stop()
+        raise
+    return routers
+
+
+def test_client_commands_spread_calls_over_several_routers(workers):
+    """The CLI's channel (round_robin) over a target naming two routers sends calls to both."""
+    routers = start_routers_seeing(workers, 2)
+    try:
+        target = "ipv4:" + ",".join(p.address for p in routers)
+        before = [
+            scrape(p.metrics_port).get("llmcluster_router_batched_requests_total", 0)
+            for p in routers
+        ]
+        with open_channel(argparse.Namespace(), target) as channel:
+            stub = generate_pb2_grpc.GenerateStub(channel)
+            for i in range(8):
+                reply = stub.Generate(prompt_request(f"Call {i}:", 1), timeout=CALL_TIMEOUT_S)
+                assert reply.usage.completion_tokens == 1
+        served = [
+            scrape(p.metrics_port).get("llmcluster_router_batched_requests_total", 0) - b
+            for p, b in zip(routers, before, strict=True)
+        ]
+        assert sum(served) == 8 and all(n >= 1 for n in served), served
+    finally:
+        for p in routers:
+            p.stop()
+
+
 def test_two_routers_share_two_workers_and_one_is_killed(workers):
     """Issue 20: two routers over the same two workers serve 64 streams together; a router
     SIGKILLed mid-stream fails its own clients promptly (UNAVAILABLE), the other keeps
     serving, and the workers free the dead router's sequences (its link closed), so their
     running counts come back to what the live router holds."""
     wait_running_zero(workers, 60)
-    metrics_ports = [free_port(), free_port()]
-    doomed, live = (
-        start_router([w.address for w in workers], "--metrics-port", str(port))
-        for port in metrics_ports
-    )
+    doomed, live = start_routers_seeing(workers, 2)
     try:
-        # SERVING means one healthy link; each router must see both workers, or (as seen on a
-        # loaded 2-core CI run) both send everything to the first and its queue holds the rest.
-        for proc, port in zip((doomed, live), metrics_ports, strict=True):
-            proc.wait_healthy(timeout_s=60)
-            deadline = time.monotonic() + 60
-            while scrape(port).get("llmcluster_router_healthy_workers") != len(workers):
-                assert time.monotonic() < deadline, "router does not see both workers"
-                time.sleep(0.1)
         # ignore_eos: every stream still runs when the router dies.
         doomed_calls = _follow(
             doomed.address, [prompt_request(f"Tale number {i}:", 400) for i in range(32)]

@@ -105,7 +105,7 @@ class Settings:
     null_new_tokens: int = 256
     null_step_ms: float = 5.0
     # null_interval's router --stream-interval-ms (null's router keeps the default, 0).
-    null_stream_interval_ms: float = 50.0
+    null_stream_interval_ms: float = 20.0
     target_concurrency: int = 32
     # Each judged level this many times, interleaved (ModelPhase, ``rounds_at``).
     rounds: int = 5
@@ -981,15 +981,15 @@ def evaluate_targets(ratios: dict, settings: Settings) -> list[dict]:
         check(
             "null engine tokens/s",
             null["value"] if null["streams"] == 256 else None,
-            lambda v: v >= 20000,
-            ">= 20000",
+            lambda v: v >= 25000,
+            ">= 25000",
             f"{null['streams']} streams, a message per token",
         ),
         check(
             "null engine tokens/s, interval",
             null["value_with_interval"] if null["streams"] == 256 else None,
-            lambda v: v >= 20000,
-            ">= 20000",
+            lambda v: v >= 40000,
+            ">= 40000",
             f"{null['streams']} streams, --stream-interval-ms {_fmt(null['stream_interval_ms'], 0)}",
         ),
         check(

@@ -282,3 +282,24 @@ def test_structured_benchmark_tiny_reports_both_rates_mask_cost_and_ratio(tmp_pa
     assert report["constrained_completed"] > 0
     assert report["constrained_valid"] == report["constrained_checked"]
     assert "mixed/free" in proc.stdout
+
+
+@pytest.mark.benchmark
+def test_fleet_benchmark_tiny_reports_per_token_router_cost(tmp_path):
+    """``python -m benchmarks.fleet`` with 1 and 2 routers over 2 null workers: every
+    stream completes and each row reports achieved vs offered tokens/s and CPU per token."""
+    out = tmp_path / "fleet.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fleet", "--routers", "1", "2", "--workers", "2",
+         "--streams-per-worker", "4", "--tokens", "8", "--requests-per-stream", "1",
+         "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["routers"], r["workers"]) for r in results] == [(1, 2), (2, 2)]
+    for r in results:
+        assert r["errors"] == 0 and r["tokens"] == 8 * 8
+        assert r["offered_tokens_per_s"] == 8 * 1000 / 20.0
+        assert r["tokens_per_s"] > 0 and r["router_us_per_token"] is not None
+        assert set(r["cpu_s"]) >= {f"router-{i}" for i in range(r["routers"])}

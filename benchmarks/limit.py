@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", required=True, help="workload JSON from the driver")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--weights", default="auto", help="as the worker's --weights")
     parser.add_argument("--max-running", type=int, default=32)
     parser.add_argument("--max-kv-tokens", type=int, default=65536)
     parser.add_argument("--ready", required=True, help="file written once the engine is warm")
@@ -96,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.models import load_model, resolve_model
     from common.validation import SamplingParams
-    from worker.cpu_layout import use_column_major_linear_weights
     from worker.engine import Engine, EngineConfig, EngineRequest
+    from worker.weights import prepare_for_serving
 
     workload = Workload.load(Path(args.workload))
     model, tokenizer = load_model(resolve_model(None), dtype=args.dtype, device="cpu")
-    use_column_major_linear_weights(model)  # as the worker prepares it (worker/runtime.py)
+    prepare_for_serving(model, args.weights)  # as the worker prepares it (worker/runtime.py)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
     engine = Engine(
         model,

@@ -16,6 +16,7 @@ from typing import Any
 
 from common.errors import InvalidArgument, NotFound
 from common.model_store import ArtifactRef, ModelStore
+from worker.weights import keep_adapter_precision
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class AdapterSet:
             self.wrapped = True
         else:
             model.load_adapter(str(path), adapter_name=key, is_trainable=False)
+        # On a bf16/int8 base (--weights) the delta keeps the model's compute precision.
+        keep_adapter_precision(model, key, model.get_input_embeddings().weight.dtype)
         with self._lock:
             self._loaded[key] = ref
         logger.info("loaded adapter %s (%s)", ref.ref, key)

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from common.config import field
-from common.models import DTYPES
+from common.models import DTYPES, WEIGHTS
 from common.tls import ServerTlsFields
 
 
@@ -26,6 +26,13 @@ class WorkerConfig(ServerTlsFields):
     )
     dtype: str = field(
         "auto", help=f"model dtype, one of {DTYPES}; auto = bf16 on CUDA, fp32 on CPU"
+    )
+    weights: str = field(
+        "auto",
+        help=f"storage of the projection and MLP matrices, one of {WEIGHTS}: bf16 or int8 "
+        "(weight-only, per-channel scales) cut the bytes a decode step reads; activations, "
+        "KV cache and LM head stay in --dtype; auto = as loaded (fp32 on CPU). "
+        "benchmarks/precision.py measures speed and quality of each",
     )
     device: str = field("auto", help="torch device; auto = cuda when present, else cpu")
     worker_id: str = field(
@@ -92,6 +99,8 @@ class WorkerConfig(ServerTlsFields):
         self.check_server_tls()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         for name in (
             "max_running",
             "max_kv_tokens",

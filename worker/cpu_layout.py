@@ -27,7 +27,8 @@ def use_column_major_linear_weights(model: Any) -> int:
     changed = 0
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, torch.nn.Linear):
+            # Exactly nn.Linear: worker/weights.py's low-precision layers keep their layout.
+            if type(module) is not torch.nn.Linear:
                 continue
             weight = module.weight
             if weight.dim() != 2 or weight.t().is_contiguous():

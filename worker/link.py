@@ -279,4 +279,5 @@ class WorkerLinkServicer(worker_pb2_grpc.WorkerServicer):
             max_new_tokens_limit=self._state.runtime.limits.max_new_tokens_limit,
             load=self.load(),
             supports_constraints=self._state.runtime.supports_constraints,
+            weights=self._state.runtime.weights,
         )

@@ -19,8 +19,8 @@ from worker.adapters import AdapterSet
 from worker.config import WorkerConfig
 from worker.constraints import ConstraintCompiler
 from worker.cores import serving_threads
-from worker.cpu_layout import use_column_major_linear_weights
 from worker.engine import Engine, EngineConfig, EngineRequest
+from worker.weights import cpu_features_line, prepare_for_serving
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,17 @@ class ModelRuntime:
         if config.engine == "null":
             self.model, self.tokenizer = None, load_tokenizer(self.source)
             self.device, self.dtype, model_limit = "none", "none", 8192
+            self.weights = "none"
         else:
             self.model, self.tokenizer = load_model(self.source, config.dtype, config.device)
-            self.device = str(next(self.model.parameters()).device)
-            if self.device == "cpu":
-                use_column_major_linear_weights(self.model)
-            self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+            first = next(self.model.parameters())
+            self.device = str(first.device)
+            self.dtype = str(first.dtype).removeprefix("torch.")
+            self.weights = prepare_for_serving(self.model, config.weights)
+            logger.info(
+                "weights %s (--weights %s, --dtype %s on %s, %s)",
+                self.weights, config.weights, self.dtype, self.device, cpu_features_line(),
+            )  # fmt: skip
             model_limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 8192
         context = config.max_context_tokens or model_limit
         self.limits = GenerationLimits(

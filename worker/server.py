@@ -147,11 +147,12 @@ class WorkerServer:
         self.self_tester.start()
         await self._register(runtime)
         logger.info(
-            "worker %s SERVING model %s on %s (%s)",
+            "worker %s SERVING model %s on %s (%s, weights %s)",
             self.config.worker_id,
             runtime.source.name,
             runtime.device,
             runtime.dtype,
+            runtime.weights,
         )
         print(
             f"worker {self.config.worker_id} serving on {self.config.host}:{self.port}", flush=True

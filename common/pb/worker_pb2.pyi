@@ -137,7 +137,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "models", "adapters", "max_running", "max_kv_tokens", "max_queue", "device", "dtype", "version", "max_context_tokens", "max_new_tokens_limit", "load", "supports_constraints")
+    __slots__ = ("worker_id", "models", "adapters", "max_running", "max_kv_tokens", "max_queue", "device", "dtype", "version", "max_context_tokens", "max_new_tokens_limit", "load", "supports_constraints", "weights")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class WorkerInfo(_message.Message):
     MAX_NEW_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     models: _containers.RepeatedScalarFieldContainer[str]
     adapters: _containers.RepeatedScalarFieldContainer[str]
@@ -164,4 +165,5 @@ class WorkerInfo(_message.Message):
     max_new_tokens_limit: int
     load: Load
     supports_constraints: bool
-    def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[str]] = ..., max_running: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., supports_constraints: _Optional[bool] = ...) -> None: ...
+    weights: str
+    def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[str]] = ..., max_running: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ..., max_queue: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., supports_constraints: _Optional[bool] = ..., weights: _Optional[str] = ...) -> None: ...

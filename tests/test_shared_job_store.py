@@ -167,3 +167,52 @@ def test_sigkilled_worker_s_job_is_taken_over_after_the_lease_expires(
     assert (home / "store" / "takeover-bot" / "1" / "metadata.json").exists()
     meta = json.loads((home / "store" / "takeover-bot" / "1" / "metadata.json").read_text())
     assert meta["job_id"] == job.job_id
+
+
+@pytest.mark.slow  # two more worker starts and a job: about a minute on its own
+def test_workers_starting_at_once_never_both_take_a_job(workers: list[Proc], home: Path) -> None:
+    """worker-b stops cleanly mid-job (it releases the lease); two new workers start at
+    once on the store and exactly one of them takes the job over and completes it."""
+    b = workers[1]
+    ch_b, ft_b = stub(b)
+    with ch_b:
+        job = ft_b.CreateJob(
+            finetune_pb2.CreateJobRequest(
+                output_name="race-bot",
+                dataset_jsonl=small_jsonl(),
+                hyperparameters=small_hp(max_steps=6),
+            ),
+            timeout=60,
+        )
+        for event in ft_b.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
+            if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 2:
+                break
+    b.stop(timeout_s=30)  # SIGTERM: the trainer stops, the lease is released
+    lease = json.loads((home / "jobs" / job.job_id / "lease.1").read_text())
+    assert lease["worker_id"] == "worker-b" and lease["released"]
+
+    procs = [start(home, "worker-c"), start(home, "worker-d")]
+    try:
+        for proc in procs:
+            proc.wait_healthy(timeout_s=300)
+        ch_c, ft_c = stub(procs[0])
+        with ch_c:
+            events = watch_all(ft_c, job.job_id)
+            got = ft_c.GetJob(finetune_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+    finally:
+        for proc in procs:
+            proc.stop()
+    took = holders(events)
+    assert len(took) == 2, took  # worker-b's claim, then exactly one takeover
+    winner = re.fullmatch(
+        rf"{LEASE_HOLDER_LOG} worker (worker-[cd]) took the job over from worker worker-b "
+        rf"\(epoch 2\): worker worker-b released it",
+        took[1],
+    )
+    assert winner, took
+    assert states(events) == ["QUEUED", "RUNNING", "QUEUED", "RUNNING", "SUCCEEDED"], events[-1]
+    assert got.state == finetune_pb2.SUCCEEDED and got.worker_id == winner.group(1)
+    job_dir = home / "jobs" / job.job_id
+    assert sorted(p.name for p in job_dir.glob("lease.*")) == ["lease.1", "lease.2"]
+    steps = [e.metrics.step for e in events if e.WhichOneof("event") == "metrics"]
+    assert steps[-1] == 6 and steps.count(1) == 1

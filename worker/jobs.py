@@ -531,8 +531,8 @@ class JobManager:
         self._next_scan = time.monotonic() + self.config.scan_interval_s
         self._load_new()
         for job in self._ordered():
-            if job.held:
-                continue
+            if job.held or job.terminal:
+                continue  # a terminal job never changes again
             await self._refresh(job)
             if job.terminal or self._stopping:
                 self._observer.forget(job.job_id)

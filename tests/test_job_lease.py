@@ -232,3 +232,82 @@ def test_training_process_stops_once_its_epoch_is_replaced(tmp_path: Path, tiny_
     assert "stateChange" not in text  # no terminal state: the new holder reports
     assert not (job_dir / "work" / "artifact").exists()
     assert "lease lost" in (tmp_path / "process.log").read_text()
+
+
+def test_job_manager_stops_its_trainer_when_its_lease_is_taken(tmp_path: Path, tiny_model) -> None:
+    """A real JobManager takes a job that has no lease (epoch 1) and trains it; another
+    worker claims epoch 2; the manager kills its training process and writes nothing
+    more to the job (it mirrors it from then on)."""
+    import asyncio
+
+    from worker.jobs import EVENTS_FILE, JobManager, JobsConfig
+
+    jobs_dir = tmp_path / "jobs"
+    job_dir = jobs_dir / "ft-stolen"
+    job_dir.mkdir(parents=True)
+    write_jsonl(job_dir / "data.jsonl", small_rows(24))
+    config = TrainConfig(
+        method="lora", max_steps=2000, batch_size=2, max_seq_length=32, eval_fraction=0.0
+    )
+    job_json = {
+        "job": {"job_id": "ft-stolen", "state": "QUEUED", "created_unix_ms": 1},
+        "request": {},
+        "run": {
+            "config": config.to_dict(),
+            "model": tiny_model.path,
+            "device": "cpu",
+            "threads": 1,
+            "store_dir": str(tmp_path / "store"),
+            "output_name": "stolen",
+        },
+    }
+    (job_dir / "job.json").write_text(json.dumps(job_json))
+    manager = JobManager(
+        JobsConfig(
+            jobs_dir=jobs_dir,
+            store_dir=str(tmp_path / "store"),
+            data_dir=tmp_path / "data",
+            worker_id="worker-a",
+            lease_s=1.0,
+        )
+    )
+
+    async def scenario() -> tuple[int, int]:
+        await manager.start()
+        try:
+            job = manager.jobs["ft-stolen"]
+            assert job.held and job.lease_epoch == 1
+            deadline = time.monotonic() + 120
+            while not any(e.WhichOneof("event") == "metrics" for e in job.events):
+                assert time.monotonic() < deadline, "no training step in 120 s"
+                await asyncio.sleep(0.1)
+            assert job.process is not None
+            pid = job.process.pid
+            assert job_lease.try_claim(job_dir, 2, "worker-b", "b1", 60.0) is not None
+            while job.held or job.process is not None:
+                assert time.monotonic() < deadline, "the lost lease was not noticed"
+                await asyncio.sleep(0.05)
+            size = (job_dir / EVENTS_FILE).stat().st_size
+            await asyncio.sleep(1.5)  # several ticks and a scan: still nothing written
+            assert (job_dir / EVENTS_FILE).stat().st_size == size
+            assert not manager.jobs["ft-stolen"].held  # worker-b's live lease is respected
+            return pid, size
+        finally:
+            await manager.stop()
+
+    pid, _ = asyncio.run(scenario())
+    # Gone (a reused pid would not be this job's trainer).
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    assert not cmdline.exists() or str(job_dir).encode() not in cmdline.read_bytes()
+    holders = [
+        json.loads(line).get("log", "")
+        for line in (job_dir / EVENTS_FILE).read_text().splitlines()
+        if "lease holder" in line
+    ]
+    assert holders == [
+        "lease holder: worker worker-a took the job over (epoch 1): it had no lease"
+    ], holders
+    # worker-b's lease is untouched: the loser's stop released nothing of it.
+    lease = job_lease.read_current(job_dir)
+    assert lease is not None and lease.epoch == 2 and lease.worker_id == "worker-b"
+    assert not lease.released

@@ -408,7 +408,7 @@ class JobManager:
         """Takes over jobs cut off by a crash (their lease released, expired, or left by
         this worker's previous process), then starts the queue/tail/scan loop."""
         self._keeper.start()
-        await self._scan()
+        await self._scan(at_start=True)
         self._task = asyncio.create_task(self._loop(), name="finetune-jobs")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
@@ -525,9 +525,10 @@ class JobManager:
                 self._metrics.clear_job(job.job_id)
         await self._refresh(job)
 
-    async def _scan(self) -> None:
+    async def _scan(self, at_start: bool = False) -> None:
         """The shared-store pass: new job folders, mirrors brought up to date, and the
-        jobs whose lease is released or expired (or that never had one) taken over."""
+        jobs whose lease is released or expired (or that never had one) taken over; at
+        start also those this worker id held in its previous process."""
         self._next_scan = time.monotonic() + self.config.scan_interval_s
         self._load_new()
         for job in self._ordered():
@@ -537,15 +538,17 @@ class JobManager:
             if job.terminal or self._stopping:
                 self._observer.forget(job.job_id)
                 continue
-            await self._maybe_take_over(job)
+            await self._maybe_take_over(job, at_start)
 
-    async def _maybe_take_over(self, job: Job) -> None:
+    async def _maybe_take_over(self, job: Job, at_start: bool) -> None:
         me, incarnation = self.config.worker_id, self._incarnation
         lease = job_lease.read_current(job.dir)
         if lease is None:
             reason = "it had no lease"  # a job from before leases
-        elif lease.worker_id == me and lease.incarnation != incarnation:
-            # Worker ids are unique, so that was this worker's previous process.
+        elif at_start and lease.worker_id == me and lease.incarnation != incarnation:
+            # Worker ids are unique, so that was this worker's previous process: no need
+            # to wait for its lease to expire. Only at start: two live processes that
+            # were wrongly given one id must not take a job from each other at every scan.
             reason = "this worker restarted"
         elif lease.released:
             reason = f"worker {lease.worker_id} released it"

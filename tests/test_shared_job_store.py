@@ -64,6 +64,24 @@ def holders(events: list[finetune_pb2.JobEvent]) -> list[str]:
     return [e.log for e in events if e.WhichOneof("event") == "log" and LEASE_HOLDER_LOG in e.log]
 
 
+def start_job_past_a_checkpoint(proc: Proc, output_name: str) -> finetune_pb2.Job:
+    """Creates a 6-step job on ``proc`` and returns once it has a checkpoint at step 2."""
+    channel, ft = stub(proc)
+    with channel:
+        job = ft.CreateJob(
+            finetune_pb2.CreateJobRequest(
+                output_name=output_name,
+                dataset_jsonl=small_jsonl(),
+                hyperparameters=small_hp(max_steps=6),
+            ),
+            timeout=60,
+        )
+        for event in ft.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
+            if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 2:
+                return job
+    raise AssertionError(f"job {job.job_id} ended before its step-2 checkpoint")
+
+
 def wait_for(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -125,19 +143,7 @@ def test_sigkilled_worker_s_job_is_taken_over_after_the_lease_expires(
     workers: list[Proc], home: Path
 ) -> None:
     a, b = workers
-    ch_a, ft_a = stub(a)
-    with ch_a:
-        job = ft_a.CreateJob(
-            finetune_pb2.CreateJobRequest(
-                output_name="takeover-bot",
-                dataset_jsonl=small_jsonl(),
-                hyperparameters=small_hp(max_steps=6),
-            ),
-            timeout=60,
-        )
-        for event in ft_a.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
-            if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 2:
-                break
+    job = start_job_past_a_checkpoint(a, "takeover-bot")
     # The worker's process group; its trainer (own session) exits when its parent dies.
     a.signal(signal.SIGKILL)
     killed_ms = int(time.time() * 1000)
@@ -174,19 +180,7 @@ def test_workers_starting_at_once_never_both_take_a_job(workers: list[Proc], hom
     """worker-b stops cleanly mid-job (it releases the lease); two new workers start at
     once on the store and exactly one of them takes the job over and completes it."""
     b = workers[1]
-    ch_b, ft_b = stub(b)
-    with ch_b:
-        job = ft_b.CreateJob(
-            finetune_pb2.CreateJobRequest(
-                output_name="race-bot",
-                dataset_jsonl=small_jsonl(),
-                hyperparameters=small_hp(max_steps=6),
-            ),
-            timeout=60,
-        )
-        for event in ft_b.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
-            if event.WhichOneof("event") == "checkpoint" and event.checkpoint.step >= 2:
-                break
+    job = start_job_past_a_checkpoint(b, "race-bot")
     b.stop(timeout_s=30)  # SIGTERM: the trainer stops, the lease is released
     lease = json.loads((home / "jobs" / job.job_id / "lease.1").read_text())
     assert lease["worker_id"] == "worker-b" and lease["released"]

@@ -16,11 +16,12 @@ import pytest
 
 from common.pb import finetune_pb2, finetune_pb2_grpc
 from tests.conftest import new_home
-from tests.procs import Proc, start_worker
+from tests.procs import Proc, start_router, start_worker
 from tests.test_finetune import small_hp, small_jsonl, states, watch_all
 from worker.jobs import LEASE_HOLDER_LOG
 
 LEASE_S = 2
+FINETUNE = "llmcluster.v1.FineTune"
 
 
 def start(home: Path, worker_id: str) -> Proc:
@@ -137,6 +138,79 @@ def test_a_job_runs_exactly_once(workers: list[Proc], home: Path) -> None:
     )
     assert lease["worker_id"] == "worker-a"
     assert [p.name for p in (home / "store" / "once-bot").iterdir() if p.name.isdigit()] == ["1"]
+
+
+def test_router_places_by_held_jobs_and_a_mirror_cancels(workers: list[Proc]) -> None:
+    """Through a router, a second job goes to the worker that holds none (each worker
+    lists every job of the shared store; the router counts those it holds). CancelJob
+    on the worker that only mirrors a job reaches its holder."""
+    router = start_router([p.address for p in workers])
+    try:
+        router.wait_healthy(timeout_s=60, service=FINETUNE)
+        channel, ft = stub(router)
+        with channel:
+
+            def create(name: str) -> finetune_pb2.Job:
+                return ft.CreateJob(
+                    finetune_pb2.CreateJobRequest(
+                        output_name=name,
+                        dataset_jsonl=small_jsonl(),
+                        hyperparameters=small_hp(max_steps=200, checkpoint_every_steps=0),
+                    ),
+                    timeout=60,
+                )
+
+            first = create("placed-1")
+            other = workers[1] if first.worker_id == "worker-a" else workers[0]
+            ch_o, ft_o = stub(other)
+            with ch_o:  # both workers list it now: counting all would make them equal
+                wait_for(
+                    lambda: (
+                        first.job_id
+                        in [j.job_id for j in ft_o.ListJobs(finetune_pb2.ListJobsRequest()).jobs]
+                    ),
+                    30,
+                    "the other worker lists the first job",
+                )
+            second = create("placed-2")
+            assert {first.worker_id, second.worker_id} == {"worker-a", "worker-b"}
+            by_id = {"worker-a": workers[0], "worker-b": workers[1]}
+            for job in (first, second):
+                holder = by_id[job.worker_id]
+                mirror = by_id[({"worker-a", "worker-b"} - {job.worker_id}).pop()]
+                ch_h, ft_h = stub(holder)
+                ch_m, ft_m = stub(mirror)
+                with ch_h, ch_m:
+                    stream = ft_h.WatchJob(
+                        finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300
+                    )
+                    seen = []
+                    for event in stream:
+                        seen.append(event)
+                        if event.WhichOneof("event") == "metrics":
+                            break
+                    # The mirror may not have loaded a brand-new job yet: retry NOT_FOUND.
+                    wait_for(
+                        lambda job=job, ft_m=ft_m: _cancel(ft_m, job.job_id),
+                        30,
+                        "the mirror accepts CancelJob",
+                    )
+                    seen.extend(stream)
+                    assert states(seen) == ["QUEUED", "RUNNING", "CANCELLED"], seen[-1]
+                    got = ft.GetJob(finetune_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+                    assert got.state == finetune_pb2.CANCELLED
+    finally:
+        router.stop()
+
+
+def _cancel(ft: finetune_pb2_grpc.FineTuneStub, job_id: str) -> bool:
+    try:
+        ft.CancelJob(finetune_pb2.CancelJobRequest(job_id=job_id), timeout=10)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return False
+    return True
 
 
 def test_sigkilled_worker_s_job_is_taken_over_after_the_lease_expires(

@@ -437,7 +437,11 @@ class JobManager:
             if not job.terminal:
                 await self._record(
                     job,
-                    self._log_event("worker shutting down: job interrupted; resumes on restart"),
+                    self._log_event(
+                        f"worker {self.config.worker_id} shutting down: job interrupted; "
+                        "the next worker to hold it (this one restarted, or another one "
+                        "on a shared store) resumes it"
+                    ),
                 )
         self._keeper.stop()
         for job in self.jobs.values():

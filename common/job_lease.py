@@ -78,13 +78,14 @@ def current_epoch(job_dir: Path) -> int:
     return max(epochs, default=0)
 
 
-def read_current(job_dir: Path) -> Lease | None:
-    """The job's current lease (highest epoch), or None when it has none."""
+def read_current(job_dir: Path, fallback_lease_s: float = 15.0) -> Lease | None:
+    """The job's current lease (highest epoch), or None when it has none. OSError (the
+    store did not answer) propagates: no verdict on a lease that could not be read."""
     epoch = current_epoch(job_dir)
     if not epoch:
         return None
+    raw = lease_path(job_dir, epoch).read_bytes()
     try:
-        raw = lease_path(job_dir, epoch).read_bytes()
         data = json.loads(raw)
         return Lease(
             epoch=epoch,
@@ -95,11 +96,12 @@ def read_current(job_dir: Path) -> Lease | None:
             released=bool(data.get("released", False)),
             raw=raw,
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         # Files are written whole (link / replace of a complete temp file), so this is
-        # damage, not a write in progress: treat it as a lease nobody renews.
-        logger.warning("unreadable lease %s: %s", lease_path(job_dir, epoch), exc)
-        return Lease(epoch, "", "", 0.0, 0, released=True, raw=b"")
+        # damage, not a write in progress. Judged like any lease, by whether its content
+        # changes (a live holder rewrites it whole), with the observer's own lease_s.
+        logger.warning("damaged lease %s: %s", lease_path(job_dir, epoch), exc)
+        return Lease(epoch, "", "", fallback_lease_s, 0, raw=raw)
 
 
 def _content(

@@ -311,3 +311,15 @@ def test_job_manager_stops_its_trainer_when_its_lease_is_taken(tmp_path: Path, t
     lease = job_lease.read_current(job_dir)
     assert lease is not None and lease.epoch == 2 and lease.worker_id == "worker-b"
     assert not lease.released
+
+
+def test_a_damaged_lease_expires_only_if_it_stays_unchanged(tmp_path: Path) -> None:
+    assert job_lease.try_claim(tmp_path, 1, "a", "a1", 5.0) is not None
+    lease_file(tmp_path, 1).write_text("{not json")
+    clock = FakeClock()
+    observer = job_lease.LeaseObserver(clock)
+    damaged = job_lease.read_current(tmp_path, fallback_lease_s=3.0)
+    assert damaged is not None and damaged.epoch == 1 and not damaged.released
+    assert not observer.expired("job", damaged)
+    clock.now += 3.0
+    assert observer.expired("job", job_lease.read_current(tmp_path, 3.0))  # type: ignore[arg-type]

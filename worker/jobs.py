@@ -546,7 +546,11 @@ class JobManager:
 
     async def _maybe_take_over(self, job: Job, at_start: bool) -> None:
         me, incarnation = self.config.worker_id, self._incarnation
-        lease = job_lease.read_current(job.dir)
+        try:
+            lease = job_lease.read_current(job.dir, self.config.lease_s)
+        except OSError as exc:
+            logger.warning("job %s: lease unreadable, judged next scan: %s", job.job_id, exc)
+            return
         if lease is None:
             reason = "it had no lease"  # a job from before leases
         elif at_start and lease.worker_id == me and lease.incarnation != incarnation:

@@ -1,12 +1,12 @@
 """The router's ``FineTune`` proxy: jobs go to the least-loaded worker, later calls follow them.
 
-Jobs run on workers (``worker/jobs.py``), which persist them on their own disk; the
-router holds no job state of its own, only a routing table:
+Jobs run on workers (``worker/jobs.py``), which persist them on their own disk or on
+one job store they share; the router holds no job state of its own, only a routing table:
 
 * ``CreateJob`` goes to the healthy worker with the fewest active jobs (RUNNING +
-  QUEUED, asked of each worker with ``ListJobs``; plus the creates this router has in
-  flight to it), ties broken by the worker's generation load (``Load.queued +
-  running``), then at random. A request whose ``client_token`` this router has seen
+  QUEUED jobs it holds, asked of each worker with ``ListJobs``; plus the creates this
+  router has in flight to it), ties broken by the worker's generation load
+  (``Load.queued + running``), then at random. A request whose ``client_token`` this router has seen
   goes back to the worker that took it, so the worker's idempotency applies.
 * ``GetJob`` / ``CancelJob`` / ``WatchJob`` go to the worker remembered for the job.
   On a miss (this router restarted, or another router created the job) every known
@@ -318,7 +318,14 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                     metadata=metadata,
                 ),
             )
-            return len(running.jobs) + len(queued.jobs)
+            # Workers sharing a jobs folder each list every job in it: count the ones
+            # this worker holds (Job.worker_id names the lease holder).
+            mine = link.info.worker_id if link.info is not None else ""
+            return sum(
+                1
+                for job in (*running.jobs, *queued.jobs)
+                if not mine or job.worker_id in ("", mine)
+            )
 
         counts = await self._fan_out(links, active_jobs)
         scored: list[tuple[int, int, float, WorkerLink]] = []

@@ -282,8 +282,29 @@ def test_k8s_kustomization_lists_existing_files() -> None:
     kust = load(K8S / "kustomization.yaml")
     for res in kust["resources"]:
         assert (K8S / res).is_file(), res
-    expected = {"configmap.yaml", "worker.yaml", "worker-service.yaml", "router.yaml", "hpa.yaml"}
+    expected = {
+        "configmap.yaml",
+        "storage.yaml",
+        "worker.yaml",
+        "worker-service.yaml",
+        "router.yaml",
+        "hpa.yaml",
+    }
     assert expected <= set(kust["resources"])
+
+
+def test_k8s_workers_share_one_read_write_many_claim(k8s) -> None:
+    """Jobs and the store live on one PVC every worker pod mounts (leases make that
+    correct), not on a per-pod emptyDir that dies with the pod."""
+    spec = k8s[("Deployment", "llmcluster-worker")]["spec"]["template"]["spec"]
+    c = container(k8s[("Deployment", "llmcluster-worker")])
+    data_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/data")
+    volume = next(v for v in spec["volumes"] if v["name"] == data_mount["name"])
+    assert "emptyDir" not in volume
+    claim = k8s[("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    config = k8s[("ConfigMap", "llmcluster-config")]["data"]
+    assert config["LLMCLUSTER_HOME"] == data_mount["mountPath"]
 
 
 def test_prometheus_adapter_and_metric_names_exist() -> None:

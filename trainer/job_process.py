@@ -8,7 +8,11 @@ numbers: the manager numbers them). Its last line is a terminal ``state_change``
 
 It stops between steps when ``DIR/cancel`` appears, and exits on its own when the worker
 that started it dies (the worker resumes the job from its last checkpoint on restart,
-so two trainers never write the same job).
+so two trainers never write the same job). It is fenced by the job's lease
+(:mod:`common.job_lease`): started with ``--lease-epoch N``, it checks before each step,
+each progress line, each checkpoint, the export and the publication that N is still
+the job's current epoch, and exits with ``EXIT_LEASE_LOST`` (writing nothing more) once
+another worker has taken the job over.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from common.job_lease import LeaseFence, LeaseLost
 from common.pb import finetune_pb2
 from common.tracing import (
     ATTR_EPOCH,
@@ -62,19 +67,24 @@ WORK_DIR = "work"
 EXIT_FAILED = 1
 EXIT_CANCELLED = 2
 EXIT_ORPHANED = 3
+EXIT_LEASE_LOST = 4
 
 
 class ProgressWriter:
-    """Appends JobEvents as JSON lines; each line is written whole and flushed."""
+    """Appends JobEvents as JSON lines; each line is written whole and flushed, and
+    only while ``fence`` (the job's lease) still holds."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fence: LeaseFence | None = None) -> None:
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._lock = threading.Lock()
+        self._fence = fence
 
     def write(self, event: finetune_pb2.JobEvent) -> None:
         event.time_unix_ms = int(time.time() * 1000)
         line = json_format.MessageToJson(event, indent=None) + "\n"
         with self._lock:
+            if self._fence is not None:
+                self._fence.check()
             self._fh.write(line)
             self._fh.flush()
 
@@ -184,11 +194,19 @@ def _span(name: str, **attributes: Any) -> Iterator[Any]:
         yield span
 
 
-def publish(job_dir: Path, run: dict[str, Any], done: DoneEvent, job_id: str) -> dict[str, Any]:
+def publish(
+    job_dir: Path,
+    run: dict[str, Any],
+    done: DoneEvent,
+    job_id: str,
+    fence: LeaseFence | None = None,
+) -> dict[str, Any]:
     """Publishes the artifact once: a process restarted after publishing reuses the record."""
     record_path = job_dir / PUBLISHED_FILE
     if record_path.exists():
         return dict(json.loads(record_path.read_text()))
+    if fence is not None:
+        fence.check()
     from common.model_store import ModelStore
 
     store = ModelStore(run.get("store_dir") or None)
@@ -208,13 +226,25 @@ def publish(job_dir: Path, run: dict[str, Any], done: DoneEvent, job_id: str) ->
     return record
 
 
-def run_job(job_dir: Path) -> int:
-    """Trains the job in ``job_dir``; returns the process exit code."""
+def run_job(job_dir: Path, lease_epoch: int = 0) -> int:
+    """Trains the job in ``job_dir``; returns the process exit code. With
+    ``lease_epoch`` every write is fenced by the job's lease (see the module docstring)."""
     raw = json.loads((job_dir / "job.json").read_text())
     job_id = raw["job"]["job_id"]
     run = raw["run"]
-    progress = ProgressWriter(job_dir / PROGRESS_FILE)
+    fence = LeaseFence(job_dir, lease_epoch) if lease_epoch else None
+    progress = ProgressWriter(job_dir / PROGRESS_FILE, fence)
     cancel_file = job_dir / CANCEL_FILE
+
+    def should_cancel() -> bool:
+        if fence is not None:
+            fence.check()  # raises LeaseLost: stop before the next step
+        return cancel_file.exists()
+
+    def before_write() -> None:
+        if fence is not None:
+            fence.check()
+
     spans = SpanTracker()
 
     import torch
@@ -246,13 +276,14 @@ def run_job(job_dir: Path) -> int:
                 str(job_dir / "data.jsonl"),
                 job_dir / WORK_DIR,
                 on_event=on_event,
-                should_cancel=cancel_file.exists,
+                should_cancel=should_cancel,
                 resume_from=resume_from,
                 device=run.get("device") or "auto",
+                before_write=before_write,
             )
             spans.close()
             with _span("finetune artifact publication"):
-                record = publish(job_dir, run, done, job_id)
+                record = publish(job_dir, run, done, job_id, fence)
             progress.write(
                 finetune_pb2.JobEvent(
                     artifact=finetune_pb2.Artifact(
@@ -265,13 +296,20 @@ def run_job(job_dir: Path) -> int:
             )
             state(finetune_pb2.SUCCEEDED, f"published {record['ref']}")
             return 0
+        except LeaseLost as exc:
+            # Another worker owns the job now: it reports; this process writes nothing.
+            logger.error("job %s: lease lost, stopping: %s", job_id, exc)
+            return EXIT_LEASE_LOST
         except TrainingCancelled as exc:
             state(finetune_pb2.CANCELLED, f"cancelled after step {exc.step}")
             return EXIT_CANCELLED
         except Exception as exc:  # any failure ends the job with its reason
             logger.exception("job %s failed", job_id)
             record_error(job_span, exc)
-            state(finetune_pb2.FAILED, f"{type(exc).__name__}: {exc}")
+            try:
+                state(finetune_pb2.FAILED, f"{type(exc).__name__}: {exc}")
+            except LeaseLost:
+                return EXIT_LEASE_LOST
             return EXIT_FAILED
         finally:
             spans.close()
@@ -281,6 +319,12 @@ def run_job(job_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.job_process", description=__doc__)
     parser.add_argument("--job-dir", required=True, help="the job's folder (job.json inside)")
+    parser.add_argument(
+        "--lease-epoch",
+        type=int,
+        default=0,
+        help="the job's lease epoch this process runs under (0 = unfenced)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -289,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_tracing(SERVICE_TRAINER)
     try:
         with attached(context_from_env()):
-            return run_job(Path(args.job_dir))
+            return run_job(Path(args.job_dir), args.lease_epoch)
     finally:
         shutdown_tracing()
 

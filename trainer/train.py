@@ -306,6 +306,7 @@ def train(
     resume_from: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    before_write: Callable[[], None] | None = None,
 ) -> DoneEvent:
     """Runs a fine-tuning job and returns its DoneEvent (also sent to ``on_event``).
 
@@ -314,11 +315,14 @@ def train(
     ``full``) and checkpoints to ``output_dir/checkpoints/step-N``. ``resume_from`` is a
     checkpoint folder of a run with the same config and data. Raises DatasetError /
     ValueError for bad input and TrainingCancelled when ``should_cancel()`` turns True.
+    ``before_write`` is called before each checkpoint and before the export; whatever it
+    raises ends the run (the job process fences writes with its lease there).
     """
     started = time.monotonic()
     output_dir = Path(output_dir)
     emit = on_event or (lambda event: None)
     cancelled = should_cancel or (lambda: False)
+    fence = before_write or (lambda: None)
     source = base_model if isinstance(base_model, ModelSource) else resolve_model(base_model)
     dev = resolve_device(device)
     precision = _Precision(dev)
@@ -472,6 +476,7 @@ def train(
         )
         every = config.checkpoint_every_steps or plan.steps_per_epoch
         if step % every == 0 and step < plan.total_steps:
+            fence()
             path = ckpt.save_checkpoint(
                 checkpoint_root,
                 step,
@@ -503,6 +508,7 @@ def train(
 
     emit(PhaseEvent("export", "saving the artifact"))
     artifact = output_dir / ARTIFACT_DIR
+    fence()
     _export(model, tokenizer, config, source, artifact)
     seconds = time.monotonic() - started
     metrics: dict[str, Any] = {"steps": step, "train_loss": last_loss, "train_seconds": seconds}

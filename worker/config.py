@@ -71,6 +71,11 @@ class WorkerConfig(ServerTlsFields):
     data_dir: str = field("", help="datasets CreateJob names (default: $LLMCLUSTER_HOME/data)")
     max_concurrent_jobs: int = field(1, help="fine-tuning jobs training at once; more wait QUEUED")
     job_threads: int = field(1, help="torch threads of each training process (keeps serving fast)")
+    job_lease_s: float = field(
+        15.0,
+        help="seconds a fine-tuning job's lease lasts unrenewed: workers sharing a jobs folder "
+        "take over a job whose holder stopped renewing it for this long (1..3600)",
+    )
     threads: int = field(
         0, help="compute threads of the engine (0 = one per core this worker may use)"
     )
@@ -112,6 +117,8 @@ class WorkerConfig(ServerTlsFields):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.job_lease_s <= 3600:
+            raise ValueError(f"job_lease_s must be in [1, 3600], got {self.job_lease_s}")
         if self.engine not in ("model", "null"):
             raise ValueError(f"engine must be 'model' or 'null', got {self.engine!r}")
         if self.threads < 0:

@@ -9,12 +9,23 @@ On disk, one folder per job under ``jobs_dir``::
     <job_id>/progress.jsonl what the training process reports (JobEvents without sequence)
     <job_id>/process.log    the training process's stdout/stderr
     <job_id>/cancel         present once CancelJob was called
+    <job_id>/lease.<epoch>  who holds the job (common/job_lease.py); the highest epoch counts
     <job_id>/work/          checkpoints and the exported artifact
 
-Only this manager writes ``job.json`` and ``events.jsonl``; the training process
-(:mod:`trainer.job_process`) only appends to ``progress.jsonl``, which the manager tails.
-A file (not a pipe) carries progress so that events a process wrote while the worker was
-down are still read after a restart.
+Only the manager holding a job's lease writes its ``job.json`` and ``events.jsonl``; the
+training process (:mod:`trainer.job_process`) only appends to ``progress.jsonl``, which
+that manager tails. A file (not a pipe) carries progress so that events a process wrote
+while the worker was down are still read after a restart.
+
+Many workers may share ``jobs_dir`` (docker-compose's one volume, a ReadWriteMany
+claim). The worker that creates a job claims its lease (epoch 1) and renews it while
+it holds the job, finished or not; the other workers mirror the job from disk (GetJob,
+ListJobs and WatchJob work on any of them) and take it over only when its lease is
+released or expired (see common/job_lease.py: expiry is judged on the observer's own
+clock), by claiming the next epoch: exactly one claim of an epoch wins. A takeover of
+a job that was RUNNING resumes it from its last checkpoint; every change of holder is
+a ``log`` event starting with ``lease holder:``. A worker that finds its lease taken
+stops its training process, which is fenced by its epoch too.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from common import job_lease
 from common.config import home_dir
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from common.model_store import validate_name
@@ -44,6 +56,7 @@ from common.tracing import context_from_dict, inject_to_dict, subprocess_env
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DatasetError, JsonlText, parse_jsonl_text, prepare_data
+from trainer.job_process import EXIT_LEASE_LOST
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +67,7 @@ DATA_FILE = "data.jsonl"
 CANCEL_FILE = "cancel"
 PROCESS_LOG = "process.log"
 WORK_DIR = "work"
+LEASE_HOLDER_LOG = "lease holder:"  # prefix of the log events that name a new holder
 
 TERMINAL_STATES = frozenset({finetune_pb2.SUCCEEDED, finetune_pb2.FAILED, finetune_pb2.CANCELLED})
 METHOD_NAMES = {
@@ -108,6 +122,12 @@ class JobsConfig:
     max_attempts: int = 3  # process starts per job (restarts after crashes included)
     cancel_grace_s: float = 60.0  # after this, a cancelled process that still runs is killed
     poll_interval_s: float = 0.2
+    lease_s: float = 15.0  # a job whose lease is not renewed for this long is taken over
+
+    @property
+    def scan_interval_s(self) -> float:
+        """Period of the shared-store scan (new jobs, mirrors, expired leases)."""
+        return max(self.poll_interval_s, min(2.0, self.lease_s / 3))
 
 
 def hyperparameters_to_config(method: str, hp: finetune_pb2.Hyperparameters) -> TrainConfig:
@@ -169,10 +189,17 @@ class Job:
     changed: asyncio.Condition | None = None
     cancel_sent_monotonic: float | None = None
     owner: str = ""  # tenant that created it (router --auth-file); "" = no tenant
+    # The lease epoch this manager holds (0 = another worker's job, mirrored from disk).
+    lease_epoch: int = 0
+    events_offset: int = 0  # bytes of events.jsonl a mirror has read
 
     @property
     def job_id(self) -> str:
         return self.pb.job_id
+
+    @property
+    def held(self) -> bool:
+        return self.lease_epoch > 0
 
     @property
     def terminal(self) -> bool:
@@ -210,60 +237,102 @@ class JobManager:
         # worker hands their cores over from its engine (worker/server.py).
         self.on_training_processes: Callable[[int], None] | None = None
         self._training_processes = 0
+        # Leases: this process's incarnation tells its own claims from those of an earlier
+        # process with the same worker id; the keeper renews what it holds.
+        self._incarnation = uuid.uuid4().hex
+        self._keeper = job_lease.LeaseKeeper(config.lease_s)
+        self._observer = job_lease.LeaseObserver()
+        self._next_scan = 0.0
         config.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self._load()
-
-    # ------------------------------------------------------------ persistence
-
-    def _load(self) -> None:
-        """Reads every job folder (GetJob/ListJobs work even before the model is loaded)."""
-        for job_file in sorted(self.config.jobs_dir.glob(f"*/{JOB_FILE}")):
-            try:
-                raw = json.loads(job_file.read_text())
-                pb = json_format.ParseDict(raw["job"], finetune_pb2.Job())
-                job = Job(
-                    dir=job_file.parent,
-                    pb=pb,
-                    request=raw.get("request", {}),
-                    run=raw.get("run", {}),
-                    progress_offset=int(raw.get("progress_offset", 0)),
-                    attempts=int(raw.get("attempts", 0)),
-                    pid=raw.get("pid"),
-                    cancel_requested=bool(raw.get("cancel_requested", False)),
-                    owner=str(raw.get("owner", "")),
-                )
-                job.events = self._read_events(job.dir / EVENTS_FILE)
-            except (OSError, ValueError, KeyError, json_format.ParseError) as exc:
-                logger.error("skipping unreadable job folder %s: %s", job_file.parent, exc)
-                continue
-            self.jobs[job.job_id] = job
-            if pb.client_token:
-                self._by_token[(job.owner, pb.client_token)] = job.job_id
+        self._load_new()
         if self.jobs:
             logger.info(
                 "loaded %d fine-tuning job(s) from %s", len(self.jobs), self.config.jobs_dir
             )
 
+    # ------------------------------------------------------------ persistence
+
+    def _load_new(self) -> None:
+        """Reads job folders not loaded yet (at start: GetJob/ListJobs work even before
+        the model is loaded; later: jobs other workers created on a shared store)."""
+        for job_file in sorted(self.config.jobs_dir.glob(f"*/{JOB_FILE}")):
+            if job_file.parent.name.startswith(".") or job_file.parent.name in self.jobs:
+                continue  # a job being created (tmp folder), or known
+            try:
+                job = self._read_job(job_file.parent)
+            except (OSError, ValueError, KeyError, json_format.ParseError) as exc:
+                logger.error("skipping unreadable job folder %s: %s", job_file.parent, exc)
+                continue
+            self.jobs[job.job_id] = job
+            if job.pb.client_token:
+                self._by_token[(job.owner, job.pb.client_token)] = job.job_id
+
+    def _read_job(self, job_dir: Path) -> Job:
+        raw = json.loads((job_dir / JOB_FILE).read_text())
+        job = Job(dir=job_dir, pb=finetune_pb2.Job(), request={}, run={})
+        self._apply_job_json(job, raw)
+        job.events, job.events_offset = self._read_events(job.dir / EVENTS_FILE)
+        return job
+
     @staticmethod
-    def _read_events(path: Path) -> list[finetune_pb2.JobEvent]:
+    def _apply_job_json(job: Job, raw: dict[str, Any]) -> None:
+        job.pb = json_format.ParseDict(raw["job"], finetune_pb2.Job())
+        job.request = raw.get("request", {})
+        job.run = raw.get("run", {})
+        job.progress_offset = int(raw.get("progress_offset", 0))
+        job.attempts = int(raw.get("attempts", 0))
+        job.pid = raw.get("pid")
+        job.cancel_requested = bool(raw.get("cancel_requested", False))
+        job.owner = str(raw.get("owner", ""))
+
+    @staticmethod
+    def _read_events(path: Path, offset: int = 0) -> tuple[list[finetune_pb2.JobEvent], int]:
+        """The complete event lines of ``path`` from byte ``offset``, and the offset
+        after them (a line still being appended by the job's holder is left for later)."""
         events: list[finetune_pb2.JobEvent] = []
-        if not path.exists():
-            return events
-        for line in path.read_text().splitlines():
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return events, offset
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
             if not line.strip():
                 continue
             try:
-                events.append(json_format.Parse(line, finetune_pb2.JobEvent()))
-            except json_format.ParseError:
-                # Only the last line can be torn (a crash mid-append); skip it.
+                events.append(json_format.Parse(line.decode("utf-8"), finetune_pb2.JobEvent()))
+            except (json_format.ParseError, UnicodeDecodeError):
+                # A crash mid-append leaves a torn line; skip it.
                 logger.warning("skipping torn event line in %s", path)
-        return events
+        return events, offset + end
+
+    async def _refresh(self, job: Job) -> None:
+        """Brings a job another worker holds up to date from its folder."""
+        try:
+            raw = json.loads((job.dir / JOB_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning("job %s: cannot re-read %s: %s", job.job_id, JOB_FILE, exc)
+            return
+        # job.json first: its holder appends events before saving it, so the events
+        # read after it are at least as new.
+        self._apply_job_json(job, raw)
+        new, job.events_offset = self._read_events(job.dir / EVENTS_FILE, job.events_offset)
+        job.events.extend(new)
+        if new:
+            await self._notify(job)
 
     def _save(self, job: Job) -> None:
-        """Rewrites job.json atomically (tmp + rename: never half a file)."""
+        """Rewrites job.json atomically (tmp + rename: never half a file); a finished job's
+        lease is released after its last save."""
+        if not job.held:
+            raise RuntimeError(f"job {job.job_id}: written by a worker not holding its lease")
         tmp = job.dir / f".{JOB_FILE}.tmp"
         tmp.write_text(json.dumps(job.to_json(), indent=1))
         os.replace(tmp, job.dir / JOB_FILE)
+        if job.terminal and job.process is None:
+            self._keeper.release(job.job_id)
+            job.lease_epoch = 0
 
     def _condition(self, job: Job) -> asyncio.Condition:
         if job.changed is None:
@@ -277,6 +346,8 @@ class JobManager:
 
     def _append(self, job: Job, event: finetune_pb2.JobEvent) -> None:
         """Numbers an event, applies it to the Job, appends it to events.jsonl."""
+        if not job.held:
+            raise RuntimeError(f"job {job.job_id}: written by a worker not holding its lease")
         event.job_id = job.job_id
         event.sequence = len(job.events) + 1
         if not event.time_unix_ms:
@@ -285,8 +356,10 @@ class JobManager:
         job.events.append(event)
         if self._metrics is not None and event.WhichOneof("event") == "metrics":
             self._metrics.set_training_loss(job.job_id, event.metrics.loss)
-        with open(job.dir / EVENTS_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json_format.MessageToJson(event, indent=None) + "\n")
+        line = (json_format.MessageToJson(event, indent=None) + "\n").encode("utf-8")
+        with open(job.dir / EVENTS_FILE, "ab") as fh:
+            fh.write(line)
+        job.events_offset += len(line)
 
     def _apply(self, job: Job, event: finetune_pb2.JobEvent) -> None:
         kind = event.WhichOneof("event")
@@ -332,15 +405,16 @@ class JobManager:
         self._runtime = runtime
 
     async def start(self) -> None:
-        """Recovers jobs cut off by a crash, then starts the queue/tail loop."""
-        for job in self._ordered():
-            if job.pb.state == finetune_pb2.RUNNING:
-                await self._recover(job)
+        """Takes over jobs cut off by a crash (their lease released, expired, or left by
+        this worker's previous process), then starts the queue/tail/scan loop."""
+        self._keeper.start()
+        await self._scan(at_start=True)
         self._task = asyncio.create_task(self._loop(), name="finetune-jobs")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Stops the loop and interrupts running jobs; they stay RUNNING in job.json and are
-        resumed from their last checkpoint when the worker starts again."""
+        """Stops the loop and interrupts running jobs; they stay RUNNING in job.json and
+        their leases are released, so this worker on restart, or another one sharing the
+        store at once, resumes them from their last checkpoint."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
@@ -349,7 +423,7 @@ class JobManager:
             except asyncio.CancelledError:
                 pass
         for job in list(self.jobs.values()):
-            if job.process is None or job.process.poll() is not None:
+            if job.process is None or job.process.poll() is not None or not job.held:
                 continue
             self._drain_progress(job)
             if job.terminal:
@@ -363,8 +437,17 @@ class JobManager:
             if not job.terminal:
                 await self._record(
                     job,
-                    self._log_event("worker shutting down: job interrupted; resumes on restart"),
+                    self._log_event(
+                        f"worker {self.config.worker_id} shutting down: job interrupted; "
+                        "the next worker to hold it (this one restarted, or another one "
+                        "on a shared store) resumes it"
+                    ),
                 )
+        self._keeper.stop()
+        for job in self.jobs.values():
+            if job.held:
+                self._keeper.release(job.job_id)
+                job.lease_epoch = 0
 
     def _ordered(self) -> list[Job]:
         return sorted(self.jobs.values(), key=lambda j: (j.pb.created_unix_ms, j.job_id))
@@ -373,6 +456,8 @@ class JobManager:
         while True:
             try:
                 await self._tick()
+                if time.monotonic() >= self._next_scan:
+                    await self._scan()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must survive any one job's failure
@@ -384,9 +469,12 @@ class JobManager:
             self._wake.clear()
 
     async def _tick(self) -> None:
+        await self._check_leases()
         if self._metrics is not None:
             counts: dict[str, int] = {}
             for j in self.jobs.values():
+                if not (j.held or j.pb.worker_id == self.config.worker_id):
+                    continue  # another worker's job: that worker counts it
                 name = finetune_pb2.JobState.Name(j.pb.state)  # type: ignore[arg-type]
                 counts[name] = counts.get(name, 0) + 1
             self._metrics.set_jobs_by_state(counts)
@@ -396,11 +484,11 @@ class JobManager:
                 await self._poll(job)
                 if job.process is not None:
                     running += 1
-        # FIFO: the oldest QUEUED jobs take the free slots.
+        # FIFO: the oldest QUEUED jobs this worker holds take the free slots.
         for job in self._ordered():
             if running >= self.config.max_concurrent_jobs or self._stopping:
                 break
-            if job.pb.state == finetune_pb2.QUEUED and not job.cancel_requested:
+            if job.held and job.pb.state == finetune_pb2.QUEUED and not job.cancel_requested:
                 await self._spawn(job)
                 if job.process is not None:
                     running += 1
@@ -408,6 +496,102 @@ class JobManager:
             self._training_processes = running
             if self.on_training_processes is not None:
                 self.on_training_processes(running)
+
+    # ------------------------------------------------------------ leases
+
+    async def _check_leases(self) -> None:
+        """Gives up jobs whose lease another worker took; acts on cancels that another
+        worker (which cannot write a job it does not hold) left as the cancel file."""
+        lost = set(self._keeper.take_lost())
+        for job in list(self.jobs.values()):
+            if not job.held:
+                continue
+            if job.job_id in lost or job_lease.current_epoch(job.dir) != job.lease_epoch:
+                await self._lose(job, "its lease was taken over or could not be renewed")
+            elif not job.cancel_requested and not job.terminal and (job.dir / CANCEL_FILE).exists():
+                await self.cancel(job.job_id)
+
+    async def _lose(self, job: Job, why: str) -> None:
+        """This worker no longer holds ``job``: stop its training process (fenced, it
+        could write nothing more anyway) and mirror the job from disk from now on."""
+        logger.warning("job %s: lease lost (%s); stopping its training process", job.job_id, why)
+        self._keeper.drop(job.job_id)
+        job.lease_epoch = 0
+        if job.process is not None:
+            _signal_group(job.process.pid, signal.SIGKILL)
+            try:
+                await asyncio.to_thread(job.process.wait, 10.0)
+            except subprocess.TimeoutExpired:
+                logger.error("job %s: process %d did not exit", job.job_id, job.process.pid)
+            job.process = None
+            job.pid = None
+            if self._metrics is not None:
+                self._metrics.clear_job(job.job_id)
+        await self._refresh(job)
+
+    async def _scan(self, at_start: bool = False) -> None:
+        """The shared-store pass: new job folders, mirrors brought up to date, and the
+        jobs whose lease is released or expired (or that never had one) taken over; at
+        start also those this worker id held in its previous process."""
+        self._next_scan = time.monotonic() + self.config.scan_interval_s
+        self._load_new()
+        for job in self._ordered():
+            if job.held or job.terminal:
+                continue  # a terminal job never changes again
+            await self._refresh(job)
+            if job.terminal or self._stopping:
+                self._observer.forget(job.job_id)
+                continue
+            await self._maybe_take_over(job, at_start)
+
+    async def _maybe_take_over(self, job: Job, at_start: bool) -> None:
+        me, incarnation = self.config.worker_id, self._incarnation
+        try:
+            lease = job_lease.read_current(job.dir, self.config.lease_s)
+        except OSError as exc:
+            logger.warning("job %s: lease unreadable, judged next scan: %s", job.job_id, exc)
+            return
+        if lease is None:
+            reason = "it had no lease"  # a job from before leases
+        elif at_start and lease.worker_id == me and lease.incarnation != incarnation:
+            # Worker ids are unique, so that was this worker's previous process: no need
+            # to wait for its lease to expire. Only at start: two live processes that
+            # were wrongly given one id must not take a job from each other at every scan.
+            reason = "this worker restarted"
+        elif lease.released:
+            reason = f"worker {lease.worker_id} released it"
+        elif self._observer.expired(job.job_id, lease):
+            reason = f"the lease of worker {lease.worker_id} expired ({lease.lease_s:g} s)"
+        else:
+            return
+        epoch = (lease.epoch if lease else 0) + 1
+        claimed = job_lease.try_claim(job.dir, epoch, me, incarnation, self.config.lease_s)
+        if claimed is None:
+            logger.info("job %s: another worker claimed lease epoch %d first", job.job_id, epoch)
+            return
+        self._observer.forget(job.job_id)
+        self._keeper.hold(job.job_id, job.dir, claimed)
+        job.lease_epoch = epoch
+        await self._refresh(job)  # what the previous holder wrote up to its last moment
+        if job.terminal:  # it finished just before its lease ran out
+            self._keeper.release(job.job_id)
+            job.lease_epoch = 0
+            return
+        previous = f" from worker {lease.worker_id}" if lease else ""
+        note = (
+            f"{LEASE_HOLDER_LOG} worker {me} took the job over{previous} (epoch {epoch}): {reason}"
+        )
+        logger.warning("job %s: %s", job.job_id, note)
+        job.pb.worker_id = me
+        job.run["worker_id"] = me  # the artifact's metadata names the worker that ran it
+        if (job.dir / CANCEL_FILE).exists():
+            job.cancel_requested = True
+        await self._record(job, self._log_event(note))
+        if job.pb.state == finetune_pb2.RUNNING:
+            await self._recover(job)
+        elif job.cancel_requested:
+            await self._record(job, self._state_event(finetune_pb2.CANCELLED, "cancelled"))
+        self._wake.set()
 
     # ------------------------------------------------------------ processes
 
@@ -436,7 +620,15 @@ class JobManager:
         log = open(job.dir / PROCESS_LOG, "ab")  # noqa: SIM115 - the child owns it now
         try:
             job.process = subprocess.Popen(
-                [sys.executable, "-m", "trainer.job_process", "--job-dir", str(job.dir)],
+                [
+                    sys.executable,
+                    "-m",
+                    "trainer.job_process",
+                    "--job-dir",
+                    str(job.dir),
+                    "--lease-epoch",
+                    str(job.lease_epoch),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -494,6 +686,11 @@ class JobManager:
             if got:
                 await self._notify(job)
             return
+        if code == EXIT_LEASE_LOST:
+            job.process = None  # it exited: nothing to stop
+            job.pid = None
+            await self._lose(job, "its training process found the lease epoch replaced")
+            return
         self._drain_progress(job)  # what it wrote just before exiting
         if self._metrics is not None:
             self._metrics.clear_job(job.job_id)
@@ -520,9 +717,10 @@ class JobManager:
         )
 
     async def _recover(self, job: Job) -> None:
-        """A job found RUNNING at start-up: its worker died. Read what its process wrote,
-        stop a leftover process, then resume from the last checkpoint (or from the start
-        when there is none yet) — never leave it RUNNING with no process."""
+        """A RUNNING job just taken over: its worker died (or stopped, or lost touch).
+        Read what its process wrote, stop a leftover process this host can see, then
+        resume from the last checkpoint (or from the start when there is none yet) —
+        never leave it RUNNING with no process."""
         self._drain_progress(job)
         if job.terminal:
             await self._notify(job)
@@ -544,15 +742,17 @@ class JobManager:
         if ckpt is not None:
             step = int(ckpt.name.split("-")[-1])
             job.run["resume_from"] = str(ckpt)
-            note = f"worker restarted: training process was gone; resuming from checkpoint at step {step}"
+            note = f"training process was gone; resuming from checkpoint at step {step}"
         else:
             job.run.pop("resume_from", None)
-            note = "worker restarted: training process was gone and no checkpoint exists; restarting from the beginning"
+            note = (
+                "training process was gone and no checkpoint exists; restarting from the beginning"
+            )
         logger.warning("job %s: %s", job.job_id, note)
         await self._record(
             job,
             self._log_event(note),
-            self._state_event(finetune_pb2.QUEUED, "re-queued after worker restart"),
+            self._state_event(finetune_pb2.QUEUED, f"re-queued by worker {self.config.worker_id}"),
         )
 
     # ------------------------------------------------------------ API
@@ -573,7 +773,8 @@ class JobManager:
     def to_pb(self, job: Job) -> finetune_pb2.Job:
         out = finetune_pb2.Job()
         out.CopyFrom(job.pb)
-        out.worker_id = self.config.worker_id
+        if not out.worker_id:  # a job from before leases named no holder
+            out.worker_id = self.config.worker_id
         return out
 
     def list(self, state: int = 0, limit: int = 0, owner: str | None = None) -> list[Job]:
@@ -664,6 +865,7 @@ class JobManager:
                     trace_id=traceparent.split("-")[1] if traceparent.count("-") >= 3 else "",
                     train_examples=prepared.stats.train,
                     eval_examples=prepared.stats.eval,
+                    worker_id=self.config.worker_id,
                 )
                 job = Job(
                     dir=job_dir,
@@ -682,12 +884,26 @@ class JobManager:
                     owner=owner,
                 )
                 job.dir = tmp
+                # Claimed before the folder appears: no other worker sees it unclaimed.
+                lease = job_lease.try_claim(
+                    tmp, 1, self.config.worker_id, self._incarnation, self.config.lease_s
+                )
+                assert lease is not None, "a fresh folder has no lease"
+                job.lease_epoch = 1
                 self._append(job, self._state_event(finetune_pb2.QUEUED, "queued"))
                 self._append(job, self._log_event(f"dataset validated: {prepared.stats.summary()}"))
+                self._append(
+                    job,
+                    self._log_event(
+                        f"{LEASE_HOLDER_LOG} worker {self.config.worker_id} holds the job (epoch 1)"
+                    ),
+                )
                 self._save(job)
                 os.replace(tmp, job_dir)  # the job appears whole or not at all
                 job.dir = job_dir
+                self._keeper.hold(job_id, job_dir, lease)
             except BaseException:
+                job.lease_epoch = 0
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             self.jobs[job_id] = job
@@ -737,7 +953,9 @@ class JobManager:
         return path.read_text(encoding="utf-8")
 
     async def cancel(self, job_id: str, owner: str | None = None) -> Job:
-        """Cancels a queued job at once, a running one within a training step."""
+        """Cancels a queued job at once, a running one within a training step. On a
+        worker that does not hold the job it writes the cancel file, which the holder
+        (and its training process) acts on within a poll."""
         job = self.get(job_id, owner)
         if job.terminal:
             if job.pb.state == finetune_pb2.CANCELLED:
@@ -745,8 +963,10 @@ class JobManager:
             raise FailedPrecondition(
                 f"job {job_id} already ended ({finetune_pb2.JobState.Name(job.pb.state)})"  # type: ignore[arg-type]
             )
-        job.cancel_requested = True
         (job.dir / CANCEL_FILE).write_text(str(now_ms()))
+        if not job.held:
+            return job
+        job.cancel_requested = True
         if job.process is None:
             await self._record(
                 job, self._state_event(finetune_pb2.CANCELLED, "cancelled while queued")
@@ -818,4 +1038,5 @@ def jobs_config_from_worker(config: Any) -> JobsConfig:
         model_spec=config.model,
         device=config.device,
         worker_id=config.worker_id,
+        lease_s=config.job_lease_s,
     )

@@ -19,7 +19,7 @@ from common.errors import InvalidArgument
 from common.model_store import ModelStore
 from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
 from common.validation import sweep_spec_from_pb
-from tests.procs import REPO_ROOT, Proc, start_router, start_worker
+from tests.procs import REPO_ROOT, Proc, free_port, start_router, start_worker
 from tests.test_finetune import small_hp, small_jsonl, temp_home
 from worker.sweeps import plan_trials
 
@@ -264,3 +264,67 @@ def test_cli_prints_the_table_and_the_best(cluster, finished_sweep) -> None:
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip
     assert json.loads(raw.stdout)["best_ref"] == sweep.best_ref
+
+
+def test_cancel_stops_the_trials_and_publishes_nothing(ft, finished_sweep, home: Path) -> None:
+    sweep = ft.CreateSweep(_request(), timeout=120)
+    cancelled = ft.CancelSweep(finetune_pb2.CancelSweepRequest(sweep_id=sweep.sweep_id), timeout=30)
+    assert cancelled.sweep_id == sweep.sweep_id
+    events = list(
+        ft.WatchSweep(finetune_pb2.WatchSweepRequest(sweep_id=sweep.sweep_id), timeout=300)
+    )
+    assert events[-1].state == finetune_pb2.CANCELLED
+    final = ft.GetSweep(finetune_pb2.GetSweepRequest(sweep_id=sweep.sweep_id), timeout=30)
+    assert final.state == finetune_pb2.CANCELLED and not final.best_ref
+    assert [t.state for t in final.trials] == [finetune_pb2.CANCELLED] * 4
+    first = ft.GetJob(finetune_pb2.GetJobRequest(job_id=final.trials[0].job_id), timeout=30)
+    assert first.state == finetune_pb2.CANCELLED
+    assert not any(t.job_id for t in final.trials[1:])  # never launched
+    # Only the finished sweep's best is published under the name.
+    assert [r.ref for r in ModelStore(home / "store").list(NAME)] == [f"{NAME}@1"]
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_a_worker_sigkill(tmp_path: Path) -> None:
+    """The worker dies with trial 1 in flight; restarted on the same home, it resumes the
+    trial's job, launches trial 2 from the stored plan, and publishes the best."""
+    home = temp_home(tmp_path / "home")
+
+    def start() -> Proc:
+        proc = start_worker(
+            "--dtype", "float32", "--worker-id", "sweep-restart", "--self-test-interval-s", "0",
+            port=port, env={"LLMCLUSTER_HOME": str(home)},
+        )  # fmt: skip
+        try:
+            proc.wait_healthy(timeout_s=300)
+        except BaseException:
+            proc.stop()
+            raise
+        return proc
+
+    port = free_port()
+    worker = start()
+    try:
+        with grpc.insecure_channel(worker.address) as ch:
+            stub = finetune_pb2_grpc.FineTuneStub(ch)
+            request = _request(space=finetune_pb2.SearchSpace(learning_rate=LRS))
+            sweep = stub.CreateSweep(request, timeout=120)
+        worker.signal(signal.SIGKILL)
+        worker.stop()
+        worker = start()
+        with grpc.insecure_channel(worker.address) as ch:
+            stub = finetune_pb2_grpc.FineTuneStub(ch)
+            events = list(
+                stub.WatchSweep(
+                    finetune_pb2.WatchSweepRequest(sweep_id=sweep.sweep_id), timeout=600
+                )
+            )
+            final = stub.GetSweep(finetune_pb2.GetSweepRequest(sweep_id=sweep.sweep_id), timeout=30)
+    finally:
+        worker.stop()
+    assert final.state == finetune_pb2.SUCCEEDED, final.error
+    assert [t.state for t in final.trials] == [finetune_pb2.SUCCEEDED] * 2
+    assert final.best_ref == f"{NAME}@1"
+    # Trial 1 was launched once (its client token), before and after the restart.
+    assert sum(1 for e in events if "trial 1 launched" in e.message) == 1
+    assert len({t.job_id for t in final.trials}) == 2

@@ -346,7 +346,7 @@ class SweepSpec:
     ``choices``: field → the values to try (only the non-empty dimensions);
     ``learning_rate_range``: (min, max, log) for RANDOM, else None."""
 
-    strategy: str  # "grid" | "random"
+    strategy: str  # "grid" | "random" | "tpe"
     choices: dict[str, tuple[float, ...]]
     learning_rate_range: tuple[float, float, bool] | None
     max_trials: int
@@ -362,6 +362,7 @@ def sweep_spec_from_pb(req: finetune_pb2.CreateSweepRequest) -> SweepSpec:
         finetune_pb2.SWEEP_STRATEGY_UNSPECIFIED: "grid",
         finetune_pb2.GRID: "grid",
         finetune_pb2.RANDOM: "random",
+        finetune_pb2.TPE: "tpe",
     }
     if req.strategy not in strategies:
         raise InvalidArgument(f"strategy {req.strategy} is not a known SweepStrategy")
@@ -389,7 +390,7 @@ def sweep_spec_from_pb(req: finetune_pb2.CreateSweepRequest) -> SweepSpec:
         if strategy == "grid":
             raise InvalidArgument(
                 "space.learning_rate_range: a grid sweep takes listed values only "
-                "(space.learning_rate); use strategy RANDOM for a range"
+                "(space.learning_rate); use strategy RANDOM or TPE for a range"
             )
         if "learning_rate" in choices:
             raise InvalidArgument("space: set learning_rate or learning_rate_range, not both")
@@ -405,7 +406,7 @@ def sweep_spec_from_pb(req: finetune_pb2.CreateSweepRequest) -> SweepSpec:
         max_trials = min(size, req.max_trials) if req.max_trials else size
     else:
         if not req.max_trials:
-            raise InvalidArgument("max_trials: a random sweep needs a trial budget (> 0)")
+            raise InvalidArgument(f"max_trials: a {strategy} sweep needs a trial budget (> 0)")
         max_trials = req.max_trials
     if max_trials > MAX_SWEEP_TRIALS:
         raise InvalidArgument(f"the sweep has {max_trials} trials; at most {MAX_SWEEP_TRIALS}")

@@ -3,6 +3,7 @@
     llmcluster finetune sweep create --data train.jsonl --name support-bot \\
         --lr-choices 1e-4,3e-4 --lora-r-choices 8,16 [--strategy grid] [--parallelism 2]
     llmcluster finetune sweep create ... --strategy random --lr-range 1e-5:1e-3 --max-trials 8
+    llmcluster finetune sweep create ... --strategy tpe --lr-range 1e-5:1e-3 --max-trials 12
     llmcluster finetune sweep list | get SWEEP | watch SWEEP | cancel SWEEP
 
 The training flags (--max-steps, --batch-size, ...) set the base job every trial starts
@@ -30,7 +31,7 @@ from common.validation import sweep_spec_from_pb
 from llmcluster.client import add_target_argument, non_negative_int, positive_seconds
 from llmcluster.finetune_cli import _METHODS, _add_training_flags, _stub, hyperparameters_from_args
 
-_STRATEGIES = {"grid": finetune_pb2.GRID, "random": finetune_pb2.RANDOM}
+_STRATEGIES = {"grid": finetune_pb2.GRID, "random": finetune_pb2.RANDOM, "tpe": finetune_pb2.TPE}
 _COLUMNS = (  # (header, Hyperparameters field)
     ("lr", "learning_rate"),
     ("lora_r", "lora_r"),
@@ -232,7 +233,7 @@ def register_sweep(actions: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True, help="name the best adapter is published under")
     create.add_argument("--strategy", choices=sorted(_STRATEGIES), default="grid")
     create.add_argument("--lr-choices", help="learning rates to try, e.g. 1e-4,3e-4")
-    create.add_argument("--lr-range", help="random: learning-rate range MIN:MAX (log-uniform)")
+    create.add_argument("--lr-range", help="random / tpe: learning-rate range MIN:MAX (log scale)")
     create.add_argument("--lr-linear", action="store_true", help="sample --lr-range uniformly")
     create.add_argument("--lora-r-choices", help="LoRA ranks to try, e.g. 8,16")
     create.add_argument("--lora-alpha-choices", help="LoRA alphas to try")
@@ -244,7 +245,7 @@ def register_sweep(actions: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--parallelism", type=non_negative_int, default=1, help="trials at once (default: 1)"
     )
-    create.add_argument("--sweep-seed", type=non_negative_int, default=0, help="random: seed")
+    create.add_argument("--sweep-seed", type=non_negative_int, default=0, help="random / tpe: seed")
     create.add_argument("--client-token", default="", help="idempotency token (default: random)")
     create.add_argument("--no-watch", action="store_true", help="return once it is created")
     create.add_argument("--timeout", type=positive_seconds, default=120.0, help="deadline (s)")

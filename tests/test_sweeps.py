@@ -21,7 +21,7 @@ from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb
 from common.validation import sweep_spec_from_pb
 from tests.procs import REPO_ROOT, Proc, free_port, start_router, start_worker
 from tests.test_finetune import small_hp, small_jsonl, temp_home
-from worker.sweeps import plan_trials
+from worker.sweeps import plan_trials, suggest_tpe
 
 NAME = "sweep-bot"
 LRS = [1e-4, 1e-2]
@@ -79,6 +79,51 @@ def test_random_plan_is_seeded_and_stays_in_range() -> None:
     assert plan_trials(sweep_spec_from_pb(request)) != plan
 
 
+def _tpe_spec(max_trials: int = 30):
+    return sweep_spec_from_pb(
+        _request(
+            strategy=finetune_pb2.TPE,
+            space=finetune_pb2.SearchSpace(
+                learning_rate_range=finetune_pb2.FloatRange(min=1e-5, max=1e-1, log=True),
+                lora_r=[4, 8],
+            ),
+            max_trials=max_trials,
+            seed=3,
+        )
+    )
+
+
+def test_tpe_learns_from_the_trials_before() -> None:
+    """Eval loss = distance of log10(lr) from -4: after its 10 random start-up trials,
+    TPE's picks land nearer the optimum than random draws would (mean 1.25)."""
+    import math
+
+    spec = _tpe_spec()
+    history: list[finetune_pb2.Trial] = []
+    picks = []
+    for number in range(1, 21):
+        params = suggest_tpe(spec, history, number)
+        assert params == suggest_tpe(spec, history, number)  # a restart asks the same
+        assert 1e-5 <= params["learning_rate"] <= 1e-1 and params["lora_r"] in (4, 8)
+        distance = abs(math.log10(params["learning_rate"]) + 4)
+        picks.append(distance)
+        history.append(
+            finetune_pb2.Trial(
+                number=number,
+                params=finetune_pb2.Hyperparameters(**params),
+                job_id=f"ft-{number}",
+                state=finetune_pb2.SUCCEEDED,
+                eval_loss=distance,
+            )
+        )
+    assert sum(picks[10:]) / 10 < 0.8, picks
+    # A failed trial counts as a failure, a launched one as pending: both are accepted.
+    history[-1].state = finetune_pb2.FAILED
+    history[-2].state = finetune_pb2.RUNNING
+    assert set(suggest_tpe(spec, history, 21)) == {"learning_rate", "lora_r"}
+    assert plan_trials(spec) == [{}] * 30  # TPE trials are chosen at launch
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -91,6 +136,7 @@ def test_random_plan_is_seeded_and_stays_in_range() -> None:
             "a grid sweep takes listed values only",
         ),  # fmt: skip
         (dict(strategy=finetune_pb2.RANDOM), "a random sweep needs a trial budget"),
+        (dict(strategy=finetune_pb2.TPE), "a tpe sweep needs a trial budget"),
         (dict(space=finetune_pb2.SearchSpace()), "space is empty"),
         (dict(space=finetune_pb2.SearchSpace(learning_rate=[1e-4, -1.0])), "must be > 0"),
         (dict(space=finetune_pb2.SearchSpace(lora_r=[4, 4])), "values repeat"),
@@ -282,6 +328,32 @@ def test_cancel_stops_the_trials_and_publishes_nothing(ft, finished_sweep, home:
     assert not any(t.job_id for t in final.trials[1:])  # never launched
     # Only the finished sweep's best is published under the name.
     assert [r.ref for r in ModelStore(home / "store").list(NAME)] == [f"{NAME}@1"]
+
+
+@pytest.mark.slow  # ~1 min: two more training jobs
+def test_a_tpe_sweep_chooses_each_trial_at_launch(ft) -> None:
+    request = _request(
+        strategy=finetune_pb2.TPE,
+        space=finetune_pb2.SearchSpace(
+            learning_rate_range=finetune_pb2.FloatRange(min=1e-4, max=1e-2, log=True),
+            lora_r=RANKS,
+        ),
+        max_trials=2,
+        seed=5,
+    )
+    request.base.output_name = "tpe-bot"
+    sweep = ft.CreateSweep(request, timeout=120)
+    assert sweep.strategy == finetune_pb2.TPE
+    assert sweep.trials[0].params.HasField("learning_rate")  # trial 1 chosen, and launched
+    assert not sweep.trials[1].params.ListFields()  # trial 2 not yet
+    list(ft.WatchSweep(finetune_pb2.WatchSweepRequest(sweep_id=sweep.sweep_id), timeout=600))
+    final = ft.GetSweep(finetune_pb2.GetSweepRequest(sweep_id=sweep.sweep_id), timeout=30)
+    assert final.state == finetune_pb2.SUCCEEDED, final.error
+    for trial in final.trials:
+        assert 1e-4 <= trial.params.learning_rate <= 1e-2 and trial.params.lora_r in RANKS
+        job = ft.GetJob(finetune_pb2.GetJobRequest(job_id=trial.job_id), timeout=30)
+        assert job.hyperparameters.learning_rate == pytest.approx(trial.params.learning_rate)
+    assert final.best_ref == "tpe-bot@1"
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Hyperparameter sweeps on a worker: a plan of trials, each an ordinary fine-tuning job
+"""Hyperparameter sweeps on a worker: a plan of trials (a grid, seeded random draws, or
+Optuna's TPE sampler choosing each trial from the results so far), each an ordinary fine-tuning job
 of :class:`worker.jobs.JobManager` (own events, trace, cancel, crash recovery), at most
 ``parallelism`` of them queued or running at once; when every trial has ended, the best
 by the objective (eval loss after training) is published again as the sweep's
@@ -65,8 +66,11 @@ def _dump(message: Any) -> dict[str, Any]:
 def plan_trials(spec: SweepSpec) -> list[dict[str, float | int]]:
     """Every trial's swept hyperparameters: the grid's combinations (in the order of the
     listed values, the last dimension fastest) up to the budget, or ``max_trials``
-    independent draws seeded by ``spec.seed`` (log-uniform for a log range)."""
+    independent draws seeded by ``spec.seed`` (log-uniform for a log range). TPE trials
+    are planned empty: :func:`suggest_tpe` fills each one in when it is launched."""
     names = list(spec.choices)
+    if spec.strategy == "tpe":
+        return [{} for _ in range(spec.max_trials)]
     if spec.strategy == "grid":
         combos = itertools.product(*(spec.choices[n] for n in names))
         plan = [dict(zip(names, combo, strict=True)) for combo in combos]
@@ -85,6 +89,52 @@ def plan_trials(spec: SweepSpec) -> list[dict[str, float | int]]:
                 )
             plan.append(trial)
     return [{k: int(v) if k in _INT_FIELDS else float(v) for k, v in t.items()} for t in plan]
+
+
+def suggest_tpe(
+    spec: SweepSpec, history: list[finetune_pb2.Trial], number: int
+) -> dict[str, float | int]:
+    """Trial ``number``'s values from Optuna's TPE sampler, given the trials launched
+    before it (ask-and-tell: a study rebuilt from ``history`` each time, so nothing but
+    the sweep record needs to survive a restart). Succeeded trials count with their eval
+    loss, failed and cancelled ones as failures, running ones as pending (constant liar).
+    The first ``n_startup_trials`` are random draws, as in Optuna."""
+    import optuna  # only TPE sweeps need it
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    distributions: dict[str, Any] = {
+        name: CategoricalDistribution([int(v) if name in _INT_FIELDS else float(v) for v in values])
+        for name, values in spec.choices.items()
+    }
+    if spec.learning_rate_range is not None:
+        low, high, log = spec.learning_rate_range
+        distributions["learning_rate"] = FloatDistribution(low, high, log=log)
+    sampler = optuna.samplers.TPESampler(
+        seed=spec.seed + number,
+        n_startup_trials=max(1, min(10, spec.max_trials // 3)),
+        constant_liar=True,
+    )
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    for trial in history:
+        params = {name: getattr(trial.params, name) for name in distributions}
+        if not trial.job_id or not all(trial.params.HasField(n) for n in distributions):
+            continue
+        if trial.state == finetune_pb2.SUCCEEDED and trial.HasField("eval_loss"):
+            study.add_trial(
+                create_trial(params=params, distributions=distributions, value=trial.eval_loss)
+            )
+        elif trial.state in TERMINAL_STATES:
+            study.add_trial(
+                create_trial(params=params, distributions=distributions, state=TrialState.FAIL)
+            )
+        else:
+            study.add_trial(
+                create_trial(params=params, distributions=distributions, state=TrialState.RUNNING)
+            )
+    asked = study.ask(distributions)
+    return {k: int(v) if k in _INT_FIELDS else float(v) for k, v in asked.params.items()}
 
 
 def trial_output_name(output_name: str, sweep_id: str, number: int) -> str:
@@ -291,17 +341,42 @@ class SweepManager:
             name = finetune_pb2.JobState.Name(trial.state)  # type: ignore[arg-type]
             await self._record(sweep, f"trial {trial.number} {name}", trial)
 
-    def _trial_request(self, sweep: Sweep, trial: finetune_pb2.Trial) -> Any:
-        request = json_format.Parse(
+    @staticmethod
+    def _sweep_request(sweep: Sweep) -> finetune_pb2.CreateSweepRequest:
+        return json_format.Parse(
             (sweep.dir / REQUEST_FILE).read_text(), finetune_pb2.CreateSweepRequest()
-        ).base
+        )
+
+    def _choose(
+        self, sweep: Sweep, trial: finetune_pb2.Trial, request: finetune_pb2.CreateSweepRequest
+    ) -> None:
+        """A TPE trial's values, chosen now and saved before its job exists: a restart
+        then launches the trial with these values, never a second draw."""
+        if sweep.pb.strategy != finetune_pb2.TPE or trial.params.ListFields():
+            return
+        spec = sweep_spec_from_pb(request)
+        history = [t for t in sweep.pb.trials if t.number != trial.number]
+        params = suggest_tpe(spec, history, trial.number)
+        trial.params.CopyFrom(finetune_pb2.Hyperparameters(**params))  # type: ignore[arg-type]
+        self._save(sweep)
+
+    def _trial_request(
+        self,
+        sweep: Sweep,
+        trial: finetune_pb2.Trial,
+        sweep_request: finetune_pb2.CreateSweepRequest | None = None,
+    ) -> Any:
+        request = finetune_pb2.CreateJobRequest()
+        request.CopyFrom((sweep_request or self._sweep_request(sweep)).base)
         request.hyperparameters.MergeFrom(trial.params)
         request.output_name = trial_output_name(sweep.pb.output_name, sweep.sweep_id, trial.number)
         request.client_token = f"{sweep.sweep_id}-t{trial.number}"
         return request
 
     async def _launch(self, sweep: Sweep, trial: finetune_pb2.Trial) -> None:
-        request = self._trial_request(sweep, trial)
+        sweep_request = self._sweep_request(sweep)
+        self._choose(sweep, trial, sweep_request)
+        request = self._trial_request(sweep, trial, sweep_request)
         carrier = {"traceparent": sweep.traceparent} if sweep.traceparent else None
         try:
             job = await self.jobs.create(request, carrier, owner=sweep.owner)
@@ -442,7 +517,11 @@ class SweepManager:
                 sweep_id=sweep_id,
                 state=finetune_pb2.RUNNING,
                 output_name=base.output_name,
-                strategy=finetune_pb2.RANDOM if spec.strategy == "random" else finetune_pb2.GRID,
+                strategy={
+                    "grid": finetune_pb2.GRID,
+                    "random": finetune_pb2.RANDOM,
+                    "tpe": finetune_pb2.TPE,
+                }[spec.strategy],
                 planned_trials=len(plan),
                 parallelism=spec.parallelism,
                 objective=spec.objective,
@@ -462,10 +541,11 @@ class SweepManager:
             try:
                 (tmp / REQUEST_FILE).write_text(json_format.MessageToJson(request, indent=None))
                 first = sweep.pb.trials[0]
+                self._choose(sweep, first, request)
                 # The first trial's job checks the base request (dataset, model, method)
                 # with the job manager's own rules; a refusal leaves nothing behind.
                 job = await self.jobs.create(
-                    self._trial_request(sweep, first), carrier or None, owner=owner
+                    self._trial_request(sweep, first, request), carrier or None, owner=owner
                 )
                 first.job_id = job.job_id
                 first.state = job.pb.state

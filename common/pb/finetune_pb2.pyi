@@ -29,6 +29,7 @@ class SweepStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SWEEP_STRATEGY_UNSPECIFIED: _ClassVar[SweepStrategy]
     GRID: _ClassVar[SweepStrategy]
     RANDOM: _ClassVar[SweepStrategy]
+    TPE: _ClassVar[SweepStrategy]
 METHOD_UNSPECIFIED: Method
 LORA: Method
 FULL: Method
@@ -42,6 +43,7 @@ CANCELLED: JobState
 SWEEP_STRATEGY_UNSPECIFIED: SweepStrategy
 GRID: SweepStrategy
 RANDOM: SweepStrategy
+TPE: SweepStrategy
 
 class Example(_message.Message):
     __slots__ = ("prompt", "completion", "messages", "text")

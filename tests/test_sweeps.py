@@ -5,6 +5,7 @@ name and serves, WatchSweep shows all four, and the CLI prints the table."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -14,14 +15,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, NotFound
 from common.model_store import ModelStore
 from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
 from common.validation import sweep_spec_from_pb
 from tests.procs import REPO_ROOT, Proc, free_port, start_router, start_worker
 from tests.test_finetune import small_hp, small_jsonl, temp_home
-from worker.sweeps import plan_trials, suggest_tpe
+from worker.jobs import JobManager, JobsConfig
+from worker.sweeps import SweepManager, plan_trials, suggest_tpe
 
 NAME = "sweep-bot"
 LRS = [1e-4, 1e-2]
@@ -400,3 +403,48 @@ def test_a_sweep_survives_a_worker_sigkill(tmp_path: Path) -> None:
     # Trial 1 was launched once (its client token), before and after the restart.
     assert sum(1 for e in events if "trial 1 launched" in e.message) == 1
     assert len({t.job_id for t in final.trials}) == 2
+
+
+def test_workers_sharing_a_jobs_folder_drive_a_running_sweep_once(tmp_path: Path) -> None:
+    """Two workers on one home load the same RUNNING sweep: the first to start takes its
+    lock and drives (and shows) it; the other answers NOT_FOUND for it, so the router
+    finds it on the driver. When the driver is gone, a worker starting next takes over."""
+    jobs_dir = tmp_path / "jobs"
+    sweep_dir = jobs_dir / "sweeps" / "sw-1"
+    sweep_dir.mkdir(parents=True)
+    pb = finetune_pb2.Sweep(
+        sweep_id="sw-1",
+        state=finetune_pb2.RUNNING,
+        output_name=NAME,
+        trials=[finetune_pb2.Trial(number=1, state=finetune_pb2.QUEUED)],
+    )
+    (sweep_dir / "sweep.json").write_text(
+        json.dumps({"sweep": json_format.MessageToDict(pb), "plan": [{}]})
+    )
+
+    def manager() -> SweepManager:
+        jobs = JobManager(JobsConfig(jobs_dir=jobs_dir, store_dir="", data_dir=tmp_path))
+        # A long poll: the loop must not advance the sweep while the test looks at it.
+        return SweepManager(jobs, ModelStore(tmp_path / "store"), poll_interval_s=3600)
+
+    async def scenario() -> None:
+        first, second = manager(), manager()
+        await first.start()
+        await second.start()
+        try:
+            assert first.get("sw-1").sweep_id == "sw-1"
+            assert [s.sweep_id for s in first.list()] == ["sw-1"]
+            with pytest.raises(NotFound):
+                second.get("sw-1")
+            assert second.list() == []
+        finally:
+            await second.stop()
+            await first.stop()  # releases the lock, as the process's death would
+        third = manager()
+        await third.start()
+        try:
+            assert third.get("sw-1").lock is not None
+        finally:
+            await third.stop()
+
+    asyncio.run(scenario())

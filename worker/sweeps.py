@@ -12,6 +12,14 @@ On disk, one folder per sweep under ``<jobs_dir>/sweeps``::
     <sweep_id>/sweep.json     the Sweep (protobuf JSON), the plan, bookkeeping
     <sweep_id>/events.jsonl   append-only SweepEvents, sequence numbers from 1
 
+    <sweep_id>/lock           flock()ed by the worker driving the sweep
+
+Workers may share a jobs folder (``llmcluster up`` starts them on one home). A running
+sweep is driven by exactly one of them: the one holding its lock, which the kernel
+releases when that process dies. The creating worker takes it; at start-up a worker
+takes the lock of each RUNNING sweep it can, and shows only the sweeps it drives or that
+had ended, so the router finds a live sweep on its driver.
+
 The plan (every trial's hyperparameters) is fixed at creation, so a sweep found RUNNING
 at start-up goes on launching the remaining trials where it stopped; a trial's job is
 created with the client token ``<sweep_id>-t<n>``, so a crash between creating the job
@@ -21,6 +29,8 @@ and recording it cannot launch the trial twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -55,6 +65,7 @@ SWEEPS_DIR = "sweeps"
 SWEEP_FILE = "sweep.json"
 REQUEST_FILE = "request.json"
 EVENTS_FILE = "events.jsonl"
+LOCK_FILE = "lock"
 # Integer-valued Hyperparameters fields (the rest of SWEEP_CHOICE_FIELDS are floats).
 _INT_FIELDS = ("lora_r", "epochs", "batch_size")
 
@@ -154,6 +165,12 @@ class Sweep:
     cancel_requested: bool = False
     events: list[finetune_pb2.SweepEvent] = field(default_factory=list)
     changed: asyncio.Condition | None = None
+    lock: Any = None  # the open, flock()ed lock file while this worker drives the sweep
+
+    @property
+    def visible(self) -> bool:
+        """Shown by this worker: driven here, or ended (another worker drives the rest)."""
+        return self.lock is not None or self.terminal
 
     @property
     def sweep_id(self) -> str:
@@ -239,6 +256,26 @@ class SweepManager:
         tmp.write_text(json.dumps(sweep.to_json(), indent=1))
         os.replace(tmp, sweep.dir / SWEEP_FILE)
 
+    @staticmethod
+    def _claim(sweep: Sweep) -> bool:
+        """Takes the sweep's lock (non-blocking); False when another live process has it."""
+        fh = open(sweep.dir / LOCK_FILE, "a")  # noqa: SIM115 - held while driving
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        sweep.lock = fh
+        return True
+
+    @staticmethod
+    def _release(sweep: Sweep) -> None:
+        if sweep.lock is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(sweep.lock, fcntl.LOCK_UN)
+            sweep.lock.close()
+            sweep.lock = None
+
     def _condition(self, sweep: Sweep) -> asyncio.Condition:
         if sweep.changed is None:
             sweep.changed = asyncio.Condition()
@@ -270,9 +307,13 @@ class SweepManager:
 
     async def start(self) -> None:
         """Starts the loop; RUNNING sweeps (a restart cut them off) go on from their plan."""
-        running = [s.sweep_id for s in self.sweeps.values() if not s.terminal]
-        if running:
-            logger.info("resuming sweep(s) %s", ", ".join(running))
+        for sweep in self.sweeps.values():
+            if sweep.terminal:
+                continue
+            if self._claim(sweep):
+                logger.info("resuming sweep %s", sweep.sweep_id)
+            else:
+                logger.info("sweep %s is driven by another worker", sweep.sweep_id)
         self._task = asyncio.create_task(self._loop(), name="finetune-sweeps")
 
     async def stop(self) -> None:
@@ -282,11 +323,13 @@ class SweepManager:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for sweep in self.sweeps.values():
+            self._release(sweep)
 
     async def _loop(self) -> None:
         while True:
             for sweep in list(self.sweeps.values()):
-                if sweep.terminal:
+                if sweep.terminal or sweep.lock is None:
                     continue
                 try:
                     await self._advance(sweep)
@@ -442,13 +485,14 @@ class SweepManager:
             sweep.pb.error = message
         logger.info("sweep %s: %s", sweep.sweep_id, message)
         await self._record(sweep, message, trial)
+        self._release(sweep)
 
     # ------------------------------------------------------------ API
 
     def get(self, sweep_id: str, owner: str | None = None) -> Sweep:
         """The sweep, or NotFound (another tenant's too, with the same message)."""
         sweep = self.sweeps.get(sweep_id)
-        if sweep is None or (owner is not None and sweep.owner != owner):
+        if sweep is None or not sweep.visible or (owner is not None and sweep.owner != owner):
             raise NotFound(f"sweep {sweep_id!r} not found on worker {self.jobs.config.worker_id}")
         return sweep
 
@@ -461,7 +505,7 @@ class SweepManager:
     def list(self, limit: int = 0, owner: str | None = None) -> list[Sweep]:
         """Sweeps newest first (of one owner, if given), at most ``limit``."""
         sweeps = sorted(
-            (s for s in self.sweeps.values() if owner is None or s.owner == owner),
+            (s for s in self.sweeps.values() if s.visible and (owner is None or s.owner == owner)),
             key=lambda s: (s.pb.created_unix_ms, s.sweep_id),
             reverse=True,
         )
@@ -552,6 +596,7 @@ class SweepManager:
                 self._save(sweep)
                 os.replace(tmp, self.sweeps_dir / sweep_id)
                 sweep.dir = self.sweeps_dir / sweep_id
+                self._claim(sweep)  # a new folder: nobody else can hold it
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

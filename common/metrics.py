@@ -26,7 +26,14 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    start_http_server,
+)
 
 from common.tracing import GEN_AI_OPERATION_TEXT_COMPLETION, package_version
 
@@ -175,6 +182,16 @@ class _ServingMetrics:
             labelnames=by_api,
             registry=r,
         )
+        # RecordFeedback scores by the adapter version that served the request; labels
+        # bounded like the worker's per-version series (MAX_ADAPTER_SERIES pairs).
+        self.feedback_score = Summary(
+            "llmcluster_feedback_score",
+            "RecordFeedback scores by the adapter and version that served the request "
+            "(_sum / _count is the mean score).",
+            ["adapter", "version"],
+            registry=r,
+        )
+        self._adapter_labels: set[tuple[str, str]] = set()
         self.cancellations_total = Counter(
             "llmcluster_cancellations_total",
             "Requests that ended before finishing: reason=cancelled (the caller cancelled) or "
@@ -226,6 +243,20 @@ class _ServingMetrics:
             registry=r,
         )  # fmt: skip
         self.build_info.labels(role=role, version=package_version()).set(1)
+
+    def _adapter_label(self, adapter: str, version: str) -> tuple[str, str]:
+        pair = (adapter, version)
+        if pair in self._adapter_labels:
+            return pair
+        if len(self._adapter_labels) >= MAX_ADAPTER_SERIES:
+            return (ADAPTER_OVERFLOW, ADAPTER_OVERFLOW)
+        self._adapter_labels.add(pair)
+        return pair
+
+    def record_feedback(self, adapter: str, version: str, score: float) -> None:
+        """One RecordFeedback score for ``adapter``@``version`` ("" = base model)."""
+        name, ver = self._adapter_label(adapter, version)
+        self.feedback_score.labels(name, ver).observe(score)
 
     def _api_histograms(self) -> tuple[Histogram, ...]:
         return (
@@ -367,20 +398,10 @@ class WorkerMetrics(_ServingMetrics):
             buckets=TTFT_BUCKETS_S,
             registry=r,
         )
-        self._adapter_labels: set[tuple[str, str]] = set()
         for state in JOB_STATES:  # export zeros so dashboards show every state from start
             self.finetune_jobs.labels(state)
         for result in ("pass", "fail"):
             self.self_tests_total.labels(result)
-
-    def _adapter_label(self, adapter: str, version: str) -> tuple[str, str]:
-        pair = (adapter, version)
-        if pair in self._adapter_labels:
-            return pair
-        if len(self._adapter_labels) >= MAX_ADAPTER_SERIES:
-            return (ADAPTER_OVERFLOW, ADAPTER_OVERFLOW)
-        self._adapter_labels.add(pair)
-        return pair
 
     def record_adapter_request(self, adapter: str, version: str, code: Any = "OK") -> None:
         """One finished generation served by ``adapter``@``version`` ("" = base model)."""

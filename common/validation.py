@@ -424,3 +424,22 @@ def sweep_spec_from_pb(req: finetune_pb2.CreateSweepRequest) -> SweepSpec:
         objective=objective,
         seed=req.seed,
     )
+
+
+# ---------------------------------------------------------------- feedback
+
+MAX_FEEDBACK_SCORE = 1e9  # far beyond any rating scale; keeps Prometheus sums finite
+
+
+def feedback_from_pb(req: generate_pb2.RecordFeedbackRequest) -> tuple[str, float]:
+    """A RecordFeedback request checked: (request_id, score)."""
+    if not req.request_id:
+        raise InvalidArgument("request_id is required: the id of the request to score")
+    if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
+    if not math.isfinite(req.score) or abs(req.score) > MAX_FEEDBACK_SCORE:
+        raise InvalidArgument(
+            f"score must be a finite number in [-{MAX_FEEDBACK_SCORE:g}, "
+            f"{MAX_FEEDBACK_SCORE:g}], got {req.score!r}"
+        )
+    return req.request_id, req.score

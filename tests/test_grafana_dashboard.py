@@ -19,6 +19,7 @@ def _exported() -> dict[str, set[str]]:
     metrics.record_adapter_request("support-bot", "2", "OK")
     metrics.observe_adapter_ttft("support-bot", "2", 0.05)
     metrics.set_training_loss("ft-1", 1.0)
+    metrics.record_feedback("support-bot", "2", 1.0)
     samples: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:

@@ -48,8 +48,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(home: Path) -> Iterator[tuple[Proc, Proc, int]]:
+def cluster(home: Path) -> Iterator[tuple[Proc, Proc, int, int]]:
     metrics_port = free_port()
+    router_metrics_port = free_port()
     worker = start_worker(
         "--dtype",
         "float32",
@@ -64,9 +65,9 @@ def cluster(home: Path) -> Iterator[tuple[Proc, Proc, int]]:
     router = None
     try:
         worker.wait_healthy(timeout_s=300)
-        router = start_router([worker.address])
+        router = start_router([worker.address], "--metrics-port", str(router_metrics_port))
         router.wait_healthy(timeout_s=60, service="llmcluster.v1.FineTune")
-        yield router, worker, metrics_port
+        yield router, worker, metrics_port, router_metrics_port
     finally:
         if router is not None:
             router.stop()
@@ -75,9 +76,22 @@ def cluster(home: Path) -> Iterator[tuple[Proc, Proc, int]]:
 
 
 @pytest.fixture(scope="module")
-def channel(cluster: tuple[Proc, Proc, int]) -> Iterator[grpc.Channel]:
+def channel(cluster: tuple[Proc, Proc, int, int]) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(cluster[0].address) as ch:
         yield ch
+
+
+def _samples(port: int, name: str) -> dict[tuple[str, str], float]:
+    """(adapter, version) → value of the ``name`` samples for support-bot with code OK
+    (when the series has a code label) scraped from a /metrics page."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    out: dict[tuple[str, str], float] = {}
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if labels.get("adapter") == NAME and labels.get("code", "OK") == "OK":
+                out[(labels["adapter"], labels["version"])] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
@@ -157,7 +171,7 @@ def _generate(gen, adapter: str, user: str) -> generate_pb2.GenerateResponse:
 
 
 def test_served_version_is_in_usage_sticky_and_pinned_bypasses(
-    channel: grpc.Channel, cluster: tuple[Proc, Proc, int]
+    channel: grpc.Channel, cluster: tuple[Proc, Proc, int, int]
 ) -> None:
     ft = finetune_pb2_grpc.FineTuneStub(channel)
     ft.SetTrafficSplit(finetune_pb2.SetTrafficSplitRequest(adapter=NAME, weights=SPLIT), timeout=30)
@@ -183,17 +197,43 @@ def test_served_version_is_in_usage_sticky_and_pinned_bypasses(
     assert base.usage.adapter == ""
 
     # The worker's per-version series count what it served.
-    metrics_port = cluster[2]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
-    counts: dict[str, float] = {}
-    for line in text.decode().splitlines():
-        if line.startswith("llmcluster_adapter_requests_total{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            if labels.get("adapter") == NAME and labels.get("code") == "OK":
-                counts[labels["version"]] = float(line.rsplit(" ", 1)[1])
-    assert counts.get("2", 0) >= 2 * len(v2), counts
-    assert counts.get("1", 0) >= 2 * len(v1) + 4, counts
-    assert b"llmcluster_adapter_time_to_first_token_seconds_bucket" in text
+    counts = _samples(cluster[2], "llmcluster_adapter_requests_total")
+    assert counts.get((NAME, "2"), 0) >= 2 * len(v2), counts
+    assert counts.get((NAME, "1"), 0) >= 2 * len(v1) + 4, counts
+    ttft = _samples(cluster[2], "llmcluster_adapter_time_to_first_token_seconds_count")
+    assert ttft.get((NAME, "2"), 0) >= 2 * len(v2), ttft
+
+    # Feedback on a request counts toward the version that served it (the router's book).
+    scored = {1: 0.0, 2: 1.0}
+    for version, key in ((1, v1[0]), (2, v2[0]), (2, v2[1])):
+        reply = _generate(gen, NAME, key)
+        fb = gen.RecordFeedback(
+            generate_pb2.RecordFeedbackRequest(request_id=reply.request_id, score=scored[version]),
+            timeout=30,
+        )
+        assert fb.adapter == f"{NAME}@{version}" == reply.usage.adapter
+    sums = _samples(cluster[3], "llmcluster_feedback_score_sum")
+    numbers = _samples(cluster[3], "llmcluster_feedback_score_count")
+    assert numbers == {(NAME, "1"): 1.0, (NAME, "2"): 2.0}, numbers
+    assert sums == {(NAME, "1"): 0.0, (NAME, "2"): 2.0}, sums
+    for request, code in (
+        (generate_pb2.RecordFeedbackRequest(request_id="never-sent", score=1), "NOT_FOUND"),
+        (generate_pb2.RecordFeedbackRequest(request_id=reply.request_id, score=float("nan")),
+         "INVALID_ARGUMENT"),
+        (generate_pb2.RecordFeedbackRequest(score=1), "INVALID_ARGUMENT"),
+    ):  # fmt: skip
+        got = _code(lambda r=request: gen.RecordFeedback(r, timeout=30))
+        assert got[0].name == code, got
+
+    # A worker answers RecordFeedback for the requests it served directly.
+    with grpc.insecure_channel(cluster[1].address) as direct:
+        worker_gen = generate_pb2_grpc.GenerateStub(direct)
+        reply = _generate(worker_gen, f"{NAME}@1", "direct")
+        fb = worker_gen.RecordFeedback(
+            generate_pb2.RecordFeedbackRequest(request_id=reply.request_id, score=0.5), timeout=30
+        )
+        assert fb.adapter == f"{NAME}@1"
+    assert _samples(cluster[2], "llmcluster_feedback_score_sum") == {(NAME, "1"): 0.5}
 
     # Cleared: the latest version serves every caller again.
     ft.SetTrafficSplit(finetune_pb2.SetTrafficSplitRequest(adapter=NAME, clear=True), timeout=30)
@@ -201,7 +241,7 @@ def test_served_version_is_in_usage_sticky_and_pinned_bypasses(
         assert _generate(gen, NAME, key).usage.adapter == f"{NAME}@2"
 
 
-def test_cli_sets_shows_and_clears(cluster: tuple[Proc, Proc, int]) -> None:
+def test_cli_sets_shows_and_clears(cluster: tuple[Proc, Proc, int, int]) -> None:
     target = cluster[0].address
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

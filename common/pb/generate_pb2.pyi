@@ -169,6 +169,20 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RecordFeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "score")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    score: float
+    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RecordFeedbackResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+
 class ModelEntry(_message.Message):
     __slots__ = ("name", "version", "kind", "base_model", "is_default", "max_context_tokens", "method", "created_unix_ms", "supports_constraints")
     NAME_FIELD_NUMBER: _ClassVar[int]

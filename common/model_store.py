@@ -281,6 +281,20 @@ class ModelStore:
         carried = {k: v for k, v in ref.metadata.items() if k not in _RESERVED_KEYS}
         return self.publish(name, ref.path, {**carried, **(metadata or {})})
 
+    def remove(self, name: str) -> bool:
+        """Removes every version of ``name`` (a sweep's trial adapters it discards):
+        renamed to a hidden folder first, so readers see all of it or none. An adapter
+        already loaded by a worker keeps serving from memory. False if there was none."""
+        validate_name(name)
+        name_dir = self.root / name
+        if not name_dir.is_dir():
+            return False
+        doomed = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(name_dir, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        logger.info("removed %s from the model store", name)
+        return True
+
     def _copy(self, src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
         with open(dst, "rb+") as fh:

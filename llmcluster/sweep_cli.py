@@ -93,6 +93,7 @@ def build_sweep_request(
         max_trials=args.max_trials,
         parallelism=args.parallelism,
         seed=args.sweep_seed,
+        discard_trials=args.discard_trials,
         client_token=args.client_token or uuid.uuid4().hex,
     )
     sweep_spec_from_pb(request)
@@ -244,6 +245,11 @@ def register_sweep(actions: argparse._SubParsersAction) -> None:
     )
     create.add_argument(
         "--parallelism", type=non_negative_int, default=1, help="trials at once (default: 1)"
+    )
+    create.add_argument(
+        "--discard-trials",
+        action="store_true",
+        help="remove the trials' own adapters once the best is published",
     )
     create.add_argument("--sweep-seed", type=non_negative_int, default=0, help="random / tpe: seed")
     create.add_argument("--client-token", default="", help="idempotency token (default: random)")

@@ -221,7 +221,7 @@ def test_bad_base_job_is_refused_and_leaves_nothing(ft, home: Path) -> None:
 
 @pytest.fixture(scope="module")
 def finished_sweep(ft) -> tuple[finetune_pb2.Sweep, list[finetune_pb2.SweepEvent]]:
-    request = _request(parallelism=2, client_token="sweep-1")
+    request = _request(parallelism=2, client_token="sweep-1", discard_trials=True)
     sweep = ft.CreateSweep(request, timeout=120)
     assert ft.CreateSweep(request, timeout=120).sweep_id == sweep.sweep_id  # idempotent
     assert sweep.state == finetune_pb2.RUNNING and sweep.planned_trials == 4
@@ -253,9 +253,13 @@ def test_four_trials_run_as_jobs_and_the_best_is_published(ft, finished_sweep, h
     assert sweep.best_trial == best.number
     assert [t.number for t in sweep.trials if t.best] == [best.number]
     assert sweep.best_ref == f"{NAME}@1"
-    meta = ModelStore(home / "store").resolve(sweep.best_ref).metadata
+    store = ModelStore(home / "store")
+    meta = store.resolve(sweep.best_ref).metadata
     assert meta["sweep_id"] == sweep.sweep_id and meta["sweep_best"] is True
     assert meta["sweep_trial"] == best.number and meta["trial_ref"] == best.artifact_ref
+    # discard_trials: the trials' own adapters are gone; only the published best is left.
+    assert all(t.artifact_ref.startswith(f"{NAME}.") for t in sweep.trials)
+    assert {r.name for r in store.list()} == {NAME}
 
     # WatchSweep showed all four trials to the end, and the sweep's own life.
     seen = {e.trial.number: e.trial for e in events if e.HasField("trial")}

@@ -443,6 +443,10 @@ class SweepManager:
             return
         best = min(scored, key=lambda t: (t.eval_loss, t.number))
         ref = await asyncio.to_thread(self._publish_once, sweep, best)
+        if self._sweep_request(sweep).discard_trials:
+            for trial in sweep.pb.trials:
+                name = trial_output_name(sweep.pb.output_name, sweep.sweep_id, trial.number)
+                await asyncio.to_thread(self.store.remove, name)
         for trial in sweep.pb.trials:
             trial.best = trial.number == best.number
         sweep.pb.best_trial = best.number

@@ -338,7 +338,7 @@ class SearchSpace(_message.Message):
     def __init__(self, learning_rate: _Optional[_Iterable[float]] = ..., learning_rate_range: _Optional[_Union[FloatRange, _Mapping]] = ..., lora_r: _Optional[_Iterable[int]] = ..., lora_alpha: _Optional[_Iterable[float]] = ..., epochs: _Optional[_Iterable[int]] = ..., batch_size: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateSweepRequest(_message.Message):
-    __slots__ = ("base", "space", "strategy", "max_trials", "parallelism", "objective", "seed", "client_token")
+    __slots__ = ("base", "space", "strategy", "max_trials", "parallelism", "objective", "seed", "client_token", "discard_trials")
     BASE_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +347,7 @@ class CreateSweepRequest(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_TRIALS_FIELD_NUMBER: _ClassVar[int]
     base: CreateJobRequest
     space: SearchSpace
     strategy: SweepStrategy
@@ -355,7 +356,8 @@ class CreateSweepRequest(_message.Message):
     objective: str
     seed: int
     client_token: str
-    def __init__(self, base: _Optional[_Union[CreateJobRequest, _Mapping]] = ..., space: _Optional[_Union[SearchSpace, _Mapping]] = ..., strategy: _Optional[_Union[SweepStrategy, str]] = ..., max_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., objective: _Optional[str] = ..., seed: _Optional[int] = ..., client_token: _Optional[str] = ...) -> None: ...
+    discard_trials: bool
+    def __init__(self, base: _Optional[_Union[CreateJobRequest, _Mapping]] = ..., space: _Optional[_Union[SearchSpace, _Mapping]] = ..., strategy: _Optional[_Union[SweepStrategy, str]] = ..., max_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., objective: _Optional[str] = ..., seed: _Optional[int] = ..., client_token: _Optional[str] = ..., discard_trials: _Optional[bool] = ...) -> None: ...
 
 class Trial(_message.Message):
     __slots__ = ("number", "params", "job_id", "state", "eval_loss", "error", "artifact_ref", "best")

@@ -410,7 +410,7 @@ def test_a_sweep_survives_a_worker_sigkill(tmp_path: Path) -> None:
 
 
 def test_workers_sharing_a_jobs_folder_drive_a_running_sweep_once(tmp_path: Path) -> None:
-    """Two workers on one home load the same RUNNING sweep: the first to start takes its
+    """Two workers on one home load the same RUNNING sweep: the first to load it takes its
     lock and drives (and shows) it; the other answers NOT_FOUND for it, so the router
     finds it on the driver. When the driver is gone, a worker starting next takes over."""
     jobs_dir = tmp_path / "jobs"

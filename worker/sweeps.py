@@ -16,8 +16,8 @@ On disk, one folder per sweep under ``<jobs_dir>/sweeps``::
 
 Workers may share a jobs folder (``llmcluster up`` starts them on one home). A running
 sweep is driven by exactly one of them: the one holding its lock, which the kernel
-releases when that process dies. The creating worker takes it; at start-up a worker
-takes the lock of each RUNNING sweep it can, and shows only the sweeps it drives or that
+releases when that process dies. The creating worker takes it; a worker loading the
+folder takes the lock of each RUNNING sweep it can, and shows only the sweeps it drives or that
 had ended, so the router finds a live sweep on its driver.
 
 The plan (every trial's hyperparameters) is fixed at creation, so a sweep found RUNNING
@@ -234,6 +234,10 @@ class SweepManager:
             self.sweeps[sweep.sweep_id] = sweep
             if sweep.pb.client_token:
                 self._by_token[(sweep.owner, sweep.pb.client_token)] = sweep.sweep_id
+            # Claimed at load: GetSweep answers while the model loads, and a second
+            # worker starting on the same folder meanwhile leaves it alone.
+            if not sweep.terminal and not self._claim(sweep):
+                logger.info("sweep %s is driven by another worker", sweep.sweep_id)
         if self.sweeps:
             logger.info("loaded %d sweep(s) from %s", len(self.sweeps), self.sweeps_dir)
 
@@ -308,12 +312,8 @@ class SweepManager:
     async def start(self) -> None:
         """Starts the loop; RUNNING sweeps (a restart cut them off) go on from their plan."""
         for sweep in self.sweeps.values():
-            if sweep.terminal:
-                continue
-            if self._claim(sweep):
+            if not sweep.terminal and sweep.lock is not None:
                 logger.info("resuming sweep %s", sweep.sweep_id)
-            else:
-                logger.info("sweep %s is driven by another worker", sweep.sweep_id)
         self._task = asyncio.create_task(self._loop(), name="finetune-sweeps")
 
     async def stop(self) -> None:

@@ -19,7 +19,7 @@ import json
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
@@ -138,16 +138,51 @@ def _fail(exc: grpc.RpcError) -> int:
     return 1
 
 
-def _follow(stub: finetune_pb2_grpc.FineTuneStub, sweep_id: str) -> int:
-    """Prints each event (a trial changing state) until the sweep ends, then the table."""
+class LiveTable:
+    """Redraws a block of text in place on a terminal (cursor up over the last drawing,
+    clear to the end of the screen, write the new one)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._lines = 0
+
+    def draw(self, text: str) -> None:
+        if self._lines:
+            self.out.write(f"\x1b[{self._lines}F\x1b[J")
+        self.out.write(text + "\n")
+        self.out.flush()
+        self._lines = text.count("\n") + 1
+
+
+def apply_event(sweep: finetune_pb2.Sweep, event: finetune_pb2.SweepEvent) -> None:
+    """Brings a Sweep up to date with one of its events (the trial's new state)."""
+    sweep.state = event.state
+    if event.HasField("trial"):
+        for trial in sweep.trials:
+            if trial.number == event.trial.number:
+                trial.CopyFrom(event.trial)
+
+
+def _follow(stub: finetune_pb2_grpc.FineTuneStub, sweep_id: str, out: TextIO = sys.stdout) -> int:
+    """Follows the sweep to its end: on a terminal a live table of its trials, else one
+    line per event; then the final table and the best."""
+    sweep = stub.GetSweep(finetune_pb2.GetSweepRequest(sweep_id=sweep_id))
+    live = LiveTable(out) if out.isatty() else None
     try:
         for event in stub.WatchSweep(finetune_pb2.WatchSweepRequest(sweep_id=sweep_id)):
-            print(event.message, flush=True)
+            apply_event(sweep, event)
+            if live is not None:
+                live.draw(format_trials(sweep) + "\n" + event.message)
+            else:
+                print(event.message, file=out, flush=True)
     except KeyboardInterrupt:
         print(f"stopped watching; the sweep goes on: llmcluster finetune sweep watch {sweep_id}")
         return 130
     sweep = stub.GetSweep(finetune_pb2.GetSweepRequest(sweep_id=sweep_id))
-    print(format_trials(sweep))
+    if live is not None:
+        live.draw(format_trials(sweep))
+    else:
+        print(format_trials(sweep), file=out)
     return 0 if sweep.state == finetune_pb2.SUCCEEDED else 1
 
 

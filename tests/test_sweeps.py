@@ -6,6 +6,7 @@ name and serves, WatchSweep shows all four, and the CLI prints the table."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from common.errors import InvalidArgument, NotFound
 from common.model_store import ModelStore
 from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
 from common.validation import sweep_spec_from_pb
+from llmcluster.sweep_cli import LiveTable, apply_event, format_trials
 from tests.procs import REPO_ROOT, Proc, free_port, start_router, start_worker
 from tests.test_finetune import small_hp, small_jsonl, temp_home
 from worker.jobs import JobManager, JobsConfig
@@ -285,6 +287,28 @@ def test_the_best_adapter_serves(channel: grpc.Channel, finished_sweep) -> None:
     assert reply.usage.completion_tokens >= 1 and reply.usage.adapter == sweep.best_ref
 
 
+def test_live_table_redraws_the_trials_in_place(finished_sweep) -> None:
+    """What ``sweep create`` / ``watch`` show on a terminal: the table, redrawn over
+    itself as each event brings a trial's new state."""
+    final, events = finished_sweep
+    sweep = finetune_pb2.Sweep()
+    sweep.CopyFrom(final)
+    sweep.ClearField("trials")  # the trials as they were before any event
+    sweep.trials.extend(finetune_pb2.Trial(number=n) for n in (1, 2, 3, 4))
+    out = io.StringIO()
+    live = LiveTable(out)
+    for event in events:
+        apply_event(sweep, event)
+        live.draw(format_trials(sweep))
+    table = format_trials(sweep)
+    assert [t.state for t in sweep.trials] == [finetune_pb2.SUCCEEDED] * 4
+    assert sweep.state == finetune_pb2.SUCCEEDED
+    # Every drawing after the first moves up over the previous one (header, 4 trials,
+    # summary) and clears it; the screen ends with the final table.
+    assert out.getvalue().count("\x1b[6F\x1b[J") == len(events) - 1
+    assert out.getvalue().endswith(table + "\n")
+
+
 def test_cli_prints_the_table_and_the_best(cluster, finished_sweep) -> None:
     sweep, _ = finished_sweep
     done = subprocess.run(
@@ -317,6 +341,17 @@ def test_cli_prints_the_table_and_the_best(cluster, finished_sweep) -> None:
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip
     assert json.loads(raw.stdout)["best_ref"] == sweep.best_ref
+    # watch (what create runs after creating): one line per event, then the table.
+    watched = subprocess.run(
+        [sys.executable, "-m", "llmcluster", "finetune", "sweep", "watch", sweep.sweep_id,
+         "--target", cluster[0].address],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert watched.returncode == 0, watched.stderr
+    out = watched.stdout.splitlines()
+    assert out[0].startswith("sweep created: 4 grid trial(s)")
+    assert sum(1 for line in out if line.startswith("trial 4 ")) >= 2  # launched, ended
+    assert out[-6:] == lines
 
 
 def test_cancel_stops_the_trials_and_publishes_nothing(ft, finished_sweep, home: Path) -> None:

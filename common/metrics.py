@@ -26,7 +26,14 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    start_http_server,
+)
 
 from common.tracing import GEN_AI_OPERATION_TEXT_COMPLETION, package_version
 
@@ -73,6 +80,12 @@ GENAI_TOKEN_USAGE_BUCKETS = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+# Distinct (adapter, version) label pairs a worker gives its per-adapter series; more
+# are counted under ADAPTER_OVERFLOW so a stream of new versions cannot grow the series
+# without bound.
+MAX_ADAPTER_SERIES = 32
+ADAPTER_OVERFLOW = "other"
 
 JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 # Status codes that end a request early by the caller's will (cancel) or clock (deadline).
@@ -169,6 +182,16 @@ class _ServingMetrics:
             labelnames=by_api,
             registry=r,
         )
+        # RecordFeedback scores by the adapter version that served the request; labels
+        # bounded like the worker's per-version series (MAX_ADAPTER_SERIES pairs).
+        self.feedback_score = Summary(
+            "llmcluster_feedback_score",
+            "RecordFeedback scores by the adapter and version that served the request "
+            "(_sum / _count is the mean score).",
+            ["adapter", "version"],
+            registry=r,
+        )
+        self._adapter_labels: set[tuple[str, str]] = set()
         self.cancellations_total = Counter(
             "llmcluster_cancellations_total",
             "Requests that ended before finishing: reason=cancelled (the caller cancelled) or "
@@ -220,6 +243,20 @@ class _ServingMetrics:
             registry=r,
         )  # fmt: skip
         self.build_info.labels(role=role, version=package_version()).set(1)
+
+    def _adapter_label(self, adapter: str, version: str) -> tuple[str, str]:
+        pair = (adapter, version)
+        if pair in self._adapter_labels:
+            return pair
+        if len(self._adapter_labels) >= MAX_ADAPTER_SERIES:
+            return (ADAPTER_OVERFLOW, ADAPTER_OVERFLOW)
+        self._adapter_labels.add(pair)
+        return pair
+
+    def record_feedback(self, adapter: str, version: str, score: float) -> None:
+        """One RecordFeedback score for ``adapter``@``version`` ("" = base model)."""
+        name, ver = self._adapter_label(adapter, version)
+        self.feedback_score.labels(name, ver).observe(score)
 
     def _api_histograms(self) -> tuple[Histogram, ...]:
         return (
@@ -346,10 +383,35 @@ class WorkerMetrics(_ServingMetrics):
         self.self_tests_total = Counter(
             "llmcluster_self_tests_total", "Self-test runs by result.", ["result"], registry=r
         )
+        # A/B reading: the same request count and TTFT, by the adapter version that served
+        # (adapter="" for the base model). Bounded by MAX_ADAPTER_SERIES label pairs.
+        self.adapter_requests_total = Counter(
+            "llmcluster_adapter_requests_total",
+            "Finished generation requests by the adapter and version that served them.",
+            ["adapter", "version", "code"],
+            registry=r,
+        )
+        self.adapter_time_to_first_token_seconds = Histogram(
+            "llmcluster_adapter_time_to_first_token_seconds",
+            "Time to first token by the adapter and version that served the request.",
+            ["adapter", "version"],
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
         for state in JOB_STATES:  # export zeros so dashboards show every state from start
             self.finetune_jobs.labels(state)
         for result in ("pass", "fail"):
             self.self_tests_total.labels(result)
+
+    def record_adapter_request(self, adapter: str, version: str, code: Any = "OK") -> None:
+        """One finished generation served by ``adapter``@``version`` ("" = base model)."""
+        name, ver = self._adapter_label(adapter, version)
+        self.adapter_requests_total.labels(name, ver, status_code_name(code)).inc()
+
+    def observe_adapter_ttft(self, adapter: str, version: str, seconds: float) -> None:
+        """Time to first token of a request served by ``adapter``@``version``."""
+        name, ver = self._adapter_label(adapter, version)
+        self.adapter_time_to_first_token_seconds.labels(name, ver).observe(seconds)
 
     def observe_step(self, batch_size: int) -> None:
         """One engine iteration over ``batch_size`` sequences."""

@@ -11,6 +11,11 @@ renames it into place: a crash at any point leaves either no new version or a co
 one. Concurrent publishers of one name are serialised by a lock file, and the rename
 itself refuses to replace an existing version, so none can clobber another.
 
+A name may also carry a traffic split, ``<root>/<name>/split.json`` (version → weight,
+summing to 100): :meth:`ModelStore.resolve` then picks the version a bare ``name`` (or
+``name@latest``) serves, by a deterministic hash of the caller's key (see
+:func:`split_point`), so one caller stays on one version; ``name@3`` bypasses it.
+
 Only safetensors weights are accepted (pickle-based ``.bin``/``.pt``/... files can run
 code when loaded). No torch here: the router imports ``common``.
 """
@@ -24,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import struct
@@ -48,6 +54,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".jinja", ".model")
 _RESERVED_KEYS = ("name", "version", "files", "weights_sha256", "created_unix_ms", "created")
 _TMP_PREFIX = ".tmp-"
+SPLIT_FILE = "split.json"
+SPLIT_TOTAL = 100  # split weights are percentages
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
@@ -180,6 +188,31 @@ def _scan(folder: Path) -> list[str]:
     return files
 
 
+def split_point(key: str, name: str) -> float:
+    """Where caller ``key`` falls in [0, 100) for adapter ``name``: the first 8 bytes of
+    sha256(name NUL key) scaled, so the same key always lands on the same point (sticky)
+    and different names spread one caller independently."""
+    digest = hashlib.sha256(f"{name}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * SPLIT_TOTAL
+
+
+def pick_version(weights: dict[int, int], point: float) -> int:
+    """The version whose cumulative-weight interval (versions in ascending order) holds
+    ``point`` in [0, 100)."""
+    upper = 0
+    chosen = None
+    for version in sorted(weights):
+        if weights[version] <= 0:
+            continue
+        upper += weights[version]
+        chosen = version
+        if point < upper:
+            return version
+    if chosen is None:
+        raise ValueError("a split needs a version with weight > 0")
+    return chosen  # point == 100 cannot happen; float rounding lands on the last
+
+
 class ModelStore:
     """Versioned artifacts under ``root`` (see the module docstring for the layout)."""
 
@@ -237,6 +270,30 @@ class ModelStore:
             raise
         logger.info("published %s (%s files, weights %s)", ref.ref, len(files), ref.sha256[:12])
         return ref
+
+    def republish(
+        self, ref: ArtifactRef, name: str, metadata: dict[str, Any] | None = None
+    ) -> ArtifactRef:
+        """Publishes a stored version again as the next version of ``name`` (a sweep's
+        best trial under the sweep's name): its files, checked first, and its metadata
+        with ``metadata`` added."""
+        ref = self.verify(ref)
+        carried = {k: v for k, v in ref.metadata.items() if k not in _RESERVED_KEYS}
+        return self.publish(name, ref.path, {**carried, **(metadata or {})})
+
+    def remove(self, name: str) -> bool:
+        """Removes every version of ``name`` (a sweep's trial adapters it discards):
+        renamed to a hidden folder first, so readers see all of it or none. An adapter
+        already loaded by a worker keeps serving from memory. False if there was none."""
+        validate_name(name)
+        name_dir = self.root / name
+        if not name_dir.is_dir():
+            return False
+        doomed = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(name_dir, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        logger.info("removed %s from the model store", name)
+        return True
 
     def _copy(self, src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
@@ -303,8 +360,10 @@ class ModelStore:
             raise ArtifactNotFound(f"artifact {name}@{version} not found") from None
         return ArtifactRef(name, version, path, record.get("weights_sha256", ""), record)
 
-    def resolve(self, spec: str) -> ArtifactRef:
-        """``name`` or ``name@latest`` → newest version; ``name@3`` → version 3."""
+    def resolve(self, spec: str, split_key: str | None = None) -> ArtifactRef:
+        """``name`` or ``name@latest`` → the newest version, or, when the name carries a
+        traffic split, the version the split gives ``split_key`` (sticky; no key: a
+        random draw); ``name@3`` → version 3 always."""
         name, version = parse_ref(spec)
         versions = self._versions(self.root / name)
         if not versions:
@@ -313,7 +372,12 @@ class ModelStore:
                 f"artifact {name!r} not found (stored: {', '.join(stored) or 'none'})"
             )
         if version is None:
-            version = versions[-1]
+            weights = self.get_split(name)
+            if weights:
+                point = split_point(split_key, name) if split_key else random.random() * SPLIT_TOTAL
+                version = pick_version(weights, point)
+            else:
+                version = versions[-1]
         elif version not in versions:
             # Name and version are told apart: the name exists, this version does not.
             raise ArtifactNotFound(
@@ -331,6 +395,52 @@ class ModelStore:
         else:
             names = []
         return [self._ref(n, v) for n in names for v in self._versions(self.root / n)]
+
+    # ------------------------------------------------------------ traffic splits
+
+    def get_split(self, name: str) -> dict[int, int]:
+        """``name``'s split, version → weight ({} when it has none)."""
+        path = self.root / validate_name(name) / SPLIT_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {int(v): int(w) for v, w in raw.get("weights", {}).items()}
+
+    def split_updated_unix_ms(self, name: str) -> int:
+        """When ``name``'s split was set (0: no split)."""
+        path = self.root / validate_name(name) / SPLIT_FILE
+        try:
+            return int(json.loads(path.read_text()).get("updated_unix_ms", 0))
+        except FileNotFoundError:
+            return 0
+
+    def set_split(self, name: str, weights: dict[int, int]) -> None:
+        """Stores ``name``'s split (already validated: common.validation.traffic_split);
+        every version must be published. Written whole (tmp + rename); ``{}`` clears."""
+        validate_name(name)
+        name_dir = self.root / name
+        path = name_dir / SPLIT_FILE
+        if not weights:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        versions = self._versions(name_dir)
+        if not versions:
+            raise ArtifactNotFound(f"adapter {name!r} not found: no version is published")
+        missing = sorted(set(weights) - set(versions))
+        if missing:
+            raise ArtifactNotFound(
+                f"adapter {name}: version(s) {', '.join(map(str, missing))} not found "
+                f"(versions are {', '.join(map(str, versions))})"
+            )
+        record = {
+            "weights": {str(v): w for v, w in sorted(weights.items())},
+            "updated_unix_ms": int(time.time() * 1000),
+        }
+        tmp = name_dir / f".{SPLIT_FILE}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
 
     def verify(self, ref: ArtifactRef | str) -> ArtifactRef:
         """Recomputes every file's sha256; raises IntegrityError on a changed, missing or

@@ -12,14 +12,15 @@ import math
 from dataclasses import dataclass, field
 
 from common.errors import InvalidArgument
-from common.model_store import parse_ref
-from common.pb import generate_pb2
+from common.model_store import SPLIT_TOTAL, parse_ref
+from common.pb import finetune_pb2, generate_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 128
 MAX_REQUEST_ID_LENGTH = 128
+MAX_USER_LENGTH = 256  # GenerateRequest.user: a caller key, hashed for traffic splits
 CHAT_ROLES = ("system", "user", "assistant")
 # Beyond this a penalty is no longer a penalty but an overflow (score / p or score * p
 # leaves float32); 100 already pins every seen token's probability to ~0 or ~1.
@@ -196,6 +197,7 @@ class GenerationSpec:
     prompt: str | None
     messages: tuple[tuple[str, str], ...] = field(default=())
     params: SamplingParams = field(default_factory=SamplingParams)
+    user: str = ""  # caller key: keeps a caller on one version of a split adapter
 
 
 def generation_spec_from_pb(
@@ -204,6 +206,8 @@ def generation_spec_from_pb(
     """Validates every field of a GenerateRequest that needs no model."""
     if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
+    if len(req.user) > MAX_USER_LENGTH:
+        raise InvalidArgument(f"user is longer than {MAX_USER_LENGTH} characters")
     if req.prompt and len(req.messages):
         raise InvalidArgument("set either prompt or messages, not both")
     if not req.prompt and not len(req.messages):
@@ -241,6 +245,7 @@ def generation_spec_from_pb(
         prompt=req.prompt or None,
         messages=tuple(messages),
         params=SamplingParams.from_pb(req.params, limits),
+        user=req.user,
     )
 
 
@@ -280,3 +285,161 @@ def sampling_params_from_values(
                 raise InvalidArgument(f"params.{name}: {exc}, got {value!r}") from None
     SamplingParams.from_pb(pb, limits)
     return pb
+
+
+# ---------------------------------------------------------------- traffic splits
+
+
+def traffic_split_from_values(
+    adapter: str, weights: dict[int, int], clear: bool = False
+) -> tuple[str, dict[int, int]]:
+    """A SetTrafficSplit request checked (name, version → weight); ``{}`` means clear.
+
+    Weights are percentages: non-negative integers summing to 100 over versions >= 1.
+    Whether the versions exist is the model store's check (NOT_FOUND)."""
+    if not adapter:
+        raise InvalidArgument("adapter is required")
+    if "@" in adapter:
+        raise InvalidArgument(
+            f"adapter {adapter!r}: a split belongs to the bare name; drop the '@version'"
+        )
+    try:
+        name, _ = parse_ref(adapter)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"adapter: {exc}") from None
+    if clear:
+        if weights:
+            raise InvalidArgument("clear and weights are exclusive: clear removes the split")
+        return name, {}
+    if not weights:
+        raise InvalidArgument("weights are empty: give version=weight pairs or clear the split")
+    for version, weight in sorted(weights.items()):
+        if not isinstance(version, int) or version < 1:
+            raise InvalidArgument(f"weights: version {version!r} must be an integer >= 1")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+            raise InvalidArgument(
+                f"weights: weight of version {version} must be a non-negative integer, "
+                f"got {weight!r}"
+            )
+    total = sum(weights.values())
+    if total != SPLIT_TOTAL:
+        raise InvalidArgument(
+            f"weights must sum to {SPLIT_TOTAL}, got {total} "
+            f"({', '.join(f'{v}={w}' for v, w in sorted(weights.items()))})"
+        )
+    return name, dict(weights)
+
+
+# ---------------------------------------------------------------- sweeps
+
+MAX_SWEEP_TRIALS = 256
+MAX_SWEEP_PARALLELISM = 16
+SWEEP_OBJECTIVES = ("eval_loss",)
+# SearchSpace list fields -> the Hyperparameters field each one varies.
+SWEEP_CHOICE_FIELDS = ("learning_rate", "lora_r", "lora_alpha", "epochs", "batch_size")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated CreateSweepRequest without its base job (the job manager checks that).
+
+    ``choices``: field → the values to try (only the non-empty dimensions);
+    ``learning_rate_range``: (min, max, log) for RANDOM, else None."""
+
+    strategy: str  # "grid" | "random" | "tpe"
+    choices: dict[str, tuple[float, ...]]
+    learning_rate_range: tuple[float, float, bool] | None
+    max_trials: int
+    parallelism: int
+    objective: str
+    seed: int
+
+
+def sweep_spec_from_pb(req: finetune_pb2.CreateSweepRequest) -> SweepSpec:
+    """Checks a CreateSweepRequest's search space, strategy, budget, parallelism and
+    objective; raises InvalidArgument naming the field."""
+    strategies = {
+        finetune_pb2.SWEEP_STRATEGY_UNSPECIFIED: "grid",
+        finetune_pb2.GRID: "grid",
+        finetune_pb2.RANDOM: "random",
+        finetune_pb2.TPE: "tpe",
+    }
+    if req.strategy not in strategies:
+        raise InvalidArgument(f"strategy {req.strategy} is not a known SweepStrategy")
+    strategy = strategies[req.strategy]
+    objective = req.objective or "eval_loss"
+    if objective not in SWEEP_OBJECTIVES:
+        raise InvalidArgument(
+            f"objective must be one of {', '.join(SWEEP_OBJECTIVES)}, got {req.objective!r}"
+        )
+    space = req.space
+    choices: dict[str, tuple[float, ...]] = {}
+    for name in SWEEP_CHOICE_FIELDS:
+        values = tuple(getattr(space, name))
+        if not values:
+            continue
+        for v in values:
+            if not math.isfinite(v) or v <= 0:
+                raise InvalidArgument(f"space.{name}: every value must be > 0, got {v!r}")
+        if len(set(values)) != len(values):
+            raise InvalidArgument(f"space.{name}: values repeat ({', '.join(map(str, values))})")
+        choices[name] = values
+    lr_range = None
+    if space.HasField("learning_rate_range"):
+        r = space.learning_rate_range
+        if strategy == "grid":
+            raise InvalidArgument(
+                "space.learning_rate_range: a grid sweep takes listed values only "
+                "(space.learning_rate); use strategy RANDOM or TPE for a range"
+            )
+        if "learning_rate" in choices:
+            raise InvalidArgument("space: set learning_rate or learning_rate_range, not both")
+        if not (math.isfinite(r.min) and math.isfinite(r.max)) or r.min <= 0 or r.max < r.min:
+            raise InvalidArgument(
+                f"space.learning_rate_range must have 0 < min <= max, got [{r.min}, {r.max}]"
+            )
+        lr_range = (r.min, r.max, r.log)
+    if not choices and lr_range is None:
+        raise InvalidArgument("space is empty: give at least one dimension to vary")
+    if strategy == "grid":
+        size = math.prod(len(v) for v in choices.values())
+        max_trials = min(size, req.max_trials) if req.max_trials else size
+    else:
+        if not req.max_trials:
+            raise InvalidArgument(f"max_trials: a {strategy} sweep needs a trial budget (> 0)")
+        max_trials = req.max_trials
+    if max_trials > MAX_SWEEP_TRIALS:
+        raise InvalidArgument(f"the sweep has {max_trials} trials; at most {MAX_SWEEP_TRIALS}")
+    parallelism = req.parallelism or 1
+    if parallelism > MAX_SWEEP_PARALLELISM:
+        raise InvalidArgument(
+            f"parallelism must be in [1, {MAX_SWEEP_PARALLELISM}], got {req.parallelism}"
+        )
+    return SweepSpec(
+        strategy=strategy,
+        choices=choices,
+        learning_rate_range=lr_range,
+        max_trials=max_trials,
+        parallelism=parallelism,
+        objective=objective,
+        seed=req.seed,
+    )
+
+
+# ---------------------------------------------------------------- feedback
+
+MAX_FEEDBACK_SCORE = 1e9  # far beyond any rating scale; keeps Prometheus sums finite
+
+
+def feedback_from_pb(req: generate_pb2.RecordFeedbackRequest) -> tuple[str, float]:
+    """A RecordFeedback request checked: (request_id, score)."""
+    if not req.request_id:
+        raise InvalidArgument("request_id is required: the id of the request to score")
+    if len(req.request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_LENGTH} characters")
+    if not math.isfinite(req.score) or abs(req.score) > MAX_FEEDBACK_SCORE:
+        raise InvalidArgument(
+            f"score must be a finite number in [-{MAX_FEEDBACK_SCORE:g}, "
+            f"{MAX_FEEDBACK_SCORE:g}], got {req.score!r}"
+        )
+    return req.request_id, req.score

@@ -16,6 +16,7 @@ _COMMANDS = {
     "generate": "llmcluster.client",
     "models": "llmcluster.client",
     "finetune": "llmcluster.finetune_cli",
+    "adapters": "llmcluster.adapters_cli",
     "bench": "llmcluster.bench",
     "auth": "llmcluster.auth_cli",
     "health": "llmcluster.probe",

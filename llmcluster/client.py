@@ -98,7 +98,12 @@ def build_request(
     text = read_prompt(args) if prompt is None else prompt
     try:
         params = sampling_params_from_values(values, limits)
-        req = generate_pb2.GenerateRequest(model=args.model, adapter=args.adapter, params=params)
+        req = generate_pb2.GenerateRequest(
+            model=args.model,
+            adapter=args.adapter,
+            params=params,
+            user=getattr(args, "user", "") or "",
+        )
         if args.chat:
             if args.system:
                 req.messages.add(role="system", content=args.system)
@@ -184,6 +189,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object per message")
     gen.add_argument("--model", default="", help="base model (default: the cluster's default)")
     gen.add_argument("--adapter", default="", help="adapter name or name@version")
+    gen.add_argument(
+        "--user",
+        default="",
+        help="caller key: keeps you on one version of an adapter with a traffic split",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: server's (128)")
     gen.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")

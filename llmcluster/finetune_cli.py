@@ -539,3 +539,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--json", action="store_true", help="print JSON")
         add_target_argument(p)
         p.set_defaults(func=func)
+
+    from llmcluster.sweep_cli import register_sweep  # here: sweep_cli imports this module
+
+    register_sweep(actions)

@@ -13,6 +13,13 @@ one job store they share; the router holds no job state of its own, only a routi
   worker is asked with ``GetJob``; the one that does not answer NOT_FOUND holds it and
   is remembered. NOT_FOUND everywhere is NOT_FOUND for the client.
 * ``ListJobs`` fans out to every known worker and merges newest first.
+* Sweeps route like jobs (a sweep's trials are jobs on the worker holding it):
+  ``CreateSweep`` to the least-loaded worker, ``GetSweep`` / ``CancelSweep`` /
+  ``WatchSweep`` to the worker remembered (or found) for the sweep id, ``ListSweeps``
+  fanned out and merged.
+* ``SetTrafficSplit`` goes to every known worker (each applies it to its model store;
+  workers sharing one store write the same file), succeeding when any worker holding
+  the adapter took it; ``GetTrafficSplit`` asks them all and returns a split found.
 
 Worker errors reach the client with their status code and message unchanged; the
 client's deadline and W3C trace context travel on every upstream call.
@@ -124,9 +131,20 @@ def _upstream_metadata() -> list[tuple[str, str]]:
     return metadata
 
 
-def _require_job_id(job_id: str) -> None:
-    if not job_id:
-        raise InvalidArgument("job_id is required")
+def _require_id(key: str, what: str = "job") -> None:
+    if not key:
+        raise InvalidArgument(f"{what}_id is required")
+
+
+def _lookup(link: WorkerLink, what: str, key: str, timeout: float) -> Awaitable[Any]:
+    """GetJob / GetSweep of ``key`` on ``link``: how a worker says it holds it."""
+    stub = _stub(link)
+    metadata = _upstream_metadata()
+    if what == "sweep":
+        return stub.GetSweep(
+            finetune_pb2.GetSweepRequest(sweep_id=key), timeout=timeout, metadata=metadata
+        )
+    return stub.GetJob(finetune_pb2.GetJobRequest(job_id=key), timeout=timeout, metadata=metadata)
 
 
 class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
@@ -168,21 +186,25 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
 
         return await self._unary("CreateJob", "", context, body)
 
-    async def _job_call(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """A unary call about one job, forwarded to the worker that holds it."""
+    async def _job_call(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext, what: str = "job"
+    ) -> Any:
+        """A unary call about one job (or sweep), forwarded to the worker that holds it."""
+        key = request.sweep_id if what == "sweep" else request.job_id
 
         async def body(span: trace.Span) -> Any:
             return await self._on_job_worker(
-                request.job_id,
+                key,
                 context,
                 lambda link: getattr(_stub(link), method)(
                     request,
                     timeout=_timeout(context, UNARY_TIMEOUT_S),
                     metadata=_upstream_metadata(),
                 ),
+                what,
             )
 
-        return await self._unary(method, request.job_id, context, body)
+        return await self._unary(method, key if what == "job" else "", context, body)
 
     async def GetJob(  # noqa: N802 - gRPC method name
         self, request: finetune_pb2.GetJobRequest, context: grpc.aio.ServicerContext
@@ -241,17 +263,25 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
     async def WatchJob(  # noqa: N802 - gRPC method name
         self, request: finetune_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[finetune_pb2.JobEvent]:
+        async for event in self._follow("WatchJob", request, context, "job"):
+            yield event
+
+    async def _follow(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext, what: str
+    ) -> AsyncIterator[Any]:
+        """A WatchJob / WatchSweep stream from the worker holding the job or sweep."""
+        key = request.sweep_id if what == "sweep" else request.job_id
         code: Any = grpc.StatusCode.OK
-        with self._span("WatchJob", request.job_id, context) as span:
+        with self._span(method, key if what == "job" else "", context) as span:
             try:
-                _require_job_id(request.job_id)
-                link, cached = await self._resolve(request.job_id, context)
+                _require_id(key, what)
+                link, cached = await self._resolve(key, context, what)
                 sent = 0
                 while True:
                     span.set_attribute("server.address", link.address)
-                    call = _stub(link).WatchJob(
+                    call = getattr(_stub(link), method)(
                         request,
-                        # No deadline from the client means follow until the job ends.
+                        # No deadline from the client means follow until it ends.
                         timeout=_timeout(context, None),
                         metadata=_upstream_metadata(),
                     )
@@ -264,8 +294,8 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                         if not (cached and sent == 0 and exc.code() == grpc.StatusCode.NOT_FOUND):
                             raise
                         # The remembered worker no longer has it: search the others once.
-                        self.table.forget_job(request.job_id)
-                        link = await self._find(request.job_id, context, exclude=link.address)
+                        self.table.forget_job(key)
+                        link = await self._find(key, context, exclude=link.address, what=what)
                         cached = False
                     finally:
                         # Client cancelled / went away: stop the upstream stream too.
@@ -280,7 +310,130 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
                 code, message = status_of(exc)
                 await context.abort(code, message)
             finally:
-                self._record("WatchJob", code)
+                self._record(method, code)
+
+    # ---- sweeps -------------------------------------------------------------------------
+
+    async def CreateSweep(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.CreateSweepRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.Sweep:
+        async def body(span: trace.Span) -> finetune_pb2.Sweep:
+            link = self._token_link(request.client_token) or await self._least_loaded(context)
+            span.set_attribute("server.address", link.address)
+            sweep = await _stub(link).CreateSweep(
+                request,
+                timeout=_timeout(context, UNARY_TIMEOUT_S),
+                metadata=_upstream_metadata(),
+            )
+            self.table.remember_job(sweep.sweep_id, link.address)
+            for trial in sweep.trials:
+                if trial.job_id:  # the trials' jobs live there too
+                    self.table.remember_job(trial.job_id, link.address)
+            if request.client_token:
+                self.table.remember_token(request.client_token, link.address)
+            logger.info(
+                "sweep %s created on %s (%s)", sweep.sweep_id, link.address, sweep.worker_id
+            )
+            return sweep
+
+        return await self._unary("CreateSweep", "", context, body)
+
+    async def GetSweep(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.GetSweepRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.Sweep:
+        return await self._job_call("GetSweep", request, context, "sweep")
+
+    async def CancelSweep(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.CancelSweepRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.Sweep:
+        return await self._job_call("CancelSweep", request, context, "sweep")
+
+    async def WatchSweep(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.WatchSweepRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[finetune_pb2.SweepEvent]:
+        async for event in self._follow("WatchSweep", request, context, "sweep"):
+            yield event
+
+    async def ListSweeps(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.ListSweepsRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.ListSweepsResponse:
+        async def body(span: trace.Span) -> finetune_pb2.ListSweepsResponse:
+            links, results = await self._everywhere(
+                context,
+                lambda link: _stub(link).ListSweeps(
+                    request,
+                    timeout=_capped(context, 2 * LOOKUP_TIMEOUT_S),
+                    metadata=_upstream_metadata(),
+                ),
+            )
+            unique: dict[str, finetune_pb2.Sweep] = {}
+            errors = []
+            for link, result in zip(links, results, strict=True):
+                if isinstance(result, BaseException):
+                    errors.append(f"{link.address}: {_describe(result)}")
+                    continue
+                for sweep in result.sweeps:
+                    self.table.remember_job(sweep.sweep_id, link.address)
+                    unique.setdefault(sweep.sweep_id, sweep)
+            if errors and len(errors) == len(links):
+                raise Unavailable(f"no worker answered ListSweeps ({'; '.join(errors)})")
+            sweeps = sorted(
+                unique.values(), key=lambda s: (s.created_unix_ms, s.sweep_id), reverse=True
+            )
+            if request.limit:
+                sweeps = sweeps[: request.limit]
+            return finetune_pb2.ListSweepsResponse(sweeps=sweeps)
+
+        return await self._unary("ListSweeps", "", context, body)
+
+    # ---- traffic splits -----------------------------------------------------------------
+
+    async def _everywhere(
+        self, context: grpc.aio.ServicerContext, call: Callable[[WorkerLink], Awaitable[T]]
+    ) -> tuple[list[WorkerLink], list[T | BaseException]]:
+        links = list(self.cluster.links.values())
+        if not links:
+            raise Unavailable("no workers known to the router")
+        return links, await self._fan_out(links, call)
+
+    async def _split_call(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.TrafficSplit:
+        """``method`` on every worker: the answer of one that succeeded (for Get, one
+        that has a split, if any); when none did, the most telling error (a validation
+        error over NOT_FOUND over the rest), with the worker's code and message."""
+
+        async def body(span: trace.Span) -> finetune_pb2.TrafficSplit:
+            links, results = await self._everywhere(
+                context,
+                lambda link: getattr(_stub(link), method)(
+                    request,
+                    timeout=_capped(context, 2 * LOOKUP_TIMEOUT_S),
+                    metadata=_upstream_metadata(),
+                ),
+            )
+            answers = [r for r in results if not isinstance(r, BaseException)]
+            if answers:
+                return max(answers, key=lambda a: (len(a.weights) > 0, a.updated_unix_ms))
+            errors = [r for r in results if isinstance(r, BaseException)]
+            rank = {grpc.StatusCode.INVALID_ARGUMENT: 0, grpc.StatusCode.NOT_FOUND: 1}
+            worst = min(
+                errors,
+                key=lambda e: rank.get(e.code(), 2) if isinstance(e, grpc.aio.AioRpcError) else 3,
+            )
+            raise worst
+
+        return await self._unary(method, "", context, body)
+
+    async def SetTrafficSplit(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.SetTrafficSplitRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.TrafficSplit:
+        return await self._split_call("SetTrafficSplit", request, context)
+
+    async def GetTrafficSplit(  # noqa: N802 - gRPC method name
+        self, request: finetune_pb2.GetTrafficSplitRequest, context: grpc.aio.ServicerContext
+    ) -> finetune_pb2.TrafficSplit:
+        return await self._split_call("GetTrafficSplit", request, context)
 
     # ---- routing ------------------------------------------------------------------------
 
@@ -345,48 +498,51 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
         job_id: str,
         context: grpc.aio.ServicerContext,
         call: Callable[[WorkerLink], Awaitable[T]],
+        what: str = "job",
     ) -> T:
-        """``call`` on the worker holding ``job_id``; a stale table entry costs one search."""
-        _require_job_id(job_id)
-        link, cached = await self._resolve(job_id, context)
+        """``call`` on the worker holding ``job_id`` (a sweep id when ``what`` is
+        "sweep"); a stale table entry costs one search."""
+        _require_id(job_id, what)
+        link, cached = await self._resolve(job_id, context, what)
         try:
             return await call(link)
         except grpc.aio.AioRpcError as exc:
             if not (cached and exc.code() == grpc.StatusCode.NOT_FOUND):
                 raise
         self.table.forget_job(job_id)
-        return await call(await self._find(job_id, context, exclude=link.address))
+        return await call(await self._find(job_id, context, exclude=link.address, what=what))
 
     async def _resolve(
-        self, job_id: str, context: grpc.aio.ServicerContext
+        self, job_id: str, context: grpc.aio.ServicerContext, what: str = "job"
     ) -> tuple[WorkerLink, bool]:
-        """The link of the worker holding ``job_id`` and whether it came from the table."""
+        """The link of the worker holding ``job_id`` and whether it came from the table.
+        Job and sweep ids share the table (their prefixes differ: ``ft-`` / ``sw-``)."""
         address = self.table.job(job_id)
         link = self.cluster.links.get(address) if address else None
         if link is not None:
             return link, True
-        return await self._find(job_id, context), False
+        return await self._find(job_id, context, what=what), False
 
     async def _find(
-        self, job_id: str, context: grpc.aio.ServicerContext, exclude: str | None = None
+        self,
+        job_id: str,
+        context: grpc.aio.ServicerContext,
+        exclude: str | None = None,
+        what: str = "job",
     ) -> WorkerLink:
-        """Asks every known worker for ``job_id``; remembers and returns the one holding it.
+        """Asks every known worker for ``job_id`` (or a sweep id); remembers and returns
+        the one holding it.
 
         All workers, not only healthy ones: a draining worker still holds its jobs."""
         links = [link for a, link in self.cluster.links.items() if a != exclude]
         if not links and exclude is not None and exclude in self.cluster.links:
             # The only worker just answered NOT_FOUND: that is the answer.
-            raise NotFound(f"job {job_id!r} not found on any of the 1 workers")
+            raise NotFound(f"{what} {job_id!r} not found on any of the 1 workers")
         if not links:
             raise Unavailable("no workers known to the router")
-        request = finetune_pb2.GetJobRequest(job_id=job_id)
         results = await self._fan_out(
             links,
-            lambda link: _stub(link).GetJob(
-                request,
-                timeout=_capped(context, LOOKUP_TIMEOUT_S),
-                metadata=_upstream_metadata(),
-            ),
+            lambda link: _lookup(link, what, job_id, _capped(context, LOOKUP_TIMEOUT_S)),
         )
         failures: list[str] = []
         for link, result in zip(links, results, strict=True):
@@ -401,10 +557,10 @@ class FineTuneProxy(finetune_pb2_grpc.FineTuneServicer):
         if failures:
             # A worker that did not answer may hold it: NOT_FOUND would be a guess.
             raise Unavailable(
-                f"job {job_id!r} not found on the workers that answered; "
+                f"{what} {job_id!r} not found on the workers that answered; "
                 f"{len(failures)} did not ({'; '.join(failures)})"
             )
-        raise NotFound(f"job {job_id!r} not found on any of the {len(links)} workers")
+        raise NotFound(f"{what} {job_id!r} not found on any of the {len(links)} workers")
 
     @staticmethod
     async def _fan_out(

@@ -305,6 +305,7 @@ def chat_to_pb(
         adapter=adapter,
         messages=messages,
         params=_sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs),
+        user=body.user or "",  # sticky traffic-split key
     )
 
 
@@ -331,6 +332,7 @@ def completion_to_pb(
         params=_sampling_params(
             body, body.max_tokens, max(logprobs, 1) if body.logprobs is not None else 0
         ),
+        user=body.user or "",  # sticky traffic-split key
     )
 
 

@@ -19,8 +19,10 @@ from opentelemetry import trace
 from common import tracing
 from common.auth import current_tenant_name
 from common.errors import Unavailable, abort_with, status_of
+from common.feedback import FeedbackBook
 from common.metrics import API_GRPC, RouterMetrics
 from common.pb import generate_pb2, generate_pb2_grpc
+from common.validation import feedback_from_pb
 from router.cluster import Cluster, Routed
 from router.link import Delta, Finished
 
@@ -139,6 +141,8 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
     def __init__(self, cluster: Cluster, metrics: RouterMetrics | None = None) -> None:
         self.cluster = cluster
         self.metrics = metrics
+        # The version each finished request was served by, for RecordFeedback.
+        self.feedback = FeedbackBook(metrics)
         self._tracer = tracing.get_tracer(__name__)
 
     def _span(self, name: str, request: generate_pb2.GenerateRequest, context):
@@ -198,6 +202,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                         else:
                             obs.finished(event)
                             _set_usage(span, event)
+                            self.feedback.served(request.request_id, event.usage.adapter)
                             context.set_trailing_metadata(_routing_metadata(routed))
                             yield generate_pb2.GenerateStreamResponse(
                                 request_id=request.request_id,
@@ -242,6 +247,7 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
                         else:
                             obs.finished(event)
                             _set_usage(span, event)
+                            self.feedback.served(request.request_id, event.usage.adapter)
                             response.finish_reason = event.finish_reason  # type: ignore[assignment]
                             response.usage.CopyFrom(event.usage)
         except Exception as exc:  # RequestError: its status; anything else: INTERNAL
@@ -253,6 +259,16 @@ class GenerateService(generate_pb2_grpc.GenerateServicer):
         response.text = "".join(texts)
         context.set_trailing_metadata(_routing_metadata(routed))
         return response
+
+    async def RecordFeedback(  # noqa: N802 - gRPC method name
+        self, request: generate_pb2.RecordFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.RecordFeedbackResponse:
+        try:
+            request_id, score = feedback_from_pb(request)
+            adapter = self.feedback.record(request_id, score)
+        except Exception as exc:
+            await abort_with(context, exc)
+        return generate_pb2.RecordFeedbackResponse(adapter=adapter)
 
     async def ListModels(
         self, request: generate_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

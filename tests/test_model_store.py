@@ -20,7 +20,9 @@ from common.model_store import (
     ArtifactNotFound,
     IntegrityError,
     ModelStore,
+    pick_version,
     sha256_file,
+    split_point,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,3 +319,31 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_split_resolution_and_republish_and_remove(store: ModelStore, tmp_path: Path) -> None:
+    """A split picks the version of a bare name by the caller key's point; pinned refs
+    bypass it; republish copies a version under another name; remove takes a name away."""
+    for i in (1, 2):
+        store.publish("bot", make_adapter(tmp_path / f"a{i}", bytes([i]) * 16))
+    assert store.get_split("bot") == {}
+    store.set_split("bot", {1: 30, 2: 70})
+    assert store.get_split("bot") == {1: 30, 2: 70} and store.split_updated_unix_ms("bot") > 0
+    for key in ("alice", "bob", "carol"):
+        expected = 1 if split_point(key, "bot") < 30 else 2
+        assert store.resolve("bot", key).version == expected
+        assert store.resolve("bot@latest", key).version == expected
+        assert store.resolve("bot@1", key).version == 1
+    assert pick_version({1: 0, 2: 100}, 0.0) == 2 and pick_version({1: 50, 2: 50}, 49.9) == 1
+    with pytest.raises(ArtifactNotFound, match="version\\(s\\) 3 not found"):
+        store.set_split("bot", {1: 50, 3: 50})
+    store.set_split("bot", {})
+    assert store.get_split("bot") == {} and store.resolve("bot", "alice").version == 2
+
+    copy = store.republish(store.resolve("bot@1"), "best-bot", {"sweep_best": True})
+    assert copy.ref == "best-bot@1" and copy.sha256 == store.resolve("bot@1").sha256
+    assert copy.metadata["sweep_best"] is True
+    assert store.remove("bot") is True and store.remove("bot") is False
+    assert [r.ref for r in store.list()] == ["best-bot@1"]
+    with pytest.raises(ArtifactNotFound):
+        store.resolve("bot")

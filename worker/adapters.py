@@ -41,10 +41,11 @@ class AdapterSet:
     def key_of(ref: ArtifactRef) -> str:
         return f"sha{ref.sha256[:20]}"
 
-    def resolve(self, spec: str) -> ArtifactRef:
-        """``name@version`` / ``name@latest`` → a stored, servable version (any thread)."""
+    def resolve(self, spec: str, split_key: str | None = None) -> ArtifactRef:
+        """``name@version`` / ``name@latest`` → a stored, servable version (any thread);
+        a bare name with a traffic split gets the version the split gives ``split_key``."""
         try:
-            ref = self.store.resolve(spec)
+            ref = self.store.resolve(spec, split_key)
         except NotFound as exc:
             raise NotFound(f"adapter {spec}: {exc.args[0]}") from exc  # args: no KeyError quotes
         base = ref.metadata.get("base_model", "")

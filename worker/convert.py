@@ -29,6 +29,7 @@ def usage_to_pb(usage: UsageStats, worker_id: str) -> generate_pb2.Usage:
         time_to_first_token_ms=usage.time_to_first_token_ms,
         total_ms=usage.total_ms,
         worker_id=worker_id,
+        adapter=usage.adapter,
     )
 
 

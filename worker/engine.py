@@ -147,6 +147,7 @@ class UsageStats:
     queue_ms: float
     time_to_first_token_ms: float
     total_ms: float
+    adapter: str = ""  # "name@version" that served it ("" = base model)
 
 
 @dataclass
@@ -864,6 +865,7 @@ class Engine:
                 queue_ms=(seq.admitted - arrival) * 1000.0,
                 time_to_first_token_ms=(seq.first_token - arrival) * 1000.0,
                 total_ms=(now - arrival) * 1000.0,
+                adapter=seq.req.adapter.ref if seq.req.adapter is not None else "",
             )
             self.finished_total += 1
         return out

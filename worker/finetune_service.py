@@ -1,4 +1,5 @@
-"""The worker's ``FineTune`` servicer: thin translation onto :class:`worker.jobs.JobManager`."""
+"""The worker's ``FineTune`` servicer: thin translation onto :class:`worker.jobs.JobManager`,
+:class:`worker.sweeps.SweepManager` and the model store's traffic splits."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from common.tracing import (
     inject_to_dict,
     server_span,
 )
+from common.validation import traffic_split_from_values
 from worker.jobs import JobManager
+from worker.sweeps import SweepManager
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +41,11 @@ def caller_tenant(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class FineTuneServicer(finetune_pb2_grpc.FineTuneServicer):
-    """CreateJob, GetJob, ListJobs, CancelJob and WatchJob of this worker's jobs."""
+    """Jobs, sweeps and traffic splits of this worker (splits live in its model store)."""
 
-    def __init__(self, jobs: JobManager) -> None:
+    def __init__(self, jobs: JobManager, sweeps: SweepManager) -> None:
         self._jobs = jobs
+        self._sweeps = sweeps
         self._tracer = get_tracer(__name__)
 
     async def CreateJob(self, request, context):  # noqa: N802 - gRPC method name
@@ -94,7 +98,84 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServicer):
         except Exception as exc:
             await abort_with(context, exc)
 
+    def _split_pb(self, name: str) -> finetune_pb2.TrafficSplit:
+        store = self._sweeps.store
+        return finetune_pb2.TrafficSplit(
+            adapter=name,
+            weights=store.get_split(name),
+            updated_unix_ms=store.split_updated_unix_ms(name),
+        )
 
-def add_finetune_servicer(server: grpc.aio.Server, jobs: JobManager) -> None:
-    """Registers the FineTune service of ``jobs`` on ``server``."""
-    finetune_pb2_grpc.add_FineTuneServicer_to_server(FineTuneServicer(jobs), server)
+    async def SetTrafficSplit(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            name, weights = traffic_split_from_values(
+                request.adapter, dict(request.weights), request.clear
+            )
+            await asyncio.to_thread(self._sweeps.store.set_split, name, weights)
+            logger.info("traffic split of %s: %s", name, weights or "cleared")
+            return self._split_pb(name)
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def GetTrafficSplit(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            name, _ = traffic_split_from_values(request.adapter, {}, clear=True)
+            return self._split_pb(name)
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def CreateSweep(self, request, context):  # noqa: N802 - gRPC method name
+        with server_span(
+            self._tracer,
+            "llmcluster.v1.FineTune/CreateSweep",
+            context.invocation_metadata(),
+            attributes={GEN_AI_OPERATION_NAME: GEN_AI_OPERATION_FINETUNE},
+        ) as span:
+            try:
+                owner = caller_tenant(context) or ""
+                if owner:
+                    span.set_attribute(ATTR_TENANT, owner)
+                sweep = await self._sweeps.create(request, inject_to_dict(), owner=owner)
+                span.set_attribute("llmcluster.sweep_id", sweep.sweep_id)
+                return self._sweeps.to_pb(sweep)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await abort_with(context, exc)
+
+    async def GetSweep(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            sweep = self._sweeps.get(request.sweep_id, caller_tenant(context))
+            return self._sweeps.to_pb(sweep)
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def ListSweeps(self, request, context):  # noqa: N802 - gRPC method name
+        sweeps = self._sweeps.list(limit=request.limit, owner=caller_tenant(context))
+        return finetune_pb2.ListSweepsResponse(sweeps=[self._sweeps.to_pb(s) for s in sweeps])
+
+    async def CancelSweep(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            sweep = await self._sweeps.cancel(request.sweep_id, caller_tenant(context))
+            return self._sweeps.to_pb(sweep)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def WatchSweep(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            events = self._sweeps.watch(
+                request.sweep_id, request.from_sequence, caller_tenant(context)
+            )
+            async for event in events:
+                yield event
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await abort_with(context, exc)
+
+
+def add_finetune_servicer(server: grpc.aio.Server, jobs: JobManager, sweeps: SweepManager) -> None:
+    """Registers the FineTune service of ``jobs`` and ``sweeps`` on ``server``."""
+    finetune_pb2_grpc.add_FineTuneServicer_to_server(FineTuneServicer(jobs, sweeps), server)

@@ -64,6 +64,10 @@ class RequestObserver:
         self._admitted: float | None = None
         self._first: float | None = None
         self._last: float | None = None
+        # The per-version series' labels: the version actually resolved (a split's pick).
+        self._adapter_labels: tuple[str, str] = (
+            (adapter_ref.name, str(adapter_ref.version)) if adapter_ref is not None else ("", "")
+        )
         attrs = genai_request_attributes(
             # The model the worker serves when the request names none (empty = default).
             model=spec.model or served_model or "default",
@@ -108,6 +112,8 @@ class RequestObserver:
                 self.span.add_event(EVENT_FIRST_TOKEN)
                 if self._metrics is not None:
                     self._metrics.observe_ttft(now - self._arrival)
+                    adapter, version = self._adapter_labels
+                    self._metrics.observe_adapter_ttft(adapter, version, now - self._arrival)
             elif self._last is not None and self._metrics is not None:
                 self._metrics.observe_inter_token(
                     (now - self._last) / len(out.tokens), count=len(out.tokens)
@@ -163,5 +169,7 @@ class RequestObserver:
                 )
         if self._metrics is not None:
             self._metrics.record_request(self._method, code)
+            adapter, version = self._adapter_labels
+            self._metrics.record_adapter_request(adapter, version, code)
         self.span.end()
         self._metrics = None  # finish once

@@ -127,7 +127,7 @@ class ModelRuntime:
     ) -> EngineRequest:
         """Checks what needs the model and returns a request ready for submit()."""
         self.check_model(spec.model)
-        adapter = self.adapters.resolve(spec.adapter) if spec.adapter else None
+        adapter = self.adapters.resolve(spec.adapter, spec.user or None) if spec.adapter else None
         ids = self.prompt_ids(spec)
         if not ids:  # the engine needs at least one position to predict from
             raise InvalidArgument("prompt has no tokens after tokenisation")

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from common import __version__
 from common.listen import bind, bind_http, server_options
 from common.metrics import WorkerMetrics, start_metrics_server
+from common.model_store import ModelStore
 from common.models import resolve_model
 from common.pb import finetune_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 from common.registry import (
@@ -45,6 +46,7 @@ from worker.jobs import JobManager, jobs_config_from_worker
 from worker.link import WorkerLinkServicer
 from worker.runtime import ModelRuntime, WorkerState
 from worker.service import GenerateServicer
+from worker.sweeps import SweepManager
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class WorkerServer:
         self._stopped = asyncio.Event()
         # Jobs load from disk now, so GetJob/ListJobs answer while the model loads.
         self.jobs = JobManager(jobs_config_from_worker(config), metrics=self.metrics)
+        # Sweeps persist beside the jobs; their trials are jobs of self.jobs.
+        self.sweeps = SweepManager(self.jobs, ModelStore(self.jobs.config.store_dir or None))
 
     async def _set_health(self, serving: bool) -> None:
         status = (
@@ -89,7 +93,7 @@ class WorkerServer:
         worker_pb2_grpc.add_WorkerServicer_to_server(
             WorkerLinkServicer(self.state, self.config.load_interval_ms / 1000.0), self.server
         )
-        add_finetune_servicer(self.server, self.jobs)
+        add_finetune_servicer(self.server, self.jobs, self.sweeps)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
@@ -134,6 +138,7 @@ class WorkerServer:
         self.jobs.attach_runtime(runtime)
         self.jobs.on_training_processes = self._share_cores_with_training()
         await self.jobs.start()  # resumes jobs a crash cut off, then runs the queue
+        await self.sweeps.start()  # RUNNING sweeps go on launching their remaining trials
         self.state.accepting.set()
         await self._set_health(True)
         self.self_tester = SelfTester(
@@ -230,6 +235,7 @@ class WorkerServer:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)  # let the last Finished messages leave on the links
+        await self.sweeps.stop()
         await self.jobs.stop()  # running jobs resume from their checkpoint on restart
         await self.server.stop(grace=2.0)
         if runtime is not None:

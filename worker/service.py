@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from common.errors import Cancelled, Unavailable, abort_with
+from common.feedback import FeedbackBook
 from common.pb import generate_pb2, generate_pb2_grpc
 from common.tracing import context_from_grpc_metadata
-from common.validation import generation_spec_from_pb
+from common.validation import feedback_from_pb, generation_spec_from_pb
 from worker.convert import stream_response_to_pb
 from worker.engine import SeqOutput
 from worker.front import deadline_from_remaining_s
@@ -29,6 +30,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
 
     def __init__(self, state: WorkerState) -> None:
         self._state = state
+        self._feedback = FeedbackBook(state.metrics)  # versions of direct requests
 
     async def _stream(
         self,
@@ -83,6 +85,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
                     raise out.error
                 yield stream_response_to_pb(out, request_id, state.worker_id)
                 if out.done:
+                    if out.usage is not None:
+                        self._feedback.served(request_id, out.usage.adapter)
                     return
 
     async def GenerateStream(self, request, context):  # noqa: N802 - gRPC method name
@@ -115,6 +119,14 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             usage=last.usage,
             tokens=tokens if request.params.logprobs > 0 else [],
         )
+
+    async def RecordFeedback(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            request_id, score = feedback_from_pb(request)
+            adapter = self._feedback.record(request_id, score)
+        except Exception as exc:
+            await abort_with(context, exc)
+        return generate_pb2.RecordFeedbackResponse(adapter=adapter)
 
     async def ListModels(self, request, context):  # noqa: N802 - gRPC method name
         try:

@@ -23,6 +23,13 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUCCEEDED: _ClassVar[JobState]
     FAILED: _ClassVar[JobState]
     CANCELLED: _ClassVar[JobState]
+
+class SweepStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SWEEP_STRATEGY_UNSPECIFIED: _ClassVar[SweepStrategy]
+    GRID: _ClassVar[SweepStrategy]
+    RANDOM: _ClassVar[SweepStrategy]
+    TPE: _ClassVar[SweepStrategy]
 METHOD_UNSPECIFIED: Method
 LORA: Method
 FULL: Method
@@ -33,6 +40,10 @@ RUNNING: JobState
 SUCCEEDED: JobState
 FAILED: JobState
 CANCELLED: JobState
+SWEEP_STRATEGY_UNSPECIFIED: SweepStrategy
+GRID: SweepStrategy
+RANDOM: SweepStrategy
+TPE: SweepStrategy
 
 class Example(_message.Message):
     __slots__ = ("prompt", "completion", "messages", "text")
@@ -259,3 +270,193 @@ class JobEvent(_message.Message):
     artifact: Artifact
     log: str
     def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., metrics: _Optional[_Union[TrainMetrics, _Mapping]] = ..., evaluation: _Optional[_Union[EvalResult, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., log: _Optional[str] = ...) -> None: ...
+
+class TrafficSplit(_message.Message):
+    __slots__ = ("adapter", "weights", "updated_unix_ms")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    weights: _containers.ScalarMap[int, int]
+    updated_unix_ms: int
+    def __init__(self, adapter: _Optional[str] = ..., weights: _Optional[_Mapping[int, int]] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
+
+class SetTrafficSplitRequest(_message.Message):
+    __slots__ = ("adapter", "weights", "clear")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    weights: _containers.ScalarMap[int, int]
+    clear: bool
+    def __init__(self, adapter: _Optional[str] = ..., weights: _Optional[_Mapping[int, int]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class GetTrafficSplitRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+
+class FloatRange(_message.Message):
+    __slots__ = ("min", "max", "log")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    max: float
+    log: bool
+    def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ..., log: _Optional[bool] = ...) -> None: ...
+
+class SearchSpace(_message.Message):
+    __slots__ = ("learning_rate", "learning_rate_range", "lora_r", "lora_alpha", "epochs", "batch_size")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    LORA_R_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: _containers.RepeatedScalarFieldContainer[float]
+    learning_rate_range: FloatRange
+    lora_r: _containers.RepeatedScalarFieldContainer[int]
+    lora_alpha: _containers.RepeatedScalarFieldContainer[float]
+    epochs: _containers.RepeatedScalarFieldContainer[int]
+    batch_size: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, learning_rate: _Optional[_Iterable[float]] = ..., learning_rate_range: _Optional[_Union[FloatRange, _Mapping]] = ..., lora_r: _Optional[_Iterable[int]] = ..., lora_alpha: _Optional[_Iterable[float]] = ..., epochs: _Optional[_Iterable[int]] = ..., batch_size: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CreateSweepRequest(_message.Message):
+    __slots__ = ("base", "space", "strategy", "max_trials", "parallelism", "objective", "seed", "client_token", "discard_trials")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    base: CreateJobRequest
+    space: SearchSpace
+    strategy: SweepStrategy
+    max_trials: int
+    parallelism: int
+    objective: str
+    seed: int
+    client_token: str
+    discard_trials: bool
+    def __init__(self, base: _Optional[_Union[CreateJobRequest, _Mapping]] = ..., space: _Optional[_Union[SearchSpace, _Mapping]] = ..., strategy: _Optional[_Union[SweepStrategy, str]] = ..., max_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., objective: _Optional[str] = ..., seed: _Optional[int] = ..., client_token: _Optional[str] = ..., discard_trials: _Optional[bool] = ...) -> None: ...
+
+class Trial(_message.Message):
+    __slots__ = ("number", "params", "job_id", "state", "eval_loss", "error", "artifact_ref", "best")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_REF_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    params: Hyperparameters
+    job_id: str
+    state: JobState
+    eval_loss: float
+    error: str
+    artifact_ref: str
+    best: bool
+    def __init__(self, number: _Optional[int] = ..., params: _Optional[_Union[Hyperparameters, _Mapping]] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., eval_loss: _Optional[float] = ..., error: _Optional[str] = ..., artifact_ref: _Optional[str] = ..., best: _Optional[bool] = ...) -> None: ...
+
+class Sweep(_message.Message):
+    __slots__ = ("sweep_id", "state", "output_name", "strategy", "planned_trials", "parallelism", "objective", "trials", "best_trial", "best_ref", "created_unix_ms", "finished_unix_ms", "error", "worker_id", "client_token")
+    SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    BEST_TRIAL_FIELD_NUMBER: _ClassVar[int]
+    BEST_REF_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sweep_id: str
+    state: JobState
+    output_name: str
+    strategy: SweepStrategy
+    planned_trials: int
+    parallelism: int
+    objective: str
+    trials: _containers.RepeatedCompositeFieldContainer[Trial]
+    best_trial: int
+    best_ref: str
+    created_unix_ms: int
+    finished_unix_ms: int
+    error: str
+    worker_id: str
+    client_token: str
+    def __init__(self, sweep_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., output_name: _Optional[str] = ..., strategy: _Optional[_Union[SweepStrategy, str]] = ..., planned_trials: _Optional[int] = ..., parallelism: _Optional[int] = ..., objective: _Optional[str] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., best_trial: _Optional[int] = ..., best_ref: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., error: _Optional[str] = ..., worker_id: _Optional[str] = ..., client_token: _Optional[str] = ...) -> None: ...
+
+class GetSweepRequest(_message.Message):
+    __slots__ = ("sweep_id",)
+    SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    sweep_id: str
+    def __init__(self, sweep_id: _Optional[str] = ...) -> None: ...
+
+class ListSweepsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListSweepsResponse(_message.Message):
+    __slots__ = ("sweeps",)
+    SWEEPS_FIELD_NUMBER: _ClassVar[int]
+    sweeps: _containers.RepeatedCompositeFieldContainer[Sweep]
+    def __init__(self, sweeps: _Optional[_Iterable[_Union[Sweep, _Mapping]]] = ...) -> None: ...
+
+class CancelSweepRequest(_message.Message):
+    __slots__ = ("sweep_id",)
+    SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    sweep_id: str
+    def __init__(self, sweep_id: _Optional[str] = ...) -> None: ...
+
+class WatchSweepRequest(_message.Message):
+    __slots__ = ("sweep_id", "from_sequence")
+    SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sweep_id: str
+    from_sequence: int
+    def __init__(self, sweep_id: _Optional[str] = ..., from_sequence: _Optional[int] = ...) -> None: ...
+
+class SweepEvent(_message.Message):
+    __slots__ = ("sweep_id", "sequence", "time_unix_ms", "trial", "state", "message")
+    SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    sweep_id: str
+    sequence: int
+    time_unix_ms: int
+    trial: Trial
+    state: JobState
+    message: str
+    def __init__(self, sweep_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., trial: _Optional[_Union[Trial, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ...) -> None: ...

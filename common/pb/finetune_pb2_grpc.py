@@ -60,6 +60,41 @@ class FineTuneStub:
                 request_serializer=llmcluster_dot_v1_dot_finetune__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.SetTrafficSplit = channel.unary_unary(
+                '/llmcluster.v1.FineTune/SetTrafficSplit',
+                request_serializer=llmcluster_dot_v1_dot_finetune__pb2.SetTrafficSplitRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.TrafficSplit.FromString,
+                _registered_method=True)
+        self.GetTrafficSplit = channel.unary_unary(
+                '/llmcluster.v1.FineTune/GetTrafficSplit',
+                request_serializer=llmcluster_dot_v1_dot_finetune__pb2.GetTrafficSplitRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.TrafficSplit.FromString,
+                _registered_method=True)
+        self.CreateSweep = channel.unary_unary(
+                '/llmcluster.v1.FineTune/CreateSweep',
+                request_serializer=llmcluster_dot_v1_dot_finetune__pb2.CreateSweepRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.Sweep.FromString,
+                _registered_method=True)
+        self.GetSweep = channel.unary_unary(
+                '/llmcluster.v1.FineTune/GetSweep',
+                request_serializer=llmcluster_dot_v1_dot_finetune__pb2.GetSweepRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.Sweep.FromString,
+                _registered_method=True)
+        self.ListSweeps = channel.unary_unary(
+                '/llmcluster.v1.FineTune/ListSweeps',
+                request_serializer=llmcluster_dot_v1_dot_finetune__pb2.ListSweepsRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.ListSweepsResponse.FromString,
+                _registered_method=True)
+        self.CancelSweep = channel.unary_unary(
+                '/llmcluster.v1.FineTune/CancelSweep',
+                request_serializer=llmcluster_dot_v1_dot_finetune__pb2.CancelSweepRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.Sweep.FromString,
+                _registered_method=True)
+        self.WatchSweep = channel.unary_stream(
+                '/llmcluster.v1.FineTune/WatchSweep',
+                request_serializer=llmcluster_dot_v1_dot_finetune__pb2.WatchSweepRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_finetune__pb2.SweepEvent.FromString,
+                _registered_method=True)
 
 
 class FineTuneServicer:
@@ -101,6 +136,58 @@ class FineTuneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTrafficSplit(self, request, context):
+        """SetTrafficSplit splits the requests for an adapter's bare name (or name@latest)
+        across its versions by weight, sticky per GenerateRequest.user; name@version
+        requests bypass it. No weights (or clear) removes the split.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrafficSplit(self, request, context):
+        """GetTrafficSplit returns an adapter's split (no weights: none, the latest serves).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSweep(self, request, context):
+        """CreateSweep starts a hyperparameter sweep: each trial is an ordinary job; when all
+        have ended, the best trial's adapter is published as base.output_name@version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSweep(self, request, context):
+        """GetSweep returns one sweep.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSweeps(self, request, context):
+        """ListSweeps lists sweeps, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSweep(self, request, context):
+        """CancelSweep launches no more trials and cancels the running ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSweep(self, request, context):
+        """WatchSweep replays a sweep's past events, then follows live ones until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FineTuneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +215,41 @@ def add_FineTuneServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.WatchJobRequest.FromString,
                     response_serializer=llmcluster_dot_v1_dot_finetune__pb2.JobEvent.SerializeToString,
+            ),
+            'SetTrafficSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTrafficSplit,
+                    request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.SetTrafficSplitRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_finetune__pb2.TrafficSplit.SerializeToString,
+            ),
+            'GetTrafficSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrafficSplit,
+                    request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.GetTrafficSplitRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_finetune__pb2.TrafficSplit.SerializeToString,
+            ),
+            'CreateSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSweep,
+                    request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.CreateSweepRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_finetune__pb2.Sweep.SerializeToString,
+            ),
+            'GetSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSweep,
+                    request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.GetSweepRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_finetune__pb2.Sweep.SerializeToString,
+            ),
+            'ListSweeps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSweeps,
+                    request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.ListSweepsRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_finetune__pb2.ListSweepsResponse.SerializeToString,
+            ),
+            'CancelSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSweep,
+                    request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.CancelSweepRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_finetune__pb2.Sweep.SerializeToString,
+            ),
+            'WatchSweep': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSweep,
+                    request_deserializer=llmcluster_dot_v1_dot_finetune__pb2.WatchSweepRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_finetune__pb2.SweepEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +388,195 @@ class FineTune:
             '/llmcluster.v1.FineTune/WatchJob',
             llmcluster_dot_v1_dot_finetune__pb2.WatchJobRequest.SerializeToString,
             llmcluster_dot_v1_dot_finetune__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTrafficSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmcluster.v1.FineTune/SetTrafficSplit',
+            llmcluster_dot_v1_dot_finetune__pb2.SetTrafficSplitRequest.SerializeToString,
+            llmcluster_dot_v1_dot_finetune__pb2.TrafficSplit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrafficSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmcluster.v1.FineTune/GetTrafficSplit',
+            llmcluster_dot_v1_dot_finetune__pb2.GetTrafficSplitRequest.SerializeToString,
+            llmcluster_dot_v1_dot_finetune__pb2.TrafficSplit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmcluster.v1.FineTune/CreateSweep',
+            llmcluster_dot_v1_dot_finetune__pb2.CreateSweepRequest.SerializeToString,
+            llmcluster_dot_v1_dot_finetune__pb2.Sweep.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmcluster.v1.FineTune/GetSweep',
+            llmcluster_dot_v1_dot_finetune__pb2.GetSweepRequest.SerializeToString,
+            llmcluster_dot_v1_dot_finetune__pb2.Sweep.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSweeps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmcluster.v1.FineTune/ListSweeps',
+            llmcluster_dot_v1_dot_finetune__pb2.ListSweepsRequest.SerializeToString,
+            llmcluster_dot_v1_dot_finetune__pb2.ListSweepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmcluster.v1.FineTune/CancelSweep',
+            llmcluster_dot_v1_dot_finetune__pb2.CancelSweepRequest.SerializeToString,
+            llmcluster_dot_v1_dot_finetune__pb2.Sweep.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmcluster.v1.FineTune/WatchSweep',
+            llmcluster_dot_v1_dot_finetune__pb2.WatchSweepRequest.SerializeToString,
+            llmcluster_dot_v1_dot_finetune__pb2.SweepEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmcluster/v1/generate.proto\x12\rllmcluster.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12-\n\nconstraint\x18\n \x01(\x0b\x32\x19.llmcluster.v1.ConstraintB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x90\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x16.llmcluster.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\xb2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12,\n\x08messages\x18\x05 \x03(\x0b\x32\x1a.llmcluster.v1.ChatMessage\x12-\n\x06params\x18\x06 \x01(\x0b\x32\x1d.llmcluster.v1.SamplingParams\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"c\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.llmcluster.v1.TopLogprob\"\x90\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x11\n\tworker_id\x18\x06 \x01(\t\"\xb9\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06tokens\x18\x02 \x03(\x0b\x32\x14.llmcluster.v1.Token\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.llmcluster.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.llmcluster.v1.Usage\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.llmcluster.v1.FinishReason\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.llmcluster.v1.Usage\x12$\n\x06tokens\x18\x05 \x03(\x0b\x32\x14.llmcluster.v1.Token\"\x13\n\x11ListModelsRequest\"\xde\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.llmcluster.v1.ModelKind\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x1c\n\x14supports_constraints\x18\t \x01(\x08\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.llmcluster.v1.ModelEntry*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03*>\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x41SE\x10\x01\x12\x0b\n\x07\x41\x44\x41PTER\x10\x02\x32\x85\x02\n\x08Generate\x12K\n\x08Generate\x12\x1e.llmcluster.v1.GenerateRequest\x1a\x1f.llmcluster.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.llmcluster.v1.GenerateRequest\x1a%.llmcluster.v1.GenerateStreamResponse0\x01\x12Q\n\nListModels\x12 .llmcluster.v1.ListModelsRequest\x1a!.llmcluster.v1.ListModelsResponseB\x9e\x01\n\x10io.llmcluster.v1B\rGenerateProtoP\x01ZBgithub.com/llmcluster/llmcluster/gen/go/llmcluster/v1;llmclusterv1\xa2\x02\x03LLM\xaa\x02\rLlmCluster.V1\xca\x02\rLlmCluster\\V1\xea\x02\x0eLlmCluster::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmcluster/v1/generate.proto\x12\rllmcluster.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12-\n\nconstraint\x18\n \x01(\x0b\x32\x19.llmcluster.v1.ConstraintB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x90\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x16.llmcluster.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\xc0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12,\n\x08messages\x18\x05 \x03(\x0b\x32\x1a.llmcluster.v1.ChatMessage\x12-\n\x06params\x18\x06 \x01(\x0b\x32\x1d.llmcluster.v1.SamplingParams\x12\x0c\n\x04user\x18\x07 \x01(\t\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"c\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.llmcluster.v1.TopLogprob\"\xa1\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\xb9\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x06tokens\x18\x02 \x03(\x0b\x32\x14.llmcluster.v1.Token\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.llmcluster.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.llmcluster.v1.Usage\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.llmcluster.v1.FinishReason\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.llmcluster.v1.Usage\x12$\n\x06tokens\x18\x05 \x03(\x0b\x32\x14.llmcluster.v1.Token\"\x13\n\x11ListModelsRequest\":\n\x15RecordFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\")\n\x16RecordFeedbackResponse\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\xde\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.llmcluster.v1.ModelKind\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\r\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x1c\n\x14supports_constraints\x18\t \x01(\x08\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.llmcluster.v1.ModelEntry*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03*>\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x41SE\x10\x01\x12\x0b\n\x07\x41\x44\x41PTER\x10\x02\x32\xe4\x02\n\x08Generate\x12K\n\x08Generate\x12\x1e.llmcluster.v1.GenerateRequest\x1a\x1f.llmcluster.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.llmcluster.v1.GenerateRequest\x1a%.llmcluster.v1.GenerateStreamResponse0\x01\x12Q\n\nListModels\x12 .llmcluster.v1.ListModelsRequest\x1a!.llmcluster.v1.ListModelsResponse\x12]\n\x0eRecordFeedback\x12$.llmcluster.v1.RecordFeedbackRequest\x1a%.llmcluster.v1.RecordFeedbackResponseB\x9e\x01\n\x10io.llmcluster.v1B\rGenerateProtoP\x01ZBgithub.com/llmcluster/llmcluster/gen/go/llmcluster/v1;llmclusterv1\xa2\x02\x03LLM\xaa\x02\rLlmCluster.V1\xca\x02\rLlmCluster\\V1\xea\x02\x0eLlmCluster::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmcluster.v1.generate_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020io.llmcluster.v1B\rGenerateProtoP\001ZBgithub.com/llmcluster/llmcluster/gen/go/llmcluster/v1;llmclusterv1\242\002\003LLM\252\002\rLlmCluster.V1\312\002\rLlmCluster\\V1\352\002\016LlmCluster::V1'
-  _globals['_FINISHREASON']._serialized_start=1751
-  _globals['_FINISHREASON']._serialized_end=1827
-  _globals['_MODELKIND']._serialized_start=1829
-  _globals['_MODELKIND']._serialized_end=1891
+  _globals['_FINISHREASON']._serialized_start=1885
+  _globals['_FINISHREASON']._serialized_end=1961
+  _globals['_MODELKIND']._serialized_start=1963
+  _globals['_MODELKIND']._serialized_end=2025
   _globals['_CHATMESSAGE']._serialized_start=47
   _globals['_CHATMESSAGE']._serialized_end=91
   _globals['_SAMPLINGPARAMS']._serialized_start=94
@@ -45,23 +45,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHOICES']._serialized_start=556
   _globals['_CHOICES']._serialized_end=582
   _globals['_GENERATEREQUEST']._serialized_start=585
-  _globals['_GENERATEREQUEST']._serialized_end=763
-  _globals['_TOPLOGPROB']._serialized_start=765
-  _globals['_TOPLOGPROB']._serialized_end=820
-  _globals['_TOKEN']._serialized_start=822
-  _globals['_TOKEN']._serialized_end=921
-  _globals['_USAGE']._serialized_start=924
-  _globals['_USAGE']._serialized_end=1068
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1071
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1256
-  _globals['_GENERATERESPONSE']._serialized_start=1259
-  _globals['_GENERATERESPONSE']._serialized_end=1438
-  _globals['_LISTMODELSREQUEST']._serialized_start=1440
-  _globals['_LISTMODELSREQUEST']._serialized_end=1459
-  _globals['_MODELENTRY']._serialized_start=1462
-  _globals['_MODELENTRY']._serialized_end=1684
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1686
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1749
-  _globals['_GENERATE']._serialized_start=1894
-  _globals['_GENERATE']._serialized_end=2155
+  _globals['_GENERATEREQUEST']._serialized_end=777
+  _globals['_TOPLOGPROB']._serialized_start=779
+  _globals['_TOPLOGPROB']._serialized_end=834
+  _globals['_TOKEN']._serialized_start=836
+  _globals['_TOKEN']._serialized_end=935
+  _globals['_USAGE']._serialized_start=938
+  _globals['_USAGE']._serialized_end=1099
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1102
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1287
+  _globals['_GENERATERESPONSE']._serialized_start=1290
+  _globals['_GENERATERESPONSE']._serialized_end=1469
+  _globals['_LISTMODELSREQUEST']._serialized_start=1471
+  _globals['_LISTMODELSREQUEST']._serialized_end=1490
+  _globals['_RECORDFEEDBACKREQUEST']._serialized_start=1492
+  _globals['_RECORDFEEDBACKREQUEST']._serialized_end=1550
+  _globals['_RECORDFEEDBACKRESPONSE']._serialized_start=1552
+  _globals['_RECORDFEEDBACKRESPONSE']._serialized_end=1593
+  _globals['_MODELENTRY']._serialized_start=1596
+  _globals['_MODELENTRY']._serialized_end=1818
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1820
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1883
+  _globals['_GENERATE']._serialized_start=2028
+  _globals['_GENERATE']._serialized_end=2384
 # @@protoc_insertion_point(module_scope)

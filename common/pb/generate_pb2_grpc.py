@@ -50,6 +50,11 @@ class GenerateStub:
                 request_serializer=llmcluster_dot_v1_dot_generate__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=llmcluster_dot_v1_dot_generate__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.RecordFeedback = channel.unary_unary(
+                '/llmcluster.v1.Generate/RecordFeedback',
+                request_serializer=llmcluster_dot_v1_dot_generate__pb2.RecordFeedbackRequest.SerializeToString,
+                response_deserializer=llmcluster_dot_v1_dot_generate__pb2.RecordFeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class GenerateServicer:
@@ -78,6 +83,15 @@ class GenerateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordFeedback(self, request, context):
+        """RecordFeedback scores a request this server finished (a user's rating, a task's
+        success): the score counts toward the adapter version that served it, for reading
+        an A/B test (llmcluster_feedback_score by adapter and version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_GenerateServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=llmcluster_dot_v1_dot_generate__pb2.ListModelsRequest.FromString,
                     response_serializer=llmcluster_dot_v1_dot_generate__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'RecordFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordFeedback,
+                    request_deserializer=llmcluster_dot_v1_dot_generate__pb2.RecordFeedbackRequest.FromString,
+                    response_serializer=llmcluster_dot_v1_dot_generate__pb2.RecordFeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class Generate:
             '/llmcluster.v1.Generate/ListModels',
             llmcluster_dot_v1_dot_generate__pb2.ListModelsRequest.SerializeToString,
             llmcluster_dot_v1_dot_generate__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmcluster.v1.Generate/RecordFeedback',
+            llmcluster_dot_v1_dot_generate__pb2.RecordFeedbackRequest.SerializeToString,
+            llmcluster_dot_v1_dot_generate__pb2.RecordFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,8 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LowPrecisionLinear(torch.nn.Linear):
     """A linear layer whose weight is stored in bf16 or int8 (+ per-channel scales)."""
 
+    scales: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear, precision: str) -> None:
         torch.nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a new weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -85,6 +87,7 @@ class LowPrecisionLinear(torch.nn.Linear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision == "bf16":
             return F.linear(x, self.weight)
+        assert self.scales is not None  # int8 always has its scales
         return _int8_matmul(x, self.weight, self.scales)
 
     def extra_repr(self) -> str:

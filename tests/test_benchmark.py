@@ -163,30 +163,39 @@ def test_judged_levels_get_every_round():
     by_system = {x: [s.rounds_at(c, x) for c in s.concurrency] for x in ALL_SYSTEMS}
     assert by_system == {
         "limit": [5, 1, 5, 1],
-        "ours1": [5, 1, 5, 1],
+        # ours/llama.cpp is judged at every level: llamacpp_rounds (3) where nothing else is.
+        "ours1": [5, 3, 5, 3],
         "direct": [5, 1, 5, 1],
         "peer": [1, 1, 5, 1],  # judged against ours1 at the target concurrency only
+        "llamacpp_q4": [3, 3, 5, 3],
+        "llamacpp_f32": [3, 3, 5, 3],
         "naive": [1, 1, 3, 1],
         "ours2": [1, 1, 1, 1],
         "null": [1, 1, 1, 1],
         "null_interval": [1, 1, 1, 1],
     }
+    # Without the llama.cpp systems, ours1 runs once where nothing judges it.
+    s = Settings(concurrency=(1, 8, 32, 64), systems=("limit", "ours1", "direct"))
+    assert [s.rounds_at(c, "ours1") for c in s.concurrency] == [5, 1, 5, 1]
 
 
 def test_schedule_rotates_the_order_and_runs_ours2_after():
     from benchmarks.serving import ModelPhase, Settings
 
-    s = Settings(concurrency=(1, 32), rounds=3, naive_rounds=2)
+    s = Settings(concurrency=(1, 32), rounds=3, naive_rounds=2, llamacpp_rounds=2)
     phase = ModelPhase(s, workload=None, registry=None)  # type: ignore[arg-type]
     schedule = phase.schedule()
     at_32 = [(system, r) for system, c, _, r in schedule if c == 32 and system != "ours2"]
+    q4, f32 = "llamacpp_q4", "llamacpp_f32"
     assert at_32 == [
-        ("limit", 0), ("ours1", 0), ("direct", 0), ("peer", 0), ("naive", 0),
-        ("ours1", 1), ("direct", 1), ("peer", 1), ("naive", 1), ("limit", 1),
-        ("direct", 2), ("peer", 2), ("limit", 2), ("ours1", 2),
+        ("limit", 0), ("ours1", 0), ("direct", 0), ("peer", 0), (q4, 0), (f32, 0), ("naive", 0),
+        ("ours1", 1), ("direct", 1), ("peer", 1), (q4, 1), (f32, 1), ("naive", 1), ("limit", 1),
+        ("direct", 2), ("peer", 2), (q4, 2), (f32, 2), ("limit", 2), ("ours1", 2),
     ]  # fmt: skip
     at_1 = [system for system, c, _, _ in schedule if c == 1]
-    assert Counter(at_1) == {"limit": 3, "ours1": 3, "direct": 3, "peer": 1, "naive": 1, "ours2": 1}
+    assert Counter(at_1) == {
+        "limit": 3, "ours1": 3, "direct": 3, "peer": 1, q4: 2, f32: 2, "naive": 1, "ours2": 1
+    }  # fmt: skip
     assert [x for x, *_ in schedule[-2:]] == ["ours2", "ours2"]
 
 

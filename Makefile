@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: install up test lint proto bench test-all
+.PHONY: install up test lint proto bench test-all llama-cpp
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,7 +37,13 @@ test-all: lint
 	bash scripts/install_client_toolchains.sh
 	$(BIN)/python -m pytest -q -m ''
 
-bench: $(STAMP)
+# llama.cpp's llama-server, the benchmark's llama.cpp peer: built from source (tens of
+# minutes on 2 cores, once) for the benchmark only, never for `make test`.
+# The script is idempotent: it returns at once when the pinned version is installed.
+llama-cpp: $(STAMP)
+	bash scripts/install_llama_cpp.sh
+
+bench: $(STAMP) llama-cpp
 	$(BIN)/python -m benchmarks.serving
 
 proto: $(STAMP)

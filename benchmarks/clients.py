@@ -110,10 +110,19 @@ class OpenAIStreamClient:
     as concurrent OpenAI clients effectively do.
     """
 
-    def __init__(self, host: str, port: int, max_new_tokens: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        max_new_tokens: int,
+        extra_fields: Callable[[int], dict[str, object]] | None = None,
+    ) -> None:
+        """``extra_fields(max_new_tokens)``: what one server needs beside the OpenAI
+        fields to be greedy with EOS ignored (each has its own way to say it)."""
         self.host = host
         self.port = port
         self.max_new_tokens = max_new_tokens
+        self.extra_fields = extra_fields
 
     # A connection per request: nothing to open or close, but used like GrpcStreamClient.
     async def __aenter__(self) -> OpenAIStreamClient:
@@ -123,23 +132,15 @@ class OpenAIStreamClient:
         return None
 
     def _body(self, prompt: Prompt, max_new_tokens: int) -> bytes:
-        # generation_config replaces the server's defaults: greedy, exactly
-        # max_new_tokens, and eos_token_id -1 (transformers' "no EOS") so EOS is ignored
-        # as in every other system.
-        generation_config = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": False,
-            "eos_token_id": -1,
+        body: dict[str, object] = {
+            "prompt": prompt.text,
+            "stream": True,
+            "max_tokens": max_new_tokens,
+            "temperature": 0.0,
         }
-        return json.dumps(
-            {
-                "prompt": prompt.text,
-                "stream": True,
-                "max_tokens": max_new_tokens,
-                "temperature": 0.0,
-                "generation_config": json.dumps(generation_config),
-            }
-        ).encode()
+        if self.extra_fields is not None:
+            body.update(self.extra_fields(max_new_tokens))
+        return json.dumps(body).encode()
 
     async def request(self, prompt: Prompt, record: RequestRecord) -> None:
         await self.request_tokens(prompt, record, self.max_new_tokens)

@@ -2,8 +2,8 @@
 transformers' own server, in one run, with ratios (issue 7).
 
     python -m benchmarks.serving [--smoke] [--concurrency 1,8,32,64]
-        [--dtype float32|bfloat16] [--systems limit,ours1,ours2,direct,naive,null,null_interval,peer]
-        [--rounds 5] [--json out.json]
+        [--dtype float32|bfloat16] [--rounds 5] [--json out.json]
+        [--systems limit,ours1,ours2,direct,naive,null,null_interval,peer,llamacpp_q4,llamacpp_f32]
 
 Systems (same model, dtype and prompts):
   limit   the continuous-batching engine driven in-process, no gRPC (a child process)
@@ -14,11 +14,16 @@ Systems (same model, dtype and prompts):
   null    router + a ``--engine null`` worker: the router+gRPC ceiling at many streams
   null_interval  the same worker behind a router run with ``--stream-interval-ms``
   peer    ``transformers serve MODEL --continuous-batching --device cpu`` (OpenAI SSE)
+  llamacpp_q4   llama.cpp's ``llama-server`` on the GGUF the model ships as (Q4_1)
+  llamacpp_f32  ``llama-server`` on the same weights as F32 (the weights ours serves)
 
 Every system but the null ones runs with its processes up together. At the target concurrency
-(where ours/limit, ours/naive and ours/peer are judged) limit, ours1, direct, peer and
-naive run ``--rounds`` interleaved rounds (naive ``--naive-rounds``); at the lowest level
-(router overhead) limit, ours1 and direct do; other levels run once. This machine's speed
+(where ours/limit, ours/naive and ours/peer are judged) limit, ours1, direct, peer,
+the llama.cpp systems and naive run ``--rounds`` interleaved rounds (naive
+``--naive-rounds``); at the lowest level (router overhead) limit, ours1 and direct do; at
+every other level ours1 and the llama.cpp systems run ``--llamacpp-rounds`` (ours/llama.cpp
+is judged at every level); the rest run once. llama-server's slot count is fixed at start,
+so it is restarted for each level with slots = the level's concurrency. This machine's speed
 drifts by 10% and more over minutes. A level's figures are its median round's; every
 ratio between two interleaved systems is the median of its per-round ratios.
 
@@ -52,6 +57,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import llamacpp
 from benchmarks.clients import GrpcStreamClient, OpenAIStreamClient, run_closed_loop
 from benchmarks.metrics import RequestRecord, cpu_seconds, summarize
 from benchmarks.procs import ProcessRegistry, ServerProc, free_port, llmcluster_argv, stop_all
@@ -60,9 +66,19 @@ from benchmarks.workload import Workload, build_workload, load_tokenizer
 logger = logging.getLogger("benchmarks.serving")
 
 SCHEMA = "llmcluster.bench.serving/1"
-ALL_SYSTEMS = ("limit", "ours1", "ours2", "direct", "naive", "null", "null_interval", "peer")
+ALL_SYSTEMS = (
+    "limit",
+    "ours1",
+    "ours2",
+    "direct",
+    "naive",
+    "null",
+    "null_interval",
+    "peer",
+    *llamacpp.SYSTEMS,
+)
 # Measured level by level in interleaved rounds (ModelPhase), in this order in round 0.
-INTERLEAVED = ("limit", "ours1", "direct", "peer", "naive")
+INTERLEAVED = ("limit", "ours1", "direct", "peer", *llamacpp.SYSTEMS, "naive")
 PEER_PACKAGES = {
     "fastapi": "fastapi==0.165.0",
     "uvicorn": "uvicorn==0.54.0",
@@ -83,6 +99,8 @@ DESCRIPTIONS = {
     "null": "router + null-engine worker (no model): router+gRPC ceiling, a message per token",
     "null_interval": "null, through a router with --stream-interval-ms (merged messages)",
     "peer": "transformers serve --continuous-batching --device cpu (OpenAI SSE)",
+    "llamacpp_q4": "llama.cpp llama-server, the shipped Q4_1 GGUF, slots = concurrency",
+    "llamacpp_f32": "llama.cpp llama-server, the same weights as F32, slots = concurrency",
 }
 
 
@@ -114,6 +132,14 @@ class Settings:
     # transformers serve sizes its paged KV cache from free RAM by default (~10 GB here,
     # ~50 s to allocate); None keeps that default, as a user would run it.
     peer_cb_num_blocks: int | None = None
+    # The llama.cpp systems' (and ours1's) rounds at the levels other than the target
+    # concurrency, where ours/llama.cpp is judged too (at most ``rounds``).
+    llamacpp_rounds: int = 3
+    llama_server: str = str(llamacpp.DEFAULT_SERVER)
+    # llama-server --threads; None: the cores, as our worker's torch gets. Its thread pool
+    # spins at every op's barrier, so where other work holds a core, 2 threads on 2 cores
+    # collapse (1-5 tok/s against 38 with 1 thread, measured here at load 4).
+    llamacpp_threads: int | None = None
     fail_on_miss: bool = True
     system_timeout_s: float = 3600.0
     start_timeout_s: float = 600.0
@@ -126,10 +152,13 @@ class Settings:
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.rounds < 1 or self.naive_rounds < 1:
+        if self.rounds < 1 or self.naive_rounds < 1 or self.llamacpp_rounds < 1:
             raise ValueError(
-                f"rounds and naive rounds must be >= 1, got {self.rounds} and {self.naive_rounds}"
+                f"rounds, naive rounds and llama.cpp rounds must be >= 1, got {self.rounds}, "
+                f"{self.naive_rounds} and {self.llamacpp_rounds}"
             )
+        if self.llamacpp_threads is not None and self.llamacpp_threads < 1:
+            raise ValueError(f"llama.cpp threads must be >= 1, got {self.llamacpp_threads}")
         if self.num_prompts < 1 or self.max_new_tokens < 1:
             raise ValueError(
                 f"need num_prompts >= 1 and max_new_tokens >= 1, got "
@@ -144,13 +173,20 @@ class Settings:
     def rounds_at(self, concurrency: int, system: str) -> int:
         """Interleaved rounds of one system at a level: ``rounds`` where a target on it is
         judged, else one. At the target concurrency every system of the ratios (naive:
-        ``naive_rounds``); at the lowest level limit, ours1 and direct (router overhead)."""
+        ``naive_rounds``); at the lowest level limit, ours1 and direct (router overhead);
+        ours/llama.cpp is judged at every level: there the llama.cpp systems, and ours1 when
+        they run, get ``llamacpp_rounds`` at least."""
         if system not in INTERLEAVED:
             return 1
         if concurrency == self.target_concurrency:
             return min(self.rounds, self.naive_rounds) if system == "naive" else self.rounds
         if concurrency == min(self.concurrency) and system in ("limit", "ours1", "direct"):
             return self.rounds
+        llamacpp_rounds = min(self.rounds, self.llamacpp_rounds)
+        if system in llamacpp.SYSTEMS:
+            return llamacpp_rounds
+        if system == "ours1" and any(x in self.systems for x in llamacpp.SYSTEMS):
+            return llamacpp_rounds
         return 1
 
     @property
@@ -428,20 +464,36 @@ def peer_skip_reason() -> str | None:
     return None
 
 
+def peer_request_fields(max_new_tokens: int) -> dict[str, object]:
+    """transformers serve's request fields: ``generation_config`` replaces its defaults:
+    greedy, exactly max_new_tokens, and eos_token_id -1 (transformers' "no EOS") so EOS
+    is ignored as in every other system."""
+    generation_config = {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": -1}
+    return {"generation_config": json.dumps(generation_config)}
+
+
+def llamacpp_request_fields(max_new_tokens: int) -> dict[str, object]:
+    """llama-server's request fields (:data:`benchmarks.llamacpp.REQUEST_FIELDS`)."""
+    return dict(llamacpp.REQUEST_FIELDS)
+
+
 class ModelPhase(Phase):
     """Every system that runs the model, on processes up together.
 
-    limit, ours1, direct (ours1's worker, no router), peer and naive are measured level
-    by level in interleaved rounds (``Settings.rounds_at``), the order rotating each
-    round: a machine whose speed drifts over minutes (seen here: +/-10%, and -40% in a
-    bad hour, between measurements minutes apart) then drifts under both sides of a
-    ratio alike. ours2 gets two workers with half the cores each (two full-width torch
-    pools on the same cores would thrash) and is measured once, after them. Idle
-    processes wait on sockets or stdin and use no CPU (the idle peer: 0.5% of a core).
+    limit, ours1, direct (ours1's worker, no router), peer, the llama.cpp systems and
+    naive are measured level by level in interleaved rounds (``Settings.rounds_at``), the
+    order rotating each round: a machine whose speed drifts over minutes (seen here:
+    +/-10%, and -40% in a bad hour, between measurements minutes apart) then drifts under
+    both sides of a ratio alike. ours2 gets two workers with half the cores each (two
+    full-width torch pools on the same cores would thrash) and is measured once, after
+    them. Idle processes wait on sockets or stdin and use no CPU (the idle peer: 0.5% of
+    a core).
+    A llama.cpp system's server starts at its first level and restarts whenever the
+    level's concurrency (its slot count) changes.
     """
 
     name = "model"
-    provides = ("limit", "ours1", "direct", "peer", "naive", "ours2")
+    provides = ("limit", "ours1", "direct", "peer", *llamacpp.SYSTEMS, "naive", "ours2")
 
     limit: LimitRunner | None = None
     w1: ServerProc | None = None
@@ -455,10 +507,21 @@ class ModelPhase(Phase):
     def __init__(self, settings: Settings, workload: Workload, registry: ProcessRegistry):
         super().__init__(settings, workload, registry)
         self.start_failed: dict[str, str] = {}  # {system: why its server did not start}
+        self.ggufs: dict[str, Path] = {}  # {llama.cpp system: the GGUF it serves}
+        # {llama.cpp system: (slots, its server now)}, and every server it ran on.
+        self.llamacpp_now: dict[str, tuple[int, ServerProc]] = {}
+        self.llamacpp_servers: dict[str, list[ServerProc]] = {}
 
     def skip_reasons(self) -> dict[str, str]:
+        reasons = {}
         reason = peer_skip_reason() if "peer" in self.wanted else None
-        return {"peer": reason} if reason else {}
+        if reason:
+            reasons["peer"] = reason
+        reason = llamacpp.server_skip_reason(Path(self.settings.llama_server))
+        for system in llamacpp.SYSTEMS:
+            if system in self.wanted and reason:
+                reasons[system] = reason
+        return reasons
 
     def _worker(self, name: str, threads: int | None = None) -> ServerProc:
         port = free_port()
@@ -522,6 +585,34 @@ class ModelPhase(Phase):
         env = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
         return self.registry.start("peer", argv, port=port, health="http", env=env)
 
+    def _llamacpp_server(self, system: str, slots: int) -> ServerProc:
+        """``system``'s llama-server with ``slots`` slots, (re)started when the slot
+        count differs: it is fixed at start, and slots = the level's concurrency."""
+        now = self.llamacpp_now.get(system)
+        if now is not None and now[0] == slots:
+            return now[1]
+        if now is not None:
+            now[1].stop()
+        s = self.settings
+        port = free_port()
+        argv = llamacpp.server_argv(
+            Path(s.llama_server),
+            self.ggufs[system],
+            port,
+            slots=slots,
+            slot_context_tokens=s.max_prompt_tokens
+            + s.max_new_tokens
+            + llamacpp.CONTEXT_MARGIN_TOKENS,
+            # --smoke: one thread, as every torch process there gets.
+            threads=s.llamacpp_threads or (1 if s.smoke else cpu_count()),
+        )
+        proc = self.registry.start(f"{system}-np{slots}", argv, port=port, health="http")
+        self.procs.append(proc)
+        self.llamacpp_servers.setdefault(system, []).append(proc)
+        self.llamacpp_now[system] = (slots, proc)
+        proc.wait_healthy(s.start_timeout_s)
+        return proc
+
     def start(self) -> None:
         if "limit" in self.wanted:
             self.limit = LimitRunner(self.settings, self.workload, self.registry)
@@ -561,6 +652,13 @@ class ModelPhase(Phase):
             self.r2 = self._router("router2", [self.w2a, self.w2b])
             self.procs.append(self.r2)
             self.r2.wait_healthy(self.settings.start_timeout_s)
+        for system in llamacpp.SYSTEMS:
+            if system in self.wanted:
+                try:  # the F32 GGUF is written here on first use (untimed)
+                    self.ggufs[system] = llamacpp.model_gguf(system)
+                except Exception as exc:  # noqa: BLE001 - the others are still measured
+                    logger.exception("no GGUF for %s", system)
+                    self.start_failed[system] = f"{type(exc).__name__}: {exc}"
         if "peer" in self.wanted:
             if self.peer is None:
                 # Last: transformers serve sizes its KV cache from the RAM left free, so
@@ -575,6 +673,8 @@ class ModelPhase(Phase):
 
     def _servers(self, system: str) -> list[ServerProc]:
         """The processes a served system runs on; the first is the one clients call."""
+        if system in llamacpp.SYSTEMS:
+            return [self.llamacpp_now[system][1]]
         servers = {
             "ours1": [self.r1, self.w1],
             "direct": [self.w1],
@@ -589,13 +689,19 @@ class ModelPhase(Phase):
         if system == "limit":
             assert self.limit is not None
             return self.limit.run_level(concurrency, n_requests)
+        if system in llamacpp.SYSTEMS:
+            self._llamacpp_server(system, slots=concurrency)
         servers = self._servers(system)
         max_new = self.workload.max_new_tokens
-        client = (
-            OpenAIStreamClient("127.0.0.1", servers[0].port, max_new)
-            if system == "peer"
-            else GrpcStreamClient(servers[0].address, max_new)
-        )
+        client: GrpcStreamClient | OpenAIStreamClient
+        if system == "peer":
+            client = OpenAIStreamClient("127.0.0.1", servers[0].port, max_new, peer_request_fields)
+        elif system in llamacpp.SYSTEMS:
+            client = OpenAIStreamClient(
+                "127.0.0.1", servers[0].port, max_new, llamacpp_request_fields
+            )
+        else:
+            client = GrpcStreamClient(servers[0].address, max_new)
         by_level = measure_levels(
             client,
             self.workload,
@@ -610,6 +716,8 @@ class ModelPhase(Phase):
         if system == "limit":
             assert self.limit is not None
             return {"limit": {"pid": self.limit.proc.pid, "peak_rss_mb": self.limit.peak_rss_mb}}
+        if system in llamacpp.SYSTEMS:  # every server it ran on, one per slot count
+            return self.processes(*(p.name for p in self.llamacpp_servers.get(system, [])))
         return self.processes(*(p.name for p in self._servers(system)))
 
     def schedule(self) -> list[tuple[str, int, int, int]]:
@@ -872,6 +980,32 @@ def _ttft50(level: dict | None) -> float | None:
     return (level.get("ttft_ms") or {}).get("p50")
 
 
+def _ours_llamacpp(systems: dict, concurrency: tuple[int, ...]) -> dict[str, dict]:
+    """ours1 against the best llama.cpp configuration at each level, each metric against
+    the configuration best at it: tokens/s against the faster one, TTFT p50 against the
+    one with the lower TTFT p50 (the stricter reading of "no worse than theirs")."""
+    throughput: dict[str, float | None] = {}
+    ttft: dict[str, float | None] = {}
+    best: dict[str, dict[str, str] | None] = {}
+    for c in concurrency:
+        key = str(c)
+        ours = _level(systems, "ours1", c)
+        theirs = {x: lv for x in llamacpp.SYSTEMS if (lv := _level(systems, x, c))}
+        if ours is None or not theirs:
+            throughput[key] = ttft[key] = best[key] = None
+            continue
+        fastest = max(theirs, key=lambda x: _tps(theirs[x]) or 0.0)
+        quickest = min(theirs, key=lambda x: _ttft50(theirs[x]) or float("inf"))
+        throughput[key] = _paired(ours, theirs[fastest], _tps)
+        ttft[key] = _paired(ours, theirs[quickest], _ttft50)
+        best[key] = {"throughput": fastest, "ttft_p50": quickest}
+    return {
+        "ours_llamacpp_throughput": throughput,
+        "ours_llamacpp_ttft_p50": ttft,
+        "llamacpp_best": best,
+    }
+
+
 def compute_ratios(systems: dict, settings: Settings) -> dict:
     """Every printed ratio, per concurrency level where both systems ran."""
     conc = settings.concurrency
@@ -881,6 +1015,7 @@ def compute_ratios(systems: dict, settings: Settings) -> dict:
         "ours_naive_throughput": _per_level(systems, conc, "ours1", "naive", _tps),
         "ours_peer_throughput": _per_level(systems, conc, "ours1", "peer", _tps),
         "ours_peer_ttft_p50": _per_level(systems, conc, "ours1", "peer", _ttft50),
+        **_ours_llamacpp(systems, conc),
     }
     # Router TTFT overhead. Client TTFT minus the worker's own TTFT (from its arrival)
     # is transport + routing; the router's share is that through the router minus the
@@ -930,7 +1065,7 @@ def compute_ratios(systems: dict, settings: Settings) -> dict:
 
 
 def evaluate_targets(ratios: dict, settings: Settings) -> list[dict]:
-    """PASS / MISS per target of issue 7; n/a where the run did not measure it."""
+    """PASS / MISS per target of issues 7 and 19; n/a where the run did not measure it."""
     at = str(settings.target_concurrency)
 
     def check(name: str, value, ok: Callable[[float], bool], target: str, where: str) -> dict:
@@ -970,6 +1105,26 @@ def evaluate_targets(ratios: dict, settings: Settings) -> list[dict]:
             lambda v: v <= 0.5,
             "<= 0.5",
             f"{at} streams",
+        ),
+        *(
+            check(
+                "ours/best llama.cpp throughput",
+                ratios["ours_llamacpp_throughput"].get(str(c)),
+                lambda v: v >= 1.25,
+                ">= 1.25x",
+                f"{c} stream(s)",
+            )
+            for c in settings.concurrency
+        ),
+        *(
+            check(
+                "ours/best llama.cpp TTFT p50",
+                ratios["ours_llamacpp_ttft_p50"].get(str(c)),
+                lambda v: v <= 1.0,
+                "<= 1.0",
+                f"{c} stream(s)",
+            )
+            for c in settings.concurrency
         ),
         check(
             "router TTFT overhead p50 (ms)",
@@ -1016,7 +1171,8 @@ def build_report(
     client_minus_server_ttft_ms, cpu_s, round, and for interleaved systems rounds [{round,
     tokens_per_s, ttft_ms {p50}, client_minus_server_ttft_ms, errors}]: the summary is then
     the median round's, with requests / completed / errors over all rounds}), ``ratios``
-    (see :func:`compute_ratios`; paired by round where both systems have rounds) and
+    (see :func:`compute_ratios`; paired by round where both systems have rounds; ours vs
+    the best llama.cpp configuration: :func:`_ours_llamacpp`) and
     ``targets`` ([{name, target, value, at, status PASS|MISS|n/a}]).
     """
     ratios = compute_ratios(systems, settings)
@@ -1113,9 +1269,16 @@ def format_report(report: dict) -> str:
         "ours_naive_throughput",
         "ours_peer_throughput",
         "ours_peer_ttft_p50",
+        "ours_llamacpp_throughput",
+        "ours_llamacpp_ttft_p50",
     ):
         values = ", ".join(f"{c}: {_fmt(v, 3)}" for c, v in r[key].items())
         lines.append(f"  {key:<24} {values}")
+    best = ", ".join(
+        f"{c}: {b['throughput']} / {b['ttft_p50']}" for c, b in r["llamacpp_best"].items() if b
+    )
+    if best:
+        lines.append(f"  best llama.cpp (tok/s / TTFT) {best}")
     o = r["router_ttft_overhead_ms"]
     lines.append(
         f"  router TTFT overhead     p50 {_fmt(o['p50'], 2)} ms, p99 {_fmt(o['p99'], 2)} ms "
@@ -1177,9 +1340,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        help=f"interleaved rounds at the judged levels: limit, ours1, direct, peer and naive "
-        f"at the target concurrency, limit, ours1 and direct at the lowest; a level's "
-        f"figures are its median round's, ratios are medians of per-round ratios "
+        help=f"interleaved rounds at the judged levels: limit, ours1, direct, peer, the "
+        f"llama.cpp systems and naive at the target concurrency, limit, ours1 and direct at "
+        f"the lowest; a level's figures are its median round's, ratios are medians of "
+        f"per-round ratios "
         f"(default {d.rounds}; --smoke: 1)",
     )
     parser.add_argument(
@@ -1217,6 +1381,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--smoke: 32)",
     )
     parser.add_argument(
+        "--llamacpp-rounds",
+        type=int,
+        help=f"rounds of ours1 and the llama.cpp systems at the levels other than the target "
+        f"concurrency, at most --rounds (default {d.llamacpp_rounds})",
+    )
+    parser.add_argument(
+        "--llama-server",
+        help=f"llama.cpp's llama-server binary (default {d.llama_server}, built by "
+        "scripts/install_llama_cpp.sh; absent: the llama.cpp systems are skipped)",
+    )
+    parser.add_argument(
+        "--llamacpp-threads",
+        type=int,
+        help="llama-server --threads (default: the cores, as the worker's torch gets; --smoke: 1)",
+    )
+    parser.add_argument(
         "--no-fail", action="store_true", help="full mode: exit 0 even when a target is missed"
     )
 
@@ -1241,6 +1421,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "null_step_ms",
         "null_stream_interval_ms",
         "peer_cb_num_blocks",
+        "llamacpp_rounds",
+        "llama_server",
+        "llamacpp_threads",
     ):
         value = getattr(args, name, None)
         if value is not None:

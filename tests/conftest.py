@@ -41,6 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
         for folder in user_models.iterdir():
             if folder.is_dir() and (folder / "model.safetensors").exists():
                 (models / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
+            elif folder.name.endswith(".f32.gguf"):  # the llama.cpp peer's (benchmarks/)
+                (models / folder.name).symlink_to(folder.resolve())
     config.stash[_RUN_DIR] = run_dir
     os.environ["LLMCLUSTER_HOME"] = str(new_home(run_dir / "home", models))
 

@@ -17,6 +17,7 @@ from collections import Counter
 
 import pytest
 
+from benchmarks import llamacpp
 from benchmarks.clients import OpenAIStreamClient
 from benchmarks.metrics import RequestRecord, percentile, summarize
 from benchmarks.serving import ALL_SYSTEMS, PEER_PACKAGES
@@ -163,30 +164,39 @@ def test_judged_levels_get_every_round():
     by_system = {x: [s.rounds_at(c, x) for c in s.concurrency] for x in ALL_SYSTEMS}
     assert by_system == {
         "limit": [5, 1, 5, 1],
-        "ours1": [5, 1, 5, 1],
+        # ours/llama.cpp is judged at every level: llamacpp_rounds (3) where nothing else is.
+        "ours1": [5, 3, 5, 3],
         "direct": [5, 1, 5, 1],
         "peer": [1, 1, 5, 1],  # judged against ours1 at the target concurrency only
+        "llamacpp_q4": [3, 3, 5, 3],
+        "llamacpp_f32": [3, 3, 5, 3],
         "naive": [1, 1, 3, 1],
         "ours2": [1, 1, 1, 1],
         "null": [1, 1, 1, 1],
         "null_interval": [1, 1, 1, 1],
     }
+    # Without the llama.cpp systems, ours1 runs once where nothing judges it.
+    s = Settings(concurrency=(1, 8, 32, 64), systems=("limit", "ours1", "direct"))
+    assert [s.rounds_at(c, "ours1") for c in s.concurrency] == [5, 1, 5, 1]
 
 
 def test_schedule_rotates_the_order_and_runs_ours2_after():
     from benchmarks.serving import ModelPhase, Settings
 
-    s = Settings(concurrency=(1, 32), rounds=3, naive_rounds=2)
+    s = Settings(concurrency=(1, 32), rounds=3, naive_rounds=2, llamacpp_rounds=2)
     phase = ModelPhase(s, workload=None, registry=None)  # type: ignore[arg-type]
     schedule = phase.schedule()
     at_32 = [(system, r) for system, c, _, r in schedule if c == 32 and system != "ours2"]
+    q4, f32 = "llamacpp_q4", "llamacpp_f32"
     assert at_32 == [
-        ("limit", 0), ("ours1", 0), ("direct", 0), ("peer", 0), ("naive", 0),
-        ("ours1", 1), ("direct", 1), ("peer", 1), ("naive", 1), ("limit", 1),
-        ("direct", 2), ("peer", 2), ("limit", 2), ("ours1", 2),
+        ("limit", 0), ("ours1", 0), ("direct", 0), ("peer", 0), (q4, 0), (f32, 0), ("naive", 0),
+        ("ours1", 1), ("direct", 1), ("peer", 1), (q4, 1), (f32, 1), ("naive", 1), ("limit", 1),
+        ("direct", 2), ("peer", 2), (q4, 2), (f32, 2), ("limit", 2), ("ours1", 2),
     ]  # fmt: skip
     at_1 = [system for system, c, _, _ in schedule if c == 1]
-    assert Counter(at_1) == {"limit": 3, "ours1": 3, "direct": 3, "peer": 1, "naive": 1, "ours2": 1}
+    assert Counter(at_1) == {
+        "limit": 3, "ours1": 3, "direct": 3, "peer": 1, q4: 2, f32: 2, "naive": 1, "ours2": 1
+    }  # fmt: skip
     assert [x for x, *_ in schedule[-2:]] == ["ours2", "ours2"]
 
 
@@ -224,12 +234,18 @@ def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):
     assert "system " in log and "targets:" in log  # the table was printed
 
     peer_available = all(importlib.util.find_spec(m) for m in PEER_PACKAGES)
+    # Built by `make bench` only: absent, the llama.cpp systems skip with the command.
+    llamacpp_available = llamacpp.server_skip_reason(llamacpp.DEFAULT_SERVER) is None
     systems = report["systems"]
     assert set(systems) == set(ALL_SYSTEMS)
     for name, result in systems.items():
         if name == "peer" and not peer_available:
             assert result["status"] == "skipped"
             assert "pip install" in result["reason"], result
+            continue
+        if name in llamacpp.SYSTEMS and not llamacpp_available:
+            assert result["status"] == "skipped"
+            assert "install_llama_cpp.sh" in result["reason"], result
             continue
         assert result["status"] == "ok", (name, result)
         for level in result["levels"].values():
@@ -252,12 +268,133 @@ def test_smoke_runs_every_system_and_computes_every_ratio(tmp_path):
         assert ratios[key][str(c)] is not None, key
     for key in ("ours_peer_throughput", "ours_peer_ttft_p50"):
         assert (ratios[key][str(c)] is not None) == peer_available, key
+    for key in ("ours_llamacpp_throughput", "ours_llamacpp_ttft_p50"):
+        assert (ratios[key][str(c)] is not None) == llamacpp_available, key
     assert ratios["router_ttft_overhead_ms"]["p50"] is not None
     assert ratios["router_ttft_overhead_ms"]["p99"] is not None
     assert ratios["null_tokens_per_s"]["value"] > 0
     assert ratios["null_tokens_per_s"]["value_with_interval"] > 0
     assert ratios["router_peak_rss_mb"]["max"] > 0
     assert {t["status"] for t in report["targets"]} <= {"PASS", "MISS", "n/a"}
+
+
+def test_llamacpp_systems_skip_with_the_build_command_when_llama_server_is_absent(tmp_path):
+    from benchmarks.serving import ModelPhase, Settings
+
+    s = Settings(systems=("ours1", *llamacpp.SYSTEMS), llama_server=str(tmp_path / "none"))
+    reasons = ModelPhase(s, workload=None, registry=None).skip_reasons()  # type: ignore[arg-type]
+    assert set(reasons) == set(llamacpp.SYSTEMS)
+    assert all("bash scripts/install_llama_cpp.sh" in r for r in reasons.values()), reasons
+
+
+def test_ours_against_llamacpp_takes_each_metric_from_the_best_configuration():
+    from benchmarks.serving import Settings, combine_rounds, compute_ratios, evaluate_targets
+
+    def level(tokens_per_s: float, ttft_p50_ms: float) -> dict:
+        return _round(tokens_per_s) | {"ttft_ms": {"p50": ttft_p50_ms}}
+
+    # Q4 decodes faster, F32 answers first: tokens/s is judged against Q4, TTFT against F32.
+    systems = {
+        "ours1": {"status": "ok", "levels": {"1": level(25.0, 250.0), "8": level(100.0, 900.0)}},
+        "llamacpp_q4": {"status": "ok", "levels": {"1": level(40.0, 800.0)}},
+        "llamacpp_f32": {"status": "ok", "levels": {"1": level(30.0, 350.0)}},
+    }
+    # Paired by round where both ran in rounds: each round's ratio, then the median.
+    systems["ours1"]["levels"]["32"] = combine_rounds([level(100.0, 2000.0), level(50.0, 3000.0)])
+    systems["llamacpp_f32"]["levels"]["32"] = combine_rounds(
+        [level(80.0, 4000.0), level(50.0, 2000.0)]
+    )
+    settings = Settings(concurrency=(1, 8, 32))
+    ratios = compute_ratios(systems, settings)
+    assert ratios["ours_llamacpp_throughput"] == {"1": 0.625, "8": None, "32": 1.125}
+    assert ratios["ours_llamacpp_ttft_p50"] == {"1": round(250 / 350, 3), "8": None, "32": 1.0}
+    assert ratios["llamacpp_best"]["1"] == {"throughput": "llamacpp_q4", "ttft_p50": "llamacpp_f32"}
+    assert ratios["llamacpp_best"]["8"] is None
+    targets = {
+        (t["name"], t["at"]): t["status"]
+        for t in evaluate_targets(ratios, settings)
+        if "llama.cpp" in t["name"]
+    }
+    assert targets == {
+        ("ours/best llama.cpp throughput", "1 stream(s)"): "MISS",
+        ("ours/best llama.cpp throughput", "8 stream(s)"): "n/a",
+        ("ours/best llama.cpp throughput", "32 stream(s)"): "MISS",
+        ("ours/best llama.cpp TTFT p50", "1 stream(s)"): "PASS",
+        ("ours/best llama.cpp TTFT p50", "8 stream(s)"): "n/a",
+        ("ours/best llama.cpp TTFT p50", "32 stream(s)"): "PASS",
+    }
+
+
+def test_f32_gguf_keeps_the_metadata_and_dequantises_every_tensor(tmp_path):
+    """A small Q4_1 + Q8_0 + F32 GGUF written with the gguf package: its F32 copy has the
+    same keys and values (but file_type), and each tensor equals gguf's de-quantisation."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")
+    writer.add_block_count(1)
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_1))
+    writer.add_token_list(["<a>", "<b>", "c"])
+    writer.add_chat_template("{{ messages }}")
+    weights = {
+        "q4.weight": (rng.standard_normal((8, 64)), gguf.GGMLQuantizationType.Q4_1),
+        "q8.weight": (rng.standard_normal((4, 32)), gguf.GGMLQuantizationType.Q8_0),
+        "norm.weight": (rng.standard_normal(16), gguf.GGMLQuantizationType.F32),
+    }
+    for name, (values, qtype) in weights.items():
+        data = gguf.quants.quantize(values.astype(np.float32), qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    dest = llamacpp.ensure_f32_gguf(source, tmp_path / "small.f32.gguf")
+    src, out = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(dest))
+    assert out.fields["general.file_type"].contents() == int(gguf.LlamaFileType.ALL_F32)
+    for key, field in src.fields.items():
+        if key != "general.file_type" and not key.startswith("GGUF."):
+            assert out.fields[key].contents() == field.contents(), key
+    assert [t.name for t in out.tensors] == list(weights)
+    for a, b in zip(src.tensors, out.tensors, strict=True):
+        assert b.tensor_type == gguf.GGMLQuantizationType.F32
+        assert list(a.shape) == list(b.shape), a.name
+        expected = gguf.quants.dequantize(a.data, a.tensor_type)
+        np.testing.assert_array_equal(np.asarray(b.data), expected)
+    # Cached: a second call returns the file as it is.
+    mtime = dest.stat().st_mtime_ns
+    assert llamacpp.ensure_f32_gguf(source, dest) == dest and dest.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.benchmark
+@pytest.mark.skipif(
+    llamacpp.server_skip_reason(llamacpp.DEFAULT_SERVER) is not None,
+    reason="llama-server not built (bash scripts/install_llama_cpp.sh, run by make bench)",
+)
+def test_llamacpp_systems_tiny_stream_every_token_with_slots_per_level(tmp_path):
+    """Both llama.cpp systems in a tiny run at two levels: every request streams exactly
+    max_new_tokens (ignore_eos), and each level ran on its own server with slots = its
+    concurrency."""
+    out = tmp_path / "llamacpp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.serving", "--smoke",
+         "--systems", ",".join(llamacpp.SYSTEMS), "--concurrency", "1,2", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    systems = json.loads(out.read_text())["systems"]
+    for name in llamacpp.SYSTEMS:
+        result = systems[name]
+        assert result["status"] == "ok", (name, result)
+        assert set(result["levels"]) == {"1", "2"}
+        for level in result["levels"].values():
+            assert level["completed"] == level["requests"] > 0, (name, level)
+            assert level["errors"] == 0 and level["short_requests"] == 0, (name, level)
+            assert level["generated_tokens"] == level["requests"] * 4, (name, level)
+        assert set(result["processes"]) == {f"{name}-np1", f"{name}-np2"}
+        assert all(p["peak_rss_mb"] > 0 for p in result["processes"].values()), result
 
 
 @pytest.mark.benchmark

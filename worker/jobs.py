@@ -983,17 +983,25 @@ class JobManager:
     ) -> AsyncIterator[finetune_pb2.JobEvent]:
         """Past events from ``from_sequence``, then live ones until a terminal state."""
         job = self.get(job_id, owner)
-        next_index = max(0, from_sequence - 1)
-        cond = self._condition(job)
-        while True:
-            while next_index < len(job.events):
-                yield job.events[next_index]
-                next_index += 1
-            if job.terminal:
-                return
-            async with cond:
-                if next_index >= len(job.events) and not job.terminal:
-                    await cond.wait()
+        async for event in follow_events(job, self._condition(job), from_sequence):
+            yield event
+
+
+async def follow_events(
+    record: Any, cond: asyncio.Condition, from_sequence: int = 0
+) -> AsyncIterator[Any]:
+    """``record.events`` from ``from_sequence`` (1-based), then each new one as ``cond`` is
+    notified, until ``record.terminal`` (a job's or a sweep's watch)."""
+    next_index = max(0, from_sequence - 1)
+    while True:
+        while next_index < len(record.events):
+            yield record.events[next_index]
+            next_index += 1
+        if record.terminal:
+            return
+        async with cond:
+            if next_index >= len(record.events) and not record.terminal:
+                await cond.wait()
 
 
 def parse_dataset_rows(text: str, source: str) -> list[Any]:

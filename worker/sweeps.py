@@ -55,6 +55,7 @@ from worker.jobs import (
     METHOD_NAMES,
     TERMINAL_STATES,
     JobManager,
+    follow_events,
     hyperparameters_to_config,
     now_ms,
 )
@@ -641,14 +642,5 @@ class SweepManager:
     ) -> AsyncIterator[finetune_pb2.SweepEvent]:
         """Past events from ``from_sequence``, then live ones until the sweep ends."""
         sweep = self.get(sweep_id, owner)
-        next_index = max(0, from_sequence - 1)
-        cond = self._condition(sweep)
-        while True:
-            while next_index < len(sweep.events):
-                yield sweep.events[next_index]
-                next_index += 1
-            if sweep.terminal:
-                return
-            async with cond:
-                if next_index >= len(sweep.events) and not sweep.terminal:
-                    await cond.wait()
+        async for event in follow_events(sweep, self._condition(sweep), from_sequence):
+            yield event

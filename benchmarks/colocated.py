@@ -5,7 +5,9 @@ This starts the real cluster as a user does, sends ``--streams`` greedy requests
 (each ``--tokens`` new tokens, distinct prompts) and prints the wall time of the batch,
 once per worker count:
 
-    PYTHONPATH=$PWD .venv/bin/python -m benchmarks.colocated --workers 1 2
+    PYTHONPATH=$PWD .venv/bin/python -m benchmarks.colocated --workers 1 2 --pinned
+
+(``--pinned`` adds ``up --pin-cores``, each worker on its own share of the cores.)
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ def _stream(address: str, i: int, tokens: int) -> int:
         return sum(len(m.tokens) for m in stub.GenerateStream(request, timeout=600))
 
 
-def measure(workers: int, streams: int, tokens: int, rounds: int) -> dict[str, object]:
+def measure(
+    workers: int, streams: int, tokens: int, rounds: int, pin_cores: bool = False
+) -> dict[str, object]:
     port = _free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "llmcluster", "up", "--workers", str(workers)]
-        + ["--port", str(port)],
+        + ["--port", str(port), "--no-http"]
+        + (["--pin-cores"] if pin_cores else []),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -80,6 +85,7 @@ def measure(workers: int, streams: int, tokens: int, rounds: int) -> dict[str, o
             assert all(n == tokens for n in got), got
         return {
             "workers": workers,
+            "cores": "pinned shares" if pin_cores else "shared in turns",
             "streams": streams,
             "tokens": tokens,
             "seconds": times,
@@ -97,11 +103,15 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--pinned", action="store_true", help="also measure each N > 1 with up --pin-cores"
+    )
     args = parser.parse_args()
     print(f"cores this process may use: {len(allowed_cpus())}", file=sys.stderr)
     for n in args.workers:
-        result = measure(n, args.streams, args.tokens, args.rounds)
-        print(json.dumps(result), flush=True)
+        for pin in (False, True) if args.pinned and n > 1 else (False,):
+            result = measure(n, args.streams, args.tokens, args.rounds, pin)
+            print(json.dumps(result), flush=True)
     return 0
 
 

@@ -169,18 +169,28 @@ def _run(args: argparse.Namespace) -> int:
             credentials, worker_tls, router_tls = _make_tls(tls_dir)
         worker_addresses = []
         workers = []
-        # Co-located workers that each take every core thrash each other: each gets its
-        # own share, pinned, with one compute thread per core (worker/cores.py).
-        cores = split_cores(allowed_cpus(), args.workers)
+        # Co-located workers that each take every core at once thrash each other. By
+        # default they take turns per engine step with every core (one compute lock) and
+        # the routers fill them in order, so a light load runs as one full batch, as fast
+        # as on one worker; --pin-cores gives each its own share instead (worker/cores.py).
+        cpus = allowed_cpus()
+        cores = split_cores(cpus, args.workers) if args.pin_cores else [cpus] * args.workers
+        shared = args.workers > 1 and not args.pin_cores
+        if shared:
+            home_dir().mkdir(parents=True, exist_ok=True)
+            compute_lock = str(home_dir() / f"up-{args.port}.compute.lock")
         for i in range(args.workers):
             port = _free_port()
             worker_addresses.append(f"127.0.0.1:{port}")
             cmd = ["worker", "--port", str(port), "--worker-id", f"local-{i}"]
             cmd += ["--dtype", args.dtype]
             cmd += ["--cpus", ",".join(map(str, cores[i])), "--threads", str(len(cores[i]))]
+            if shared:
+                cmd += ["--compute-lock", compute_lock]
             print(
                 f"worker local-{i}: core(s) {format_cpus(cores[i])}, "
-                f"{len(cores[i])} compute thread(s)",
+                f"{len(cores[i])} compute thread(s)"
+                + (", taking turns per step with the other workers" if shared else ""),
                 flush=True,
             )
             if args.model:
@@ -192,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         # first also serves the HTTP gateway.
         for i, port in enumerate(router_ports):
             router_cmd = ["router", "--port", str(port), "--workers", ",".join(worker_addresses)]
+            if shared:
+                router_cmd += ["--balance", "pack"]
             if http is not None and i == 0:
                 if not http[1]:
                     http = (http[0], _free_port())
@@ -261,6 +273,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--http-host", default="127.0.0.1", help="address of the HTTP gateway (default: 127.0.0.1)"
     )
     up.add_argument("--no-http", action="store_true", help="do not serve the HTTP gateway")
+    up.add_argument(
+        "--pin-cores",
+        action="store_true",
+        help="give each worker its own share of the cores (CPU affinity) instead of every "
+        "core in turns; the routers then spread requests over the workers",
+    )
     up.add_argument("--model", default="", help="base model (default: the offline default)")
     up.add_argument("--dtype", default="auto", help="worker dtype (default: auto)")
     up.add_argument("--demo", action="store_true", help="stream a sample answer once healthy")

@@ -26,7 +26,7 @@ from common.tls import channel_credentials
 from common.validation import GenerationLimits, generation_spec_from_pb
 from router.config import RouterConfig
 from router.link import Delta, Event, Failed, Finished, LinkRequest, LinkStats, WorkerLink
-from router.policy import Policy, PowerOfTwoChoicesPolicy
+from router.policy import Policy, make_policy
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Cluster:
         metrics: RouterMetrics | None = None,
     ) -> None:
         self.config = config
-        self.policy = policy or PowerOfTwoChoicesPolicy(seed=config.seed)
+        self.policy = policy or make_policy(config.balance, config.seed)
         self.on_health_change = on_health_change
         self.metrics = metrics
         self._tracer = tracing.get_tracer(__name__)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from common.config import field
 from common.tls import ServerTlsFields, check_pair
+from router.policy import BALANCES
 
 
 @dataclass
@@ -50,6 +51,13 @@ class RouterConfig(ServerTlsFields):
     grace_s: float = field(5.0, help="on SIGTERM, how long running streams may take to finish")
     metrics_port: int | None = field(
         None, help="port of the Prometheus /metrics endpoint (0 = any free port; unset = none)"
+    )
+    balance: str = field(
+        "spread",
+        help="how requests are spread over workers: spread (power of two choices, the less "
+        "loaded of two drawn at random) or pack (fill the workers in --workers order up to "
+        "their running slots; for workers that share one machine's cores, as "
+        "'llmcluster up' starts them)",
     )
     seed: int | None = field(None, help="seed of the balancing policy's RNG (tests)")
     worker_tls_ca: str = field(
@@ -103,6 +111,8 @@ class RouterConfig(ServerTlsFields):
             raise ValueError(
                 "--worker-tls-cert needs --worker-tls-ca (client certificates need TLS)"
             )
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.coalesce_window_ms < 0:

@@ -253,6 +253,8 @@ class WorkerLink:
             running_tokens=self.load.running_tokens,
             router_tokens=self._router_tokens,
             outstanding_requests=len(self._requests),
+            reported_requests=self.load.queued + self.load.running,
+            max_running=info.max_running if info is not None else 0,
         )
 
     def submit(

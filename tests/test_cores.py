@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import REPO_ROOT, start_worker
-from worker.cores import format_cpus, split_cores
+from worker.cores import ComputeLock, format_cpus, split_cores
 
 
 def test_split_cores_is_even_contiguous_and_shares_when_short() -> None:
@@ -76,3 +76,24 @@ def test_a_worker_refuses_cores_that_do_not_exist() -> None:
         timeout=120,
     )
     assert out.returncode == 2 and "4096" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_compute_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
+    """Co-located workers take turns per step through one flock'd file."""
+    path = tmp_path / "cores.lock"
+    probe = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except BlockingIOError:\n"
+        "    sys.exit(3)\n"
+    )
+    lock = ComputeLock(str(path))
+    try:
+        with lock:
+            held = subprocess.run([sys.executable, "-c", probe], timeout=60)
+        free = subprocess.run([sys.executable, "-c", probe], timeout=60)
+    finally:
+        lock.close()
+    assert (held.returncode, free.returncode) == (3, 0)

@@ -12,6 +12,7 @@ import torch
 from common.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from common.validation import SamplingParams
 from tests.engine_helpers import CollectingSink
+from worker.cores import ComputeLock
 from worker.engine import Engine, EngineConfig, EngineRequest, StepClock
 
 PROMPTS = [
@@ -372,6 +373,29 @@ def test_compute_threads_change_on_the_engine_thread_from_the_next_iteration(tin
         eng.set_compute_threads(original)
         eng.stop()
     assert torch.get_num_threads() == original  # this thread's pool was never touched
+
+
+def test_the_engine_computes_only_while_it_holds_the_compute_lock(tiny_model, tmp_path):
+    """Workers sharing the cores (``--compute-lock``): while another holder has the lock
+    the engine takes no step; once it is free the request runs to the end."""
+    model, tokenizer = tiny_model
+    eng = Engine(model, tokenizer, EngineConfig(max_running=2))
+    eng.eos_ids = set()
+    eng.compute_lock = ComputeLock(str(tmp_path / "cores.lock"))
+    other_worker = ComputeLock(str(tmp_path / "cores.lock"))  # its own open file: a peer
+    sink = CollectingSink()
+    eng.start()
+    try:
+        with other_worker:
+            key = eng.submit(EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=3), sink))
+            time.sleep(0.5)  # ample for a 3-token request on the tiny model
+            assert eng.step == 0 and key not in sink.tokens
+        sink.wait_done([key])
+        assert len(sink.tokens[key]) == 3
+    finally:
+        eng.stop()
+        eng.compute_lock.close()
+        other_worker.close()
 
 
 def test_a_rebuilt_engine_keeps_the_hooks_and_the_lowered_thread_count():

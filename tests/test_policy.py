@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from common.errors import Unavailable
-from router.policy import PowerOfTwoChoicesPolicy, WorkerState
+from router.config import RouterConfig
+from router.policy import PackPolicy, PowerOfTwoChoicesPolicy, WorkerState, make_policy
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -147,3 +148,32 @@ def test_two_routers_do_not_herd_onto_the_momentarily_least_loaded_worker():
     picks = Counter(p.choose(MODEL, "", snapshot).address for _ in range(200) for p in policies)
     assert picks["a"] < 0.7 * sum(picks.values()), picks
     assert set(picks) == {"a", "b", "c"}, picks
+
+
+def test_pack_fills_workers_in_order_then_takes_the_least_loaded():
+    """``--balance pack`` (co-located workers): the first worker with a free running slot
+    takes the request, counting the router's own requests and the reported ones; when
+    every worker is full, the least loaded; unhealthy or adapter-less ones as usual."""
+    policy = make_policy("pack")
+    assert isinstance(policy, PackPolicy)
+    assert policy.choose(MODEL, "", [w("a", max_running=4), w("b", max_running=4)]).address == "a"
+    # Three of ours and one another router sent: full.
+    full = w("a", max_running=4, outstanding_requests=3, reported_requests=4, running_tokens=900)
+    assert policy.choose(MODEL, "", [full, w("b", max_running=4)]).address == "b"
+    also_full = w("b", max_running=4, outstanding_requests=4, running_tokens=100)
+    assert policy.choose(MODEL, "", [full, also_full]).address == "b"
+    assert policy.choose(MODEL, "", [w("a", healthy=False), w("b", max_running=4)]).address == "b"
+    # Capacity not known yet (no Info): not filled, just the least loaded.
+    assert policy.choose(MODEL, "", [w("a", queued_tokens=5), w("b")]).address == "b"
+    lora = w("b", max_running=4, loaded_adapters=frozenset({"bot@1"}))
+    assert policy.choose(MODEL, "bot@1", [w("a", max_running=4), lora]).address == "b"
+    with pytest.raises(Unavailable, match="no healthy worker"):
+        policy.choose(MODEL, "", [w("a", healthy=False)])
+
+
+def test_the_balance_flag_names_a_policy():
+    assert isinstance(make_policy("spread", seed=1), PowerOfTwoChoicesPolicy)
+    with pytest.raises(ValueError, match="balance must be one of"):
+        make_policy("random")
+    with pytest.raises(ValueError, match="balance must be one of"):
+        RouterConfig(balance="nearest")

@@ -185,7 +185,15 @@ def test_up_streams_the_demo_serves_clients_and_stops_on_ctrl_c(
                 generate_pb2_grpc.GenerateStub(channel).GenerateStream(request, timeout=120)
             )
         assert messages[-1].usage.completion_tokens == 4
-        assert messages[-1].usage.worker_id in {"local-0", "local-1"}
+        # The routers fill co-located workers in order (--balance pack): an idle
+        # cluster's first worker takes a lone request.
+        assert messages[-1].usage.worker_id == "local-0"
+    # Both workers take turns on the cores through one lock file; the routers pack.
+    lock = f"up-{port}.compute.lock"
+    argvs = [a for a in _llmcluster_cmdlines() if any(lock in x for x in a)]
+    assert len(argvs) == 2 and all("worker" in a for a in argvs), argvs
+    routers = [a for a in _llmcluster_cmdlines() if "router" in a and str(port) in a]
+    assert routers and all(a[a.index("--balance") + 1] == "pack" for a in routers), routers
     # And the official OpenAI client, through up's HTTP gateway (issue 16's first bar):
     # content deltas in chunks of their own, usage on the last; completions and models;
     # an unknown model is NotFoundError, temperature=-1 BadRequestError.

@@ -83,6 +83,12 @@ class WorkerConfig(ServerTlsFields):
         default_factory=list,
         help="pin the worker to these CPU ids (empty = every core it may use now)",
     )
+    compute_lock: str = field(
+        "",
+        help="file locked around each engine step, shared by workers on the same cores "
+        "(llmcluster up sets it): they take turns with every core instead of contending "
+        "for them (empty = no lock)",
+    )
     metrics_port: int = field(
         -1, help="Prometheus /metrics HTTP port (0 = any free port, -1 = off)"
     )

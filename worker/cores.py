@@ -10,6 +10,7 @@ its workers its own cores (:func:`split_cores`), the worker pins itself to them
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Sequence
@@ -88,3 +89,26 @@ def place(cpus: Sequence[int], threads: int) -> CorePlacement:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(threads)
     return CorePlacement(tuple(allowed), threads)
+
+
+class ComputeLock:
+    """A lock over one machine's cores, shared by the workers ``llmcluster up`` starts
+    there (``--compute-lock PATH``, an exclusive ``flock``): each engine step holds it, so
+    co-located workers take turns with every core instead of running twice the threads
+    there are cores (every OpenMP barrier then waits for a descheduled thread). An idle
+    worker never takes it, so a lone busy worker runs as fast as it would alone."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # Opened once (created if missing); the lock belongs to this open file.
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> ComputeLock:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -29,6 +29,7 @@ per token in the packed forward).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -53,6 +54,7 @@ from common.errors import (
 from common.validation import SamplingParams
 from worker.config import WorkerConfig
 from worker.constraints import RowMatcher, mask_rows
+from worker.cores import ComputeLock
 from worker.detokenizer import IncrementalDetokenizer
 from worker.kv_cache import cache_views, slab_cache, stacked_cache
 from worker.packed_llama import PackedLlama, PromptChunk, base_causal_lm, supports_packed
@@ -291,6 +293,8 @@ class Engine:
         self.clock = StepClock()
         # Test hook: while this file exists the engine thread hangs (wedged-engine tests).
         self.fault_file: str | None = None
+        # Held for each step's compute when workers share the cores (worker/cores.py).
+        self.compute_lock: ComputeLock | None = None
         # Counters read by stats() from other threads (plain ints: atomic enough).
         self.step = 0
         self.finished_total = 0
@@ -464,7 +468,19 @@ class Engine:
                 drop.append(i)
         self._remove_rows(drop)
         decoding = bool(self._rows)
-        started = time.perf_counter()
+        has_work = self._rows or self._waiting or self._prefilling
+        with (self.compute_lock if has_work else None) or contextlib.nullcontext():
+            started = time.perf_counter()
+            chunks, cost = self._compute(outputs, sinks)
+        self.clock.observe(time.perf_counter() - started, decoding, cost)
+        if outputs or chunks:  # a prompt chunk alone is progress too
+            self.step += 1
+            self._deliver(outputs, sinks)
+
+    def _compute(
+        self, outputs: dict[int, SeqOutput], sinks: dict[int, OutputSink]
+    ) -> tuple[list[tuple[_Sequence, int]], float]:
+        """One iteration's forward passes: the prompt chunks it prefilled and their cost."""
         if self._packed is not None:
             chunks = self._schedule_prefill(outputs, sinks)
             cost = self._plan_cost(chunks)
@@ -482,10 +498,7 @@ class Engine:
             if chunks:
                 self._prefill(chunks, outputs, sinks)
                 self._remove_finished(outputs)
-        self.clock.observe(time.perf_counter() - started, decoding, cost)
-        if outputs or chunks:  # a prompt chunk alone is progress too
-            self.step += 1
-            self._deliver(outputs, sinks)
+        return chunks, cost
 
     def _remove_finished(self, outputs: dict[int, SeqOutput]) -> None:
         done = [

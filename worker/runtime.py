@@ -89,10 +89,11 @@ class ModelRuntime:
         """A fresh engine on the same model, keeping the old one's hooks and its thread
         count (lowered while a training process shares the cores)."""
         engine = self._new_engine()
-        engine.on_step, engine.on_fatal, engine.fault_file = (
+        engine.on_step, engine.on_fatal, engine.fault_file, engine.compute_lock = (
             old.on_step,
             old.on_fatal,
             old.fault_file,
+            old.compute_lock,
         )
         if old.compute_threads is not None:
             engine.set_compute_threads(old.compute_threads)

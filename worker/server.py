@@ -128,6 +128,8 @@ class WorkerServer:
             runtime = await asyncio.to_thread(ModelRuntime, self.config)
         self._attach_metrics(runtime)
         runtime.engine.fault_file = self.config.fault_file or None
+        if self.config.compute_lock:
+            runtime.engine.compute_lock = worker_cores.ComputeLock(self.config.compute_lock)
         runtime.engine.start()
         front = EngineFront(runtime)
         if self.config.warmup:

@@ -501,7 +501,14 @@ class RouterMetrics(_ServingMetrics):
             registry=r,
         )
         self.healthy_workers = Gauge(
-            "llmcluster_router_healthy_workers", "Workers the registry reports passing.", registry=r
+            "llmcluster_router_healthy_workers",
+            "Workers this router has a healthy link to (stream open, health SERVING).",
+            registry=r,
+        )
+        self.registry_workers = Gauge(
+            "llmcluster_router_registry_workers",
+            "Workers the registry (discovery) last reported passing.",
+            registry=r,
         )
         self.registry_up = Gauge(
             "llmcluster_router_registry_up",
@@ -530,13 +537,14 @@ class RouterMetrics(_ServingMetrics):
         self.batched_requests_total.inc(size)
         self.requests_per_batch.observe(size)
 
-    def set_discovery(self, *, ok: bool, healthy_workers: int | None = None) -> None:
-        """Outcome of one registry query (counts failures, keeps the up gauge)."""
+    def set_discovery(self, *, ok: bool, passing_workers: int | None = None) -> None:
+        """Outcome of one registry query (counts failures, keeps the up gauge and the
+        registry's count; the healthy-link gauge is the cluster's own)."""
         self.registry_up.set(1 if ok else 0)
         if not ok:
             self.discovery_failures_total.inc()
-        if healthy_workers is not None:
-            self.healthy_workers.set(healthy_workers)
+        if passing_workers is not None:
+            self.registry_workers.set(passing_workers)
 
 
 def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> int:

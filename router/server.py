@@ -97,7 +97,7 @@ def _follow_registry(
         endpoints = [i.endpoint for i in instances]
         loop.call_soon_threadsafe(cluster.set_workers, endpoints)
         loop.call_soon_threadsafe(
-            lambda: metrics.set_discovery(ok=True, healthy_workers=len(endpoints))
+            lambda: metrics.set_discovery(ok=True, passing_workers=len(endpoints))
         )
 
     def on_status(status: WatchStatus) -> None:

@@ -133,7 +133,7 @@ def test_router_metrics_move_after_traffic(router) -> None:
     metrics, port = router
     metrics.observe_submit_batch(3)
     metrics.observe_submit_batch(1)
-    metrics.set_discovery(ok=True, healthy_workers=2)
+    metrics.set_discovery(ok=True, passing_workers=2)
     metrics.set_discovery(ok=False)
     metrics.retries_total.inc()
     metrics.record_request("GenerateStream", "UNAVAILABLE")
@@ -145,7 +145,7 @@ def test_router_metrics_move_after_traffic(router) -> None:
     assert value(after, "llmcluster_router_batched_requests_total") == 4
     assert value(after, "llmcluster_router_requests_per_batch_count") == 2
     assert value(after, "llmcluster_router_requests_per_batch_bucket", le="1.0") == 1
-    assert value(after, "llmcluster_router_healthy_workers") == 2
+    assert value(after, "llmcluster_router_registry_workers") == 2
     assert value(after, "llmcluster_router_registry_up") == 0
     assert value(after, "llmcluster_router_discovery_failures_total") == 1
     assert value(after, "llmcluster_router_retries_total") == 1

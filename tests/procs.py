@@ -93,9 +93,26 @@ class Proc:
             self.log.close()
 
 
+_COMPUTE_LOCK: list[str] = []
+
+
+def compute_lock() -> str:
+    """One lock file for every model worker of the test run (in the run's home)."""
+    if not _COMPUTE_LOCK:
+        _COMPUTE_LOCK.append(str(Path(os.environ["LLMCLUSTER_HOME"]) / "workers.compute.lock"))
+    return _COMPUTE_LOCK[0]
+
+
 def start_worker(*extra: str, port: int | None = None, env: dict[str, str] | None = None) -> Proc:
-    """Starts ``llmcluster worker`` on a free port (not yet waited for)."""
+    """Starts ``llmcluster worker`` on a free port (not yet waited for).
+
+    Model workers take turns per engine step on the cores (``--compute-lock``, as
+    ``llmcluster up`` starts them): two or three of them, each with a thread per core,
+    made every OpenMP barrier wait for a descheduled thread on a 2-core run, seconds per
+    token, and a 64-stream test outran its deadlines."""
     port = port or free_port()
+    if "null" not in extra and "--compute-lock" not in extra:
+        extra = (*extra, "--compute-lock", compute_lock())
     return Proc(["worker", "--port", str(port), *extra], port, env)
 
 

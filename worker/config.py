@@ -71,6 +71,11 @@ class WorkerConfig(ServerTlsFields):
     data_dir: str = field("", help="datasets CreateJob names (default: $LLMCLUSTER_HOME/data)")
     max_concurrent_jobs: int = field(1, help="fine-tuning jobs training at once; more wait QUEUED")
     job_threads: int = field(1, help="torch threads of each training process (keeps serving fast)")
+    nproc: int = field(
+        1,
+        help="data-parallel training processes of a job that does not set its own nproc "
+        "(each gets job_threads / nproc threads; CUDA: one device each)",
+    )
     job_lease_s: float = field(
         15.0,
         help="seconds a fine-tuning job's lease lasts unrenewed: workers sharing a jobs folder "
@@ -114,6 +119,7 @@ class WorkerConfig(ServerTlsFields):
             "max_prefill_tokens_per_step",
             "max_concurrent_jobs",
             "job_threads",
+            "nproc",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

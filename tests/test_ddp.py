@@ -30,8 +30,8 @@ from tests.trainer_fixtures import (  # noqa: F401  (fixtures)
 from trainer.config import TrainConfig
 from trainer.job_process import EXIT_CANCELLED
 
-# Measured on the tiny model: per-step losses of 1 and 2 ranks differ by < 1e-6
-# relative (float32 sums in another order); the tolerance leaves room for other CPUs.
+# Measured: per-step losses of 1 and 2 ranks differ by < 1e-6 relative (float32 sums
+# in another order); the tolerance leaves room for other CPUs and longer runs.
 LOSS_RTOL = 1e-4
 
 
@@ -207,9 +207,10 @@ def test_cancel_stops_every_rank(tiny_model, tmp_path: Path) -> None:
     assert not (job_dir / "work" / "artifact").exists()
 
 
+@pytest.mark.slow  # ~70 s on 2 busy cores: four processes load the default model
 def test_two_ranks_on_the_default_model(real_model, tmp_path: Path) -> None:
     """The real default model: three optimizer steps of a global batch of 4 on 1 and on
-    2 ranks give the same losses."""
+    2 ranks give the same losses (measured: within 7e-7 relative)."""
     config = TrainConfig(
         method="lora",
         max_steps=3,
@@ -224,3 +225,24 @@ def test_two_ranks_on_the_default_model(real_model, tmp_path: Path) -> None:
     print("default model losses, 1 rank:", losses(one), "2 ranks:", losses(two))
     assert len(losses(two)) == 3
     assert losses(two) == pytest.approx(losses(one), rel=LOSS_RTOL)
+
+
+def test_torchrun_runs_the_local_trainer_and_rank0_publishes(tiny_model, tmp_path: Path) -> None:
+    """The documented path beyond one worker: torchrun's launcher (here one node) runs
+    ``-m trainer``; every rank trains, one reports and one version is published."""
+    data = write_jsonl(tmp_path / "train.jsonl", small_rows(24))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        + ["-m", "trainer", "--data", str(data), "--model", tiny_model.path]
+        + ["--device", "cpu", "--max-steps", "3", "--batch-size", "4", "--max-seq-length", "32"]
+        + ["--name", "tr", "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "w")],
+        cwd=REPO_ROOT,
+        env={**os.environ, "LLMCLUSTER_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("step 3/3 ") == 1, out.stdout
+    assert "published tr@1 " in out.stdout
+    assert sorted(p.name for p in (tmp_path / "store" / "tr").iterdir() if p.is_dir()) == ["1"]

@@ -157,6 +157,17 @@ BAD_REQUESTS = [
         "learning_rate",
     ),
     ("path traversal name", dict(output_name="../x"), "output_name"),
+    ("nproc out of range", dict(nproc=1000), "nproc must be in [1, 64], got 1000"),
+    (
+        "nproc beyond the worker's cores",
+        dict(nproc=64, hyperparameters=finetune_pb2.Hyperparameters(batch_size=64)),
+        "nproc 64 is more than the",
+    ),
+    (
+        "nproc not dividing the batch",
+        dict(nproc=2, hyperparameters=finetune_pb2.Hyperparameters(batch_size=3)),
+        "nproc 2 must divide hyperparameters.batch_size 3",
+    ),
     ("unknown dataset name", dict(dataset_jsonl="", dataset_name="nope"), "dataset_name"),
 ]
 

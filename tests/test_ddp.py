@@ -28,7 +28,8 @@ from tests.trainer_fixtures import (  # noqa: F401  (fixtures)
     write_jsonl,
 )
 from trainer.config import TrainConfig
-from trainer.job_process import EXIT_CANCELLED
+from trainer.distributed import launch
+from trainer.job_process import EXIT_CANCELLED, EXIT_LEASE_LOST
 
 # Measured: per-step losses of 1 and 2 ranks differ by < 1e-6 relative (float32 sums
 # in another order); the tolerance leaves room for other CPUs and longer runs.
@@ -246,3 +247,58 @@ def test_torchrun_runs_the_local_trainer_and_rank0_publishes(tiny_model, tmp_pat
     assert out.stdout.count("step 3/3 ") == 1, out.stdout
     assert "published tr@1 " in out.stdout
     assert sorted(p.name for p in (tmp_path / "store" / "tr").iterdir() if p.is_dir()) == ["1"]
+
+
+# A rank that records torchrun's variables, then exits per its rank (no torch: fast).
+RANK_SCRIPT = """
+import json, os, sys, time
+env = {k: os.environ.get(k) for k in (
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")}
+out = sys.argv[1]
+with open(os.path.join(out, "rank%s.json" % env["RANK"]), "w") as fh:
+    json.dump({**env, "pid": os.getpid()}, fh)
+codes = json.loads(sys.argv[2])  # rank -> (sleep_s, exit code)
+sleep_s, code = codes[env["RANK"]]
+time.sleep(sleep_s)
+sys.exit(code)
+"""
+
+
+def launch_script(tmp_path: Path, codes: dict[str, list[float]], **kw) -> tuple[int, list]:
+    failures: list[str] = []
+    code = launch(
+        ["-c", RANK_SCRIPT, str(tmp_path), json.dumps(codes)],
+        len(codes),
+        threads=4,
+        on_failure=failures.append,
+        poll_s=0.05,
+        **kw,
+    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(len(codes))]
+    return code, [failures, ranks]
+
+
+def test_launcher_sets_torchrun_env_and_returns_rank0s_code(tmp_path: Path) -> None:
+    code, (failures, ranks) = launch_script(
+        tmp_path, {"0": [0.2, EXIT_LEASE_LOST], "1": [60, 0]}, grace_s=0.5
+    )
+    assert code == EXIT_LEASE_LOST and failures == []
+    assert [(r["RANK"], r["LOCAL_RANK"], r["WORLD_SIZE"]) for r in ranks] == [
+        ("0", "0", "2"),
+        ("1", "1", "2"),
+    ]
+    assert {r["MASTER_ADDR"] for r in ranks} == {"127.0.0.1"}
+    assert len({r["MASTER_PORT"] for r in ranks}) == 1
+    assert {r["OMP_NUM_THREADS"] for r in ranks} == {"2"}  # 4 threads shared by 2 ranks
+    assert not alive(ranks[1]["pid"])  # killed once rank 0 was gone
+
+
+def test_launcher_ends_the_job_when_another_rank_fails(tmp_path: Path) -> None:
+    started = time.monotonic()
+    code, (failures, ranks) = launch_script(
+        tmp_path, {"0": [60, 0], "1": [0.0, 7], "2": [60, 0]}, grace_s=0.5
+    )
+    assert code == 1
+    assert failures == ["rank 1 of 3 exited with code 7"]
+    assert time.monotonic() - started < 30
+    assert not any(alive(r["pid"]) for r in ranks)

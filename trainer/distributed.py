@@ -234,13 +234,13 @@ def launch(
     threads: int,
     on_failure: Callable[[str], None] | None = None,
     poll_s: float = 0.2,
+    grace_s: float = PEER_EXIT_GRACE_S,
 ) -> int:
     """Runs ``python *argv`` as ``nproc`` ranks and returns rank 0's exit code.
 
     The ranks stay in this process's group, so a signal to the group (the worker's
     cancel or kill) reaches all of them; they exit on their own if this process dies.
-    When rank 0 exits the others get :data:`PEER_EXIT_GRACE_S` to finish and are then
-    killed. When another rank fails first, rank 0 gets the same grace to notice and
+    When rank 0 exits the others get ``grace_s`` to finish and are then killed. When another rank fails first, rank 0 gets the same grace to notice and
     report; if it does not, all are killed, ``on_failure`` is told why, and the result
     is 1.
     """
@@ -268,7 +268,7 @@ def launch(
         while True:
             code0 = procs[0].poll()
             if code0 is not None:
-                _stop(procs[1:], PEER_EXIT_GRACE_S)
+                _stop(procs[1:], grace_s)
                 return code0
             if failed is None:
                 for r, p in enumerate(procs[1:], start=1):
@@ -277,7 +277,7 @@ def launch(
                         failed, failed_at = (r, code), time.monotonic()
                         logger.error("rank %d exited with code %d", r, code)
                         break
-            elif time.monotonic() - failed_at > PEER_EXIT_GRACE_S:
+            elif time.monotonic() - failed_at > grace_s:
                 _stop(procs, 0.0)
                 why = f"rank {failed[0]} of {nproc} exited with code {failed[1]}"
                 if on_failure is not None:

@@ -820,7 +820,7 @@ class JobManager:
         except InvalidArgument as exc:
             raise InvalidArgument(f"output_name: {exc}") from None
         config = hyperparameters_to_config(method, request.hyperparameters)
-        nproc = job_nproc(request.nproc, self.config.nproc, self._train_slots(), config.batch_size)
+        nproc = self.job_nproc(request.nproc, config.batch_size)
         dataset_text = self._dataset_text(request)
         source_label = "example" if request.examples else "line"
         # JSONL is prepared as text, so that errors and dropped rows name its lines.
@@ -928,16 +928,19 @@ class JobManager:
         self._wake.set()  # start it now if a slot is free, not at the next poll
         return job
 
-    def _train_slots(self) -> int:
-        """How many ranks a job may have here: the CUDA devices when training on CUDA,
-        else the cores this process may use."""
+    def job_nproc(self, requested: int, batch_size: int) -> int:
+        """A job's rank count (``requested``, else this worker's --nproc), checked against
+        its batch size and this worker's cores (CPU) or CUDA devices; raises
+        InvalidArgument naming nproc."""
         import torch
 
         from common.models import resolve_device
 
         if torch.device(resolve_device(self.config.device)).type == "cuda":
-            return torch.cuda.device_count()
-        return len(os.sched_getaffinity(0))
+            available = torch.cuda.device_count()
+        else:
+            available = len(os.sched_getaffinity(0))
+        return job_nproc(requested, self.config.nproc, available, batch_size)
 
     def _dataset_text(self, request: finetune_pb2.CreateJobRequest) -> str:
         """The dataset as JSONL text, from whichever of the three sources is set."""

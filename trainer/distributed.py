@@ -5,7 +5,7 @@ each gets ``MASTER_ADDR`` / ``MASTER_PORT`` (a free loopback port), ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` and joins the group with
 ``init_process_group("env://")`` (gloo on CPU, NCCL on CUDA). Because the variables are
 torchrun's own, ``torchrun --nnodes ... --rdzv-endpoint ... -m trainer`` runs the same
-training across machines.
+training across machines. torch is imported where used: the launcher needs none.
 
 Every optimizer step's micro-batches are the single-process ones, each split across the
 ranks (rank r takes examples r, r+N, ...); gradients are summed with ``all_reduce`` and
@@ -29,9 +29,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Ranks:
 def init_group(ranks: Ranks, device: str) -> str:
     """Joins the process group (gloo on CPU, NCCL on CUDA); returns this rank's device
     (``cuda:LOCAL_RANK`` when training on CUDA)."""
+    import torch
     import torch.distributed as dist
 
     if not ranks.distributed or dist.is_initialized():
@@ -120,6 +122,7 @@ def close_group() -> None:
 
 def sum_across(values: Sequence[float], device: str) -> list[float]:
     """Element-wise sums of ``values`` over all ranks (float64)."""
+    import torch
     import torch.distributed as dist
 
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
@@ -129,6 +132,7 @@ def sum_across(values: Sequence[float], device: str) -> list[float]:
 
 def from_rank0(value: int, device: str) -> int:
     """Rank 0's ``value`` on every rank."""
+    import torch
     import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.int64, device=device)
@@ -139,6 +143,7 @@ def from_rank0(value: int, device: str) -> int:
 def sum_gradients(params: Iterable[torch.Tensor], bucket_numel: int = 1 << 24) -> None:
     """Replaces each parameter's gradient by its sum over ranks, a missing one counting
     as zero; flattened in buckets so a full fine-tune is not one collective per tensor."""
+    import torch
     import torch.distributed as dist
 
     bucket: list[torch.Tensor] = []
@@ -169,6 +174,7 @@ def sum_gradients(params: Iterable[torch.Tensor], bucket_numel: int = 1 << 24) -
 
 def copy_from_rank0(params: Iterable[torch.Tensor]) -> None:
     """Every rank starts from rank 0's trainable weights."""
+    import torch
     import torch.distributed as dist
 
     with torch.no_grad():
@@ -181,6 +187,7 @@ def gather_named(
 ) -> dict[str, torch.Tensor]:
     """Every rank's ``local`` tensors (same names and shapes on each) on every rank,
     rank r's under ``rank<r>.<name>`` and rank 0's under their own names."""
+    import torch
     import torch.distributed as dist
 
     out: dict[str, torch.Tensor] = {}

@@ -1,7 +1,8 @@
 """Jobs that span processes (trainer/distributed.py): a real job process with nproc 2
 launches two gloo ranks that follow the loss curve of one process at the same global
 batch, resume from their checkpoint to the uninterrupted run's steps, and all stop on
-cancel; only rank 0 writes."""
+cancel and on a lost lease; only rank 0 writes. Also torchrun running ``-m trainer``
+(the documented multi-machine path) and the launcher's exit-code rules."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from google.protobuf import json_format
 from safetensors.torch import load_file
 
+from common import job_lease
 from common.pb import finetune_pb2
 from tests.procs import REPO_ROOT
 from tests.trainer_fixtures import (  # noqa: F401  (fixtures)
@@ -61,11 +63,12 @@ def write_job(
     return job_dir
 
 
-def start_job(job_dir: Path) -> subprocess.Popen[bytes]:
+def start_job(job_dir: Path, lease_epoch: int = 0) -> subprocess.Popen[bytes]:
     log = open(job_dir / "process.log", "wb")  # noqa: SIM115 - the child owns it now
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "trainer.job_process", "--job-dir", str(job_dir)],
+            [sys.executable, "-m", "trainer.job_process", "--job-dir", str(job_dir)]
+            + ["--lease-epoch", str(lease_epoch)],
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -206,6 +209,39 @@ def test_cancel_stops_every_rank(tiny_model, tmp_path: Path) -> None:
     assert re.fullmatch(r"cancelled after step \d+", states[0].message)
     assert not any(alive(pid) for pid in pids)
     assert not (job_dir / "work" / "artifact").exists()
+
+
+def test_a_lost_lease_stops_every_rank_and_nothing_more_is_written(
+    tiny_model, tmp_path: Path
+) -> None:
+    config = TrainConfig(
+        method="lora",
+        max_steps=5000,
+        batch_size=2,
+        max_seq_length=32,
+        eval_fraction=0.0,
+        checkpoint_every_steps=1,
+    )
+    job_dir = write_job(tmp_path / "fenced", tiny_model.path, config, nproc=2)
+    assert job_lease.try_claim(job_dir, 1, "a", "a1", 30.0) is not None
+    proc = start_job(job_dir, lease_epoch=1)
+    try:
+        deadline = time.monotonic() + 120
+        while not of_kind(events(job_dir), "checkpoint"):
+            assert proc.poll() is None, (job_dir / "process.log").read_text()
+            assert time.monotonic() < deadline, "no checkpoint in 120 s"
+            time.sleep(0.1)
+        pids = rank_pids(job_dir)
+        assert job_lease.try_claim(job_dir, 2, "b", "b1", 30.0) is not None
+        claimed_at = (job_dir / "progress.jsonl").stat().st_size
+        assert finish(proc, job_dir, 60) == EXIT_LEASE_LOST, (job_dir / "process.log").read_text()
+    finally:
+        finish(proc, job_dir, 0.1) if proc.poll() is None else None
+    text = (job_dir / "progress.jsonl").read_text()
+    assert text[claimed_at:].count("\n") <= 1, text[claimed_at:]  # the line being written
+    assert "stateChange" not in text  # the new holder reports
+    assert not (job_dir / "work" / "artifact").exists()
+    assert not any(alive(pid) for pid in pids)
 
 
 @pytest.mark.slow  # ~70 s on 2 busy cores: four processes load the default model

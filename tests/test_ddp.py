@@ -159,6 +159,8 @@ def test_two_ranks_follow_one_rank_loss_curve(tiny_model, tmp_path: Path) -> Non
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
     assert of_kind(two, "artifact")[0].ref == "two@1"
     assert "started 2 ranks" in (tmp_path / "two" / "process.log").read_text()
+    assert "data-parallel on 2 ranks: 2 examples per rank per micro-batch" in of_kind(two, "log")
+    assert not any("data-parallel" in line for line in of_kind(one, "log"))
 
 
 def test_two_ranks_resume_to_the_uninterrupted_run(tiny_model, tmp_path: Path) -> None:

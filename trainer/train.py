@@ -474,6 +474,12 @@ def _train(
     model.train()
     params = _trainable(model)
     if ranks.distributed:
+        emit(
+            LogEvent(
+                f"data-parallel on {ranks.world_size} ranks: "
+                f"{config.batch_size // ranks.world_size} examples per rank per micro-batch"
+            )
+        )
         copy_from_rank0(params.values())
         if not ranks.is_main:
             # Rank 0 keeps the single-process stream; the others draw their own dropout.

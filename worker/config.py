@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from common.config import field
 from common.models import DTYPES, WEIGHTS
 from common.tls import ServerTlsFields
+from common.validation import MAX_JOB_NPROC
 
 
 def default_worker_id() -> str:
@@ -123,6 +124,8 @@ class WorkerConfig(ServerTlsFields):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nproc > MAX_JOB_NPROC:
+            raise ValueError(f"nproc must be <= {MAX_JOB_NPROC}, got {self.nproc}")
         if not 1 <= self.job_lease_s <= 3600:
             raise ValueError(f"job_lease_s must be in [1, 3600], got {self.job_lease_s}")
         if self.engine not in ("model", "null"):

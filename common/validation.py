@@ -330,6 +330,30 @@ def traffic_split_from_values(
     return name, dict(weights)
 
 
+# ---------------------------------------------------------------- jobs
+
+MAX_JOB_NPROC = 64  # ranks of one job on one worker; more only share the same devices
+
+
+def job_nproc(requested: int, default: int, available: int, batch_size: int) -> int:
+    """CreateJobRequest.nproc checked: unset (0) takes the worker's ``default``; a
+    divisor of ``batch_size``, since every rank takes an equal share of each micro-batch;
+    at most the worker's ``available`` cores (CPU) or devices (CUDA)."""
+    nproc = requested or default
+    if not 1 <= nproc <= MAX_JOB_NPROC:
+        raise InvalidArgument(f"nproc must be in [1, {MAX_JOB_NPROC}], got {nproc}")
+    if batch_size % nproc:
+        raise InvalidArgument(
+            f"nproc {nproc} must divide hyperparameters.batch_size {batch_size}: each rank "
+            "takes an equal share of every micro-batch"
+        )
+    if nproc > available:
+        raise InvalidArgument(
+            f"nproc {nproc} is more than the {available} cores or devices this worker trains on"
+        )
+    return nproc
+
+
 # ---------------------------------------------------------------- sweeps
 
 MAX_SWEEP_TRIALS = 256

@@ -266,6 +266,7 @@ def _create(args: argparse.Namespace) -> int:
         # A token per invocation: a retried CreateJob (e.g. after UNAVAILABLE) is not
         # a second job.
         client_token=args.client_token or uuid.uuid4().hex,
+        nproc=args.nproc,
     )
     channel, stub = _stub(args)
     with channel:
@@ -507,6 +508,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True, help="name the adapter is registered under")
     create.add_argument("--client-token", default="", help="idempotency token (default: random)")
     create.add_argument("--no-watch", action="store_true", help="return once the job is queued")
+    create.add_argument(
+        "--nproc",
+        type=non_negative_int,
+        default=0,
+        help="data-parallel training processes on the worker (0: the worker's --nproc)",
+    )
     create.add_argument(
         "--timeout", type=positive_seconds, default=120.0, help="CreateJob deadline (s)"
     )

@@ -157,6 +157,17 @@ BAD_REQUESTS = [
         "learning_rate",
     ),
     ("path traversal name", dict(output_name="../x"), "output_name"),
+    ("nproc out of range", dict(nproc=1000), "nproc must be in [1, 64], got 1000"),
+    (
+        "nproc beyond the worker's cores",
+        dict(nproc=64, hyperparameters=finetune_pb2.Hyperparameters(batch_size=64)),
+        "nproc 64 is more than the",
+    ),
+    (
+        "nproc not dividing the batch",
+        dict(nproc=2, hyperparameters=finetune_pb2.Hyperparameters(batch_size=3)),
+        "nproc 2 must divide hyperparameters.batch_size 3",
+    ),
     ("unknown dataset name", dict(dataset_jsonl="", dataset_name="nope"), "dataset_name"),
 ]
 
@@ -332,6 +343,33 @@ def test_client_token_queue_and_cancel(ft, finished_job) -> None:
     assert got.state == finetune_pb2.CANCELLED and got.finished_unix_ms > 0
     # Same token after the end: still the same job, not a new one.
     assert create("token-a", "long-job").job_id == first.job_id
+
+
+# ------------------------------------------------------------------ ranks
+
+
+def test_two_rank_job_through_the_worker(ft, finished_job, home: Path) -> None:
+    """nproc 2 on the worker: one job, two ranks, one event stream, the same story."""
+    job = ft.CreateJob(
+        finetune_pb2.CreateJobRequest(
+            output_name="records-bot-2r",
+            dataset_jsonl=small_jsonl(),
+            hyperparameters=small_hp(),
+            nproc=2,
+        ),
+        timeout=60,
+    )
+    events = watch_all(ft, job.job_id)
+    log = (home / "jobs" / job.job_id / "process.log").read_text()
+    assert states(events) == ["QUEUED", "RUNNING", "SUCCEEDED"], log
+    assert [e.metrics.step for e in events if e.WhichOneof("event") == "metrics"] == [1, 2, 3]
+    assert [e.evaluation.stage for e in events if e.WhichOneof("event") == "evaluation"] == [
+        "before",
+        "after",
+    ]
+    assert "started 2 ranks" in log and "rank 1/2 joined (gloo on cpu)" in log
+    got = ft.GetJob(finetune_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+    assert got.artifact.ref == "records-bot-2r@1"
 
 
 # ------------------------------------------------------------------ crash recovery

@@ -204,7 +204,11 @@ def test_bad_base_job_is_refused_and_leaves_nothing(ft, home: Path) -> None:
     bad_name.base.output_name = "x" * 60  # trial adapters would pass 64 characters
     no_eval = _request()
     no_eval.base.hyperparameters.eval_fraction = 0.0
+    # Every trial's batch must split across the base job's ranks, not just the first's.
+    uneven = _request(space=finetune_pb2.SearchSpace(batch_size=[4, 3]))
+    uneven.base.nproc = 2
     for request, text in (
+        (uneven, "nproc 2 must divide hyperparameters.batch_size 3"),
         (bad_data, "dataset"),
         (bad_name, "too long for a sweep"),
         (no_eval, "eval_fraction must be > 0"),

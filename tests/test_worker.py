@@ -339,6 +339,8 @@ def test_cli_generate_reads_the_prompt_from_stdin_and_a_file(worker_proc, tmp_pa
         (["--engine", "fast"], "engine must be 'model' or 'null'"),
         (["--job-lease-s", "0.5"], "job_lease_s must be in [1, 3600], got 0.5"),
         (["--job-lease-s", "3601"], "job_lease_s must be in [1, 3600], got 3601"),
+        (["--nproc", "0"], "nproc must be >= 1, got 0"),
+        (["--nproc", "65"], "nproc must be <= 64, got 65"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(flags, fragment):

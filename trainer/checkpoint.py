@@ -8,7 +8,7 @@ A checkpoint folder holds:
   step counts) and its scalars (param groups) — ``state_dict()`` split into what
   safetensors can hold and what JSON can;
 - ``rng.safetensors``: torch's CPU (and CUDA) generator states, so dropout continues
-  with the same random numbers;
+  with the same random numbers (a data-parallel run's rank r under ``rank<r>.``);
 - ``state.json``: step, config, data fingerprint, eval-before result, grad-scaler scale.
 
 The folder is written beside its final name and renamed into place, so a crash while
@@ -103,8 +103,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int = 1,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Writes ``root/step-<step>`` atomically and keeps only the ``keep`` newest."""
+    """Writes ``root/step-<step>`` atomically and keeps only the ``keep`` newest.
+    ``rng``: the generator states to save (default: this process's, :func:`rng_state`)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
@@ -113,7 +115,7 @@ def save_checkpoint(
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        save_file(_tensors(rng_state()), str(tmp / "rng.safetensors"))
+        save_file(_tensors(rng or rng_state()), str(tmp / "rng.safetensors"))
         # state.json last: its presence marks a complete checkpoint.
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
         if final.exists():

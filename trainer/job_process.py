@@ -13,6 +13,11 @@ so two trainers never write the same job). It is fenced by the job's lease
 each progress line, each checkpoint, the export and the publication that N is still
 the job's current epoch, and exits with ``EXIT_LEASE_LOST`` (writing nothing more) once
 another worker has taken the job over.
+
+A job with ``run.nproc`` N > 1 trains data-parallel (:mod:`trainer.distributed`): this
+process becomes the launcher of N rank processes (this same module, started with
+torchrun's environment), in its process group, and exits with rank 0's code. Rank 0
+does everything described above; the other ranks only train, and write nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -48,6 +54,7 @@ from common.tracing import (
     shutdown_tracing,
 )
 from trainer.config import TrainConfig
+from trainer.distributed import Ranks, launch
 from trainer.events import (
     CheckpointEvent,
     DoneEvent,
@@ -226,12 +233,54 @@ def publish(
     return record
 
 
-def run_job(job_dir: Path, lease_epoch: int = 0) -> int:
-    """Trains the job in ``job_dir``; returns the process exit code. With
-    ``lease_epoch`` every write is fenced by the job's lease (see the module docstring)."""
+def _read_run(job_dir: Path) -> tuple[str, dict[str, Any]]:
     raw = json.loads((job_dir / "job.json").read_text())
-    job_id = raw["job"]["job_id"]
-    run = raw["run"]
+    return raw["job"]["job_id"], raw["run"]
+
+
+def job_nproc(run: dict[str, Any]) -> int:
+    """The job's rank count, checked when the job was created (1 for jobs written
+    before ranks existed)."""
+    return max(1, int(run.get("nproc") or 1))
+
+
+def _state_event(value: int, message: str = "") -> finetune_pb2.JobEvent:
+    return finetune_pb2.JobEvent(
+        state_change=finetune_pb2.StateChange(state=value, message=message)  # type: ignore[arg-type]
+    )
+
+
+def launch_ranks(job_dir: Path, lease_epoch: int, argv: list[str]) -> int:
+    """Runs the job as its ``nproc`` ranks; a rank other than 0 that fails without rank 0
+    reporting it ends the job FAILED with that rank's exit code in the message."""
+    _, run = _read_run(job_dir)
+
+    def on_failure(why: str) -> None:
+        fence = LeaseFence(job_dir, lease_epoch) if lease_epoch else None
+        progress = ProgressWriter(job_dir / PROGRESS_FILE, fence)
+        try:
+            progress.write(_state_event(finetune_pb2.FAILED, f"{why}; see the process log"))
+        except LeaseLost:
+            pass
+        finally:
+            progress.close()
+
+    threads = max(1, int(run.get("threads", 1)))
+    code = launch(["-m", "trainer.job_process", *argv], job_nproc(run), threads, on_failure)
+    if code < 0:  # rank 0 died of a signal: so does the job's process, as one process would
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def run_job(job_dir: Path, lease_epoch: int = 0, ranks: Ranks | None = None) -> int:
+    """Trains the job in ``job_dir``; returns the process exit code. With
+    ``lease_epoch`` every write is fenced by the job's lease (see the module docstring).
+    ``ranks``: this process's rank of a data-parallel job (default: one process)."""
+    ranks = ranks or Ranks()
+    if not ranks.is_main:
+        return _run_peer(job_dir, ranks)
+    job_id, run = _read_run(job_dir)
     fence = LeaseFence(job_dir, lease_epoch) if lease_epoch else None
     progress = ProgressWriter(job_dir / PROGRESS_FILE, fence)
     cancel_file = job_dir / CANCEL_FILE
@@ -249,7 +298,7 @@ def run_job(job_dir: Path, lease_epoch: int = 0) -> int:
 
     import torch
 
-    torch.set_num_threads(max(1, int(run.get("threads", 1))))
+    torch.set_num_threads(_threads_per_rank(run, ranks))
 
     from trainer.train import TrainingCancelled, train
 
@@ -260,11 +309,7 @@ def run_job(job_dir: Path, lease_epoch: int = 0) -> int:
             progress.write(job_event)
 
     def state(value: int, message: str = "") -> None:
-        progress.write(
-            finetune_pb2.JobEvent(
-                state_change=finetune_pb2.StateChange(state=value, message=message)  # type: ignore[arg-type]
-            )
-        )
+        progress.write(_state_event(value, message))
 
     config = TrainConfig.from_dict(run["config"])
     resume_from = run.get("resume_from") or None
@@ -280,6 +325,7 @@ def run_job(job_dir: Path, lease_epoch: int = 0) -> int:
                 resume_from=resume_from,
                 device=run.get("device") or "auto",
                 before_write=before_write,
+                ranks=ranks,
             )
             spans.close()
             with _span("finetune artifact publication"):
@@ -316,6 +362,40 @@ def run_job(job_dir: Path, lease_epoch: int = 0) -> int:
             progress.close()
 
 
+def _threads_per_rank(run: dict[str, Any], ranks: Ranks) -> int:
+    """The job's thread budget shared by its ranks."""
+    return max(1, int(run.get("threads", 1)) // ranks.world_size)
+
+
+def _run_peer(job_dir: Path, ranks: Ranks) -> int:
+    """A rank other than 0: trains its share and writes nothing; its exit code only
+    tells the launcher whether it failed."""
+    _, run = _read_run(job_dir)
+    import torch
+
+    torch.set_num_threads(_threads_per_rank(run, ranks))
+    from trainer.distributed import PeerStopped
+    from trainer.train import TrainingCancelled, train
+
+    try:
+        train(
+            TrainConfig.from_dict(run["config"]),
+            run.get("model") or None,
+            str(job_dir / "data.jsonl"),
+            job_dir / WORK_DIR,
+            resume_from=run.get("resume_from") or None,
+            device=run.get("device") or "auto",
+            ranks=ranks,
+        )
+        return 0
+    except (TrainingCancelled, PeerStopped) as exc:
+        logger.info("rank %d: %s", ranks.rank, exc)
+        return 0  # rank 0 stopped the run and reports it
+    except Exception:
+        logger.exception("rank %d failed", ranks.rank)
+        return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.job_process", description=__doc__)
     parser.add_argument("--job-dir", required=True, help="the job's folder (job.json inside)")
@@ -326,14 +406,23 @@ def main(argv: list[str] | None = None) -> int:
         help="the job's lease epoch this process runs under (0 = unfenced)",
     )
     args = parser.parse_args(argv)
+    ranks = Ranks.from_env()
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s"
+        + (f" rank {ranks.rank}" if ranks.distributed else "")
+        + ": %(message)s",
     )
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    job_dir = Path(args.job_dir)
+    if not ranks.distributed and job_nproc(_read_run(job_dir)[1]) > 1:
+        return launch_ranks(job_dir, args.lease_epoch, sys.argv[1:] if argv is None else argv)
+    if not ranks.is_main:
+        return run_job(job_dir, args.lease_epoch, ranks)
     setup_tracing(SERVICE_TRAINER)
     try:
         with attached(context_from_env()):
-            return run_job(Path(args.job_dir), args.lease_epoch)
+            return run_job(job_dir, args.lease_epoch, ranks)
     finally:
         shutdown_tracing()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.data import DatasetSource
+from trainer.distributed import Ranks
 from trainer.events import DoneEvent, TrainEvent
 from trainer.train import train
 
@@ -47,6 +48,8 @@ def run_local(
     (``store_root``, default ``<llmcluster home>/store``) as the next version of ``name``.
 
     The name is checked before training so a bad one fails in a second, not after an hour.
+    Under torchrun (``torchrun --nproc-per-node N -m trainer ...``) every rank trains its
+    share and rank 0 alone publishes.
     """
     store = None
     if name is not None:
@@ -67,7 +70,7 @@ def run_local(
         resume_from=resume_from,
         device=device,
     )
-    if store is None or name is None:
+    if store is None or name is None or not Ranks.from_env().is_main:
         return LocalRun(done)
     ref = store.publish(name, done.artifact_dir, {**done.metadata, **(metadata or {})})
     logger.info("published %s to %s", ref.ref, store.root)

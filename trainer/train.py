@@ -4,7 +4,9 @@ One function, :func:`train`, runs a whole job: data preparation, model loading, 
 evaluation before, the optimizer loop with warmup and schedule, checkpoints, the
 evaluation after and the export. It reports through ``on_event`` (dataclasses from
 :mod:`trainer.events`), polls ``should_cancel`` between optimizer steps and can resume
-from a checkpoint to the same result as an uninterrupted run.
+from a checkpoint to the same result as an uninterrupted run. Under torchrun's
+environment (or ``nproc`` ranks of a worker job) it trains data-parallel across the
+ranks (:mod:`trainer.distributed`) to the gradients of one process.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ from trainer.data import (
     TokenizedExample,
     collate,
     prepare_data,
+)
+from trainer.distributed import (
+    PeerStopped,
+    Ranks,
+    close_group,
+    copy_from_rank0,
+    from_rank0,
+    gather_named,
+    init_group,
+    of_rank,
+    sum_across,
+    sum_gradients,
 )
 from trainer.events import (
     CheckpointEvent,
@@ -198,12 +212,17 @@ def evaluate(
     pad_token_id: int,
     device: str,
     precision: _Precision | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[float, int]:
-    """Mean token cross-entropy over ``data`` (learned tokens only) and the token count."""
+    """Mean token cross-entropy over ``data`` (learned tokens only) and the token count.
+    With ``ranks`` each rank evaluates its share and the sums are combined."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     precision = precision or _Precision(device)
+    ranks = ranks or Ranks()
+    if ranks.distributed:
+        data = ranks.shard(data)
     try:
         for i in range(0, len(data), batch_size):
             batch = _to(collate(data[i : i + batch_size], pad_token_id), device)
@@ -213,6 +232,9 @@ def evaluate(
             count += n
     finally:
         model.train(was_training)
+    if ranks.distributed:
+        total, summed = sum_across([total, count], device)
+        count = int(summed)
     return (total / count if count else float("nan")), count
 
 
@@ -285,6 +307,10 @@ def _export(
         raise
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    return seed * 1_000_003 + rank
+
+
 def _model_dtype(requested: str, method: str, device: str) -> str:
     """Weights dtype: frozen LoRA bases can live in half precision on CUDA (peft keeps the
     adapter in float32); anything that trains keeps float32 master weights."""
@@ -307,6 +333,7 @@ def train(
     device: str = "auto",
     dtype: str = "auto",
     before_write: Callable[[], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> DoneEvent:
     """Runs a fine-tuning job and returns its DoneEvent (also sent to ``on_event``).
 
@@ -317,14 +344,76 @@ def train(
     ValueError for bad input and TrainingCancelled when ``should_cancel()`` turns True.
     ``before_write`` is called before each checkpoint and before the export; whatever it
     raises ends the run (the job process fences writes with its lease there).
+
+    ``ranks`` (default: torchrun's environment, else one process) makes this one rank of
+    a data-parallel run: each micro-batch is split across the ranks (``batch_size`` must
+    be a multiple of the world size), only rank 0 calls ``on_event``, ``should_cancel``
+    and ``before_write`` and writes files, and the others raise PeerStopped when rank 0
+    stops with an error.
     """
+    ranks = ranks or Ranks.from_env()
+    if config.batch_size % ranks.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} must be a multiple of the {ranks.world_size} "
+            "ranks (each rank takes an equal share of every micro-batch)"
+        )
+    dev = init_group(ranks, resolve_device(device))
+    try:
+        return _train(
+            config,
+            base_model,
+            dataset,
+            Path(output_dir),
+            on_event=on_event if ranks.is_main else None,
+            should_cancel=should_cancel if ranks.is_main else None,
+            resume_from=resume_from,
+            dev=dev,
+            dtype=dtype,
+            before_write=before_write,
+            ranks=ranks,
+        )
+    finally:
+        if ranks.distributed:
+            close_group()
+
+
+def _stop_requested(cancelled: Callable[[], bool], ranks: Ranks, dev: str, step: int) -> bool:
+    """Rank 0's answer to ``cancelled()`` on every rank; rank 0's exception is re-raised
+    there and ends the other ranks with PeerStopped, so no rank waits on a gone one."""
+    code, error = 0, None
+    if ranks.is_main:
+        try:
+            code = 1 if cancelled() else 0
+        except Exception as exc:
+            code, error = 2, exc
+    if ranks.distributed:
+        code = from_rank0(code, dev)
+    if error is not None:
+        raise error
+    if code == 2:
+        raise PeerStopped(f"rank 0 stopped before step {step + 1}")
+    return code == 1
+
+
+def _train(
+    config: TrainConfig,
+    base_model: ModelSource | str | None,
+    dataset: DatasetSource | PreparedData,
+    output_dir: Path,
+    *,
+    on_event: Callable[[TrainEvent], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    resume_from: str | Path | None,
+    dev: str,
+    dtype: str,
+    before_write: Callable[[], None] | None,
+    ranks: Ranks,
+) -> DoneEvent:
     started = time.monotonic()
-    output_dir = Path(output_dir)
     emit = on_event or (lambda event: None)
     cancelled = should_cancel or (lambda: False)
     fence = before_write or (lambda: None)
     source = base_model if isinstance(base_model, ModelSource) else resolve_model(base_model)
-    dev = resolve_device(device)
     precision = _Precision(dev)
 
     emit(PhaseEvent("data", "preparing data"))
@@ -369,10 +458,11 @@ def train(
         loss, tokens = evaluate(
             model,
             data.eval,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size // ranks.world_size,
             pad_token_id=pad_id,
             device=dev,
             precision=precision,
+            ranks=ranks,
         )
         eval_before = _eval_event("before", loss, tokens, 0)
         emit(eval_before)
@@ -383,6 +473,17 @@ def train(
     model.to(dev)
     model.train()
     params = _trainable(model)
+    if ranks.distributed:
+        emit(
+            LogEvent(
+                f"data-parallel on {ranks.world_size} ranks: "
+                f"{config.batch_size // ranks.world_size} examples per rank per micro-batch"
+            )
+        )
+        copy_from_rank0(params.values())
+        if not ranks.is_main:
+            # Rank 0 keeps the single-process stream; the others draw their own dropout.
+            torch.manual_seed(_rank_seed(config.seed, ranks.rank))
     n_trainable = sum(p.numel() for p in params.values())
     n_total = sum(p.numel() for p in model.parameters())
     emit(
@@ -413,14 +514,18 @@ def train(
         step = int(state["step"])
         if precision.scaler is not None and state.get("grad_scaler"):
             precision.scaler.load_state_dict(state["grad_scaler"])
-        ckpt.set_rng_state(resume["rng"])
+        rng = of_rank(resume["rng"], ranks.rank)
+        if rng:
+            ckpt.set_rng_state(rng)
+        else:  # saved by fewer ranks: this one starts a fresh stream
+            torch.manual_seed(_rank_seed(config.seed, ranks.rank) + step)
         emit(LogEvent(f"resumed from {resume_from} at step {step}/{plan.total_steps}"))
 
     checkpoint_root = output_dir / CHECKPOINT_DIR
     last_loss = float("nan")
     emit(PhaseEvent("train", f"training {plan.total_steps} steps"))
     while step < plan.total_steps:
-        if cancelled():
+        if _stop_requested(cancelled, ranks, dev, step):
             emit(LogEvent(f"cancelled before step {step + 1}"))
             raise TrainingCancelled(step)
         t0 = time.perf_counter()
@@ -429,13 +534,15 @@ def train(
         )
         for g in optimizer.param_groups:
             g["lr"] = lr
-        micro = [
-            _to(collate(mb, pad_id), dev)
-            for mb in _step_micro_batches(data.train, config, plan, step)
-        ]
-        # Normalise by the step's learned tokens, not per micro-batch, so accumulation
-        # gives the same gradient as one big batch.
+        # This rank's share of each of the step's micro-batches (all of it on one rank);
+        # a share can be empty in a short last micro-batch.
+        shares = [ranks.shard(mb) for mb in _step_micro_batches(data.train, config, plan, step)]
+        micro = [_to(collate(share, pad_id), dev) for share in shares if share]
+        # Normalise by the step's learned tokens (of every rank), not per micro-batch, so
+        # accumulation and ranks give the same gradient as one big batch.
         n_learned = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        if ranks.distributed:
+            n_learned = int(sum_across([n_learned], dev)[0])
         total_loss = 0.0
         for batch in micro:
             with precision.autocast():
@@ -446,6 +553,11 @@ def train(
             else:
                 step_loss.backward()
             total_loss += float(loss_sum.detach())
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        if ranks.distributed:
+            sum_gradients(params.values())
+            total_loss, summed_tokens = sum_across([total_loss, tokens], dev)
+            tokens = int(summed_tokens)
         if precision.scaler is not None:
             precision.scaler.unscale_(optimizer)
         if config.max_grad_norm > 0:
@@ -462,7 +574,6 @@ def train(
             raise FloatingPointError(
                 f"training diverged at step {step} (loss {last_loss}); lower the learning_rate"
             )
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         elapsed = time.perf_counter() - t0
         emit(
             MetricsEvent(
@@ -476,21 +587,26 @@ def train(
         )
         every = config.checkpoint_every_steps or plan.steps_per_epoch
         if step % every == 0 and step < plan.total_steps:
-            fence()
-            path = ckpt.save_checkpoint(
-                checkpoint_root,
-                step,
-                trainable=params,
-                optimizer=optimizer,
-                state={
-                    "config": config.to_dict(),
-                    "data_fingerprint": fingerprint,
-                    "eval_before": dataclasses.asdict(eval_before) if eval_before else None,
-                    "grad_scaler": precision.scaler.state_dict() if precision.scaler else None,
-                    "train_loss": last_loss,
-                },
-            )
-            emit(CheckpointEvent(step=step, path=str(path)))
+            # Every rank's generator, so a resumed run draws the same dropout on each.
+            rngs = gather_named(ckpt.rng_state(), ranks, dev) if ranks.distributed else None
+            if ranks.is_main:
+                fence()
+                path = ckpt.save_checkpoint(
+                    checkpoint_root,
+                    step,
+                    trainable=params,
+                    optimizer=optimizer,
+                    rng=rngs,
+                    state={
+                        "config": config.to_dict(),
+                        "data_fingerprint": fingerprint,
+                        "eval_before": dataclasses.asdict(eval_before) if eval_before else None,
+                        "grad_scaler": precision.scaler.state_dict() if precision.scaler else None,
+                        "train_loss": last_loss,
+                        "world_size": ranks.world_size,
+                    },
+                )
+                emit(CheckpointEvent(step=step, path=str(path)))
 
     eval_after: EvalEvent | None = None
     if data.eval:
@@ -498,18 +614,20 @@ def train(
         loss, tokens = evaluate(
             model,
             data.eval,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size // ranks.world_size,
             pad_token_id=pad_id,
             device=dev,
             precision=precision,
+            ranks=ranks,
         )
         eval_after = _eval_event("after", loss, tokens, step)
         emit(eval_after)
 
     emit(PhaseEvent("export", "saving the artifact"))
     artifact = output_dir / ARTIFACT_DIR
-    fence()
-    _export(model, tokenizer, config, source, artifact)
+    if ranks.is_main:
+        fence()
+        _export(model, tokenizer, config, source, artifact)
     seconds = time.monotonic() - started
     metrics: dict[str, Any] = {"steps": step, "train_loss": last_loss, "train_seconds": seconds}
     for ev in (eval_before, eval_after):

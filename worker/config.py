@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from common.config import field
 from common.models import DTYPES, WEIGHTS
 from common.tls import ServerTlsFields
+from common.validation import MAX_JOB_NPROC
 
 
 def default_worker_id() -> str:
@@ -71,6 +72,11 @@ class WorkerConfig(ServerTlsFields):
     data_dir: str = field("", help="datasets CreateJob names (default: $LLMCLUSTER_HOME/data)")
     max_concurrent_jobs: int = field(1, help="fine-tuning jobs training at once; more wait QUEUED")
     job_threads: int = field(1, help="torch threads of each training process (keeps serving fast)")
+    nproc: int = field(
+        1,
+        help="data-parallel training processes of a job that does not set its own nproc "
+        "(each gets job_threads / nproc threads; CUDA: one device each)",
+    )
     job_lease_s: float = field(
         15.0,
         help="seconds a fine-tuning job's lease lasts unrenewed: workers sharing a jobs folder "
@@ -120,9 +126,12 @@ class WorkerConfig(ServerTlsFields):
             "max_prefill_tokens_per_step",
             "max_concurrent_jobs",
             "job_threads",
+            "nproc",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nproc > MAX_JOB_NPROC:
+            raise ValueError(f"nproc must be <= {MAX_JOB_NPROC}, got {self.nproc}")
         if not 1 <= self.job_lease_s <= 3600:
             raise ValueError(f"job_lease_s must be in [1, 3600], got {self.job_lease_s}")
         if self.engine not in ("model", "null"):

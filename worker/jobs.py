@@ -53,9 +53,11 @@ from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavail
 from common.model_store import validate_name
 from common.pb import finetune_pb2
 from common.tracing import context_from_dict, inject_to_dict, subprocess_env
+from common.validation import job_nproc
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DatasetError, JsonlText, parse_jsonl_text, prepare_data
+from trainer.distributed import TORCHRUN_ENV
 from trainer.job_process import EXIT_LEASE_LOST
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,7 @@ class JobsConfig:
     data_dir: Path
     max_concurrent_jobs: int = 1
     job_threads: int = 1
+    nproc: int = 1  # ranks of a job whose request leaves nproc unset
     model_spec: str = ""  # the worker's --model ("" = default), passed to the trainer
     device: str = "auto"
     worker_id: str = ""
@@ -610,7 +613,9 @@ class JobManager:
             {"traceparent": job.run["traceparent"]} if job.run.get("traceparent") else None
         )
         env = {
-            **os.environ,
+            # Not torchrun's variables of a worker started under torchrun: the job's
+            # process launches its own ranks (trainer.distributed).
+            **{k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV},
             **subprocess_env(ctx=ctx),
             # Few threads: the worker's engine keeps the cores it needs to keep serving.
             "OMP_NUM_THREADS": str(self.config.job_threads),
@@ -815,6 +820,7 @@ class JobManager:
         except InvalidArgument as exc:
             raise InvalidArgument(f"output_name: {exc}") from None
         config = hyperparameters_to_config(method, request.hyperparameters)
+        nproc = self.job_nproc(request.nproc, config.batch_size)
         dataset_text = self._dataset_text(request)
         source_label = "example" if request.examples else "line"
         # JSONL is prepared as text, so that errors and dropped rows name its lines.
@@ -877,6 +883,7 @@ class JobManager:
                         "device": self.config.device,
                         "store_dir": self.config.store_dir,
                         "threads": self.config.job_threads,
+                        "nproc": nproc,
                         "output_name": request.output_name,
                         "traceparent": traceparent,
                         "worker_id": self.config.worker_id,
@@ -920,6 +927,20 @@ class JobManager:
         )
         self._wake.set()  # start it now if a slot is free, not at the next poll
         return job
+
+    def job_nproc(self, requested: int, batch_size: int) -> int:
+        """A job's rank count (``requested``, else this worker's --nproc), checked against
+        its batch size and this worker's cores (CPU) or CUDA devices; raises
+        InvalidArgument naming nproc."""
+        import torch
+
+        from common.models import resolve_device
+
+        if torch.device(resolve_device(self.config.device)).type == "cuda":
+            available = torch.cuda.device_count()
+        else:
+            available = len(os.sched_getaffinity(0))
+        return job_nproc(requested, self.config.nproc, available, batch_size)
 
     def _dataset_text(self, request: finetune_pb2.CreateJobRequest) -> str:
         """The dataset as JSONL text, from whichever of the three sources is set."""
@@ -1043,6 +1064,7 @@ def jobs_config_from_worker(config: Any) -> JobsConfig:
         data_dir=Path(config.data_dir) if config.data_dir else home_dir() / "data",
         max_concurrent_jobs=config.max_concurrent_jobs,
         job_threads=config.job_threads,
+        nproc=config.nproc,
         model_spec=config.model,
         device=config.device,
         worker_id=config.worker_id,

@@ -558,6 +558,7 @@ class SweepManager:
                         "base.hyperparameters.eval_fraction must be > 0: the objective is "
                         "the eval loss"
                     )
+                self.jobs.job_nproc(base.nproc, config.batch_size)
                 trials.append(
                     finetune_pb2.Trial(number=number, params=hp, state=finetune_pb2.QUEUED)
                 )

@@ -98,7 +98,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., eval_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., max_steps: _Optional[int] = ..., drop_invalid: _Optional[bool] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("base_model", "method", "output_name", "examples", "dataset_name", "dataset_jsonl", "hyperparameters", "client_token")
+    __slots__ = ("base_model", "method", "output_name", "examples", "dataset_name", "dataset_jsonl", "hyperparameters", "client_token", "nproc")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class CreateJobRequest(_message.Message):
     DATASET_JSONL_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NPROC_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     method: Method
     output_name: str
@@ -115,7 +116,8 @@ class CreateJobRequest(_message.Message):
     dataset_jsonl: str
     hyperparameters: Hyperparameters
     client_token: str
-    def __init__(self, base_model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., output_name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., dataset_name: _Optional[str] = ..., dataset_jsonl: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., client_token: _Optional[str] = ...) -> None: ...
+    nproc: int
+    def __init__(self, base_model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., output_name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., dataset_name: _Optional[str] = ..., dataset_jsonl: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., client_token: _Optional[str] = ..., nproc: _Optional[int] = ...) -> None: ...
 
 class EvalResult(_message.Message):
     __slots__ = ("stage", "eval_loss", "perplexity", "step")

@@ -78,7 +78,9 @@ def test_eval_dataset_replaces_the_fraction_and_loses_its_leaked_rows(tokenizer,
     assert (stats.rows, stats.eval_rows, stats.train, stats.eval) == (6, 4, 6, 2)
     assert (stats.eval_leaked, stats.duplicates) == (1, 1)
     assert stats.dropped_reasons == ["eval dataset line 1: also in the training set (leakage)"]
-    assert "6 training + 4 eval dataset rows" in stats.summary()
+    assert (
+        "kept 8 of 10 rows (6 training + 4 eval dataset rows; 6 train, 2 eval)" in stats.summary()
+    )
     assert "1 eval rows also in the training set (leakage)" in stats.summary()
     assert stats.to_pb().eval_leaked == 1
     # The seed orders the training examples; the same seed the same data.

@@ -186,16 +186,17 @@ class DataStats:
 
     def summary(self) -> str:
         """Rows kept, dropped and why: the job's dataset event."""
-        rows = f"{self.rows} rows"
+        rows = f"{self.rows} rows ("
         if self.eval_rows:
-            rows = f"{self.rows} training + {self.eval_rows} {EVAL_LABEL} rows"
+            rows = f"{self.rows + self.eval_rows} rows ({self.rows} training + "
+            rows += f"{self.eval_rows} {EVAL_LABEL} rows; "
         leaked = (
             f"{self.eval_leaked} eval rows also in the training set (leakage), "
             if self.eval_rows
             else ""
         )
         text = (
-            f"kept {self.train + self.eval} of {rows} ({self.train} train, "
+            f"kept {self.train + self.eval} of {rows}{self.train} train, "
             f"{self.eval} eval); dropped {self.dropped}: {self.empty} with nothing to learn, "
             f"{self.invalid} invalid, {self.too_short} too short, {self.duplicates} duplicates, "
             f"{leaked}{self.no_learned_tokens} with nothing left to learn after truncation; "

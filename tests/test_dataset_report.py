@@ -7,8 +7,21 @@ from __future__ import annotations
 
 import pytest
 
-from tests.trainer_fixtures import small_rows, tokenizer_fixture, write_jsonl  # noqa: F401
-from trainer.data import DatasetError, LengthSummary, TrainEval, prepare_data
+from tests.trainer_fixtures import (  # noqa: F401  (fixtures)
+    one_torch_thread_fixture,
+    small_rows,
+    tiny_model_fixture,
+    tokenizer_fixture,
+    write_jsonl,
+)
+from trainer.data import (
+    DatasetError,
+    LengthSummary,
+    TrainEval,
+    load_examples,
+    prepare_data,
+    tokenize_example,
+)
 from trainer.job_process import job_dataset
 
 
@@ -181,3 +194,35 @@ def test_class_summary_of_a_labelled_set(tokenizer, tmp_path) -> None:
     assert data.stats.distinct_completions == 12
     assert [label for label, _ in data.stats.top_classes] == [f"c{i:02d}" for i in range(10)]
     assert [n for _, n in data.stats.top_classes] == [3] * 6 + [2] * 4
+
+
+def test_training_run_reports_the_eval_dataset_and_balance(
+    tiny_model, tokenizer, tmp_path, one_torch_thread
+) -> None:
+    from trainer import LogEvent, TrainConfig, train
+    from trainer.events import EvalEvent
+
+    rows = small_rows(8)
+    train_path = write_jsonl(tmp_path / "train.jsonl", rows)
+    eval_path = write_jsonl(
+        tmp_path / "eval.jsonl", [rows[0], {"prompt": "Word: owl\nTag:", "completion": " <<OWL>>"}]
+    )
+    config = TrainConfig(method="lora", batch_size=4, max_seq_length=32, max_steps=1)
+    events: list = []
+    done = train(
+        config,
+        tiny_model,
+        TrainEval(str(train_path), str(eval_path)),
+        tmp_path / "job",
+        on_event=events.append,
+    )
+    logs = [e.message for e in events if isinstance(e, LogEvent)]
+    assert any(m.startswith("data: kept 9 of 10 rows (8 training + 2 eval") for m in logs), logs
+    assert any(m.startswith("data: training set balance: learned tokens min") for m in logs)
+    # The eval split is the one eval row left: its learned tokens are what is evaluated.
+    (before,) = [e for e in events if isinstance(e, EvalEvent) and e.stage == "before"]
+    owl = load_examples([{"prompt": "Word: owl\nTag:", "completion": " <<OWL>>"}])[0]
+    assert before.eval_tokens == tokenize_example(tokenizer, owl, 32).learned_tokens
+    data = done.metadata["data"]
+    assert (data["train"], data["eval"], data["eval_leaked"], data["eval_rows"]) == (8, 1, 1, 2)
+    assert data["learned_tokens"]["max"] >= data["learned_tokens"]["min"] > 0

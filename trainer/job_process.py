@@ -1,8 +1,9 @@
 """The training process of one worker job: ``python -m trainer.job_process --job-dir DIR``.
 
 The worker's job manager (worker/jobs.py) writes ``DIR/job.json`` and ``DIR/data.jsonl``
-(and ``DIR/eval.jsonl`` when the job has a separate eval dataset) and starts this process in its own session. It trains with :func:`trainer.train`,
-publishes the artifact to the model store, and reports everything as
+(and ``DIR/eval.jsonl`` when the job has a separate eval dataset) and starts this
+process in its own session. It trains with :func:`trainer.train` on
+:func:`job_dataset`, publishes the artifact to the model store, and reports everything as
 ``llmcluster.v1.JobEvent`` JSON lines appended to ``DIR/progress.jsonl`` (no sequence
 numbers: the manager numbers them). Its last line is a terminal ``state_change``.
 

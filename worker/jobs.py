@@ -57,14 +57,13 @@ from common.tracing import context_from_dict, inject_to_dict, subprocess_env
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DatasetError, JsonlText, TrainEval, parse_jsonl_text, prepare_data
-from trainer.job_process import EVAL_DATA_FILE, EXIT_LEASE_LOST
+from trainer.job_process import DATA_FILE, EVAL_DATA_FILE, EXIT_LEASE_LOST
 
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
 PROGRESS_FILE = "progress.jsonl"
-DATA_FILE = "data.jsonl"
 CANCEL_FILE = "cancel"
 PROCESS_LOG = "process.log"
 WORK_DIR = "work"

@@ -241,11 +241,23 @@ def _watch(stub: finetune_pb2_grpc.FineTuneStub, job_id: str) -> int:
     return 1
 
 
+def read_datasets(args: argparse.Namespace) -> tuple[str, str]:
+    """The text of ``--data`` and of ``--eval-data`` ("" when not given); raises OSError
+    naming the file that cannot be read."""
+    texts = []
+    for path in (args.data, args.eval_data):
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8") if path else "")
+        except OSError as exc:
+            raise OSError(f"cannot read {path}: {exc}") from None
+    return texts[0], texts[1]
+
+
 def _create(args: argparse.Namespace) -> int:
     try:
-        text = Path(args.data).read_text(encoding="utf-8")
+        text, eval_text = read_datasets(args)
     except OSError as exc:
-        print(f"error: cannot read {args.data}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     method = (args.method or "lora").lower()
     if method not in _METHODS:
@@ -262,6 +274,7 @@ def _create(args: argparse.Namespace) -> int:
         method=_METHODS[method],
         output_name=args.name,
         dataset_jsonl=text,
+        eval_dataset_jsonl=eval_text,
         hyperparameters=hyperparameters,
         # A token per invocation: a retried CreateJob (e.g. after UNAVAILABLE) is not
         # a second job.
@@ -321,6 +334,39 @@ def _when(unix_ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_ms / 1000.0))
 
 
+def _lengths(summary: finetune_pb2.LengthSummary) -> str:
+    return f"min {summary.min} / median {summary.median} / p95 {summary.p95} / max {summary.max}"
+
+
+def format_dataset_report(report: finetune_pb2.DatasetReport) -> list[tuple[str, str]]:
+    """The labelled lines of a job's DatasetReport: rows read, kept and dropped by
+    reason, the quoted reasons, and the training set's balance."""
+    read = f"{report.rows} rows read"
+    if report.eval_rows:
+        read += f" + {report.eval_rows} eval dataset rows"
+    drops = (
+        f"{report.empty} empty, {report.invalid} invalid, {report.too_short} too short, "
+        f"{report.duplicates} duplicates, "
+        + (f"{report.eval_leaked} eval rows leaked from training, " if report.eval_rows else "")
+        + f"{report.no_learned_tokens} no learned tokens; {report.truncated} truncated"
+    )
+    rows = [
+        ("dataset", f"{read}; kept {report.train} train / {report.eval} eval"),
+        ("dropped", drops),
+    ]
+    rows += [("dropped row", reason) for reason in report.dropped_reasons]
+    rows.append(("learned tokens", _lengths(report.learned_tokens)))
+    rows.append(("total tokens", _lengths(report.total_tokens)))
+    if report.completion_examples:
+        classes = f"{report.distinct_completions} distinct in {report.completion_examples}"
+        if report.top_classes:
+            classes += ": " + ", ".join(
+                f"{c.completion!r} {c.count} ({c.share:.0%})" for c in report.top_classes
+            )
+        rows.append(("completions", classes))
+    return rows
+
+
 def format_job_details(job: finetune_pb2.Job, events: list[finetune_pb2.JobEvent]) -> str:
     """``finetune get``: the job's settings, data, progress, evaluation, artifact and a
     summary of its events, one labelled line each."""
@@ -336,6 +382,8 @@ def format_job_details(job: finetune_pb2.Job, events: list[finetune_pb2.JobEvent
         times += f" (took {took})"
     rows.append(("time", times))
     rows.append(("data", f"{job.train_examples} train / {job.eval_examples} eval examples"))
+    if job.HasField("dataset_report"):
+        rows += format_dataset_report(job.dataset_report)
     hp = json_format.MessageToDict(job.hyperparameters, preserving_proto_field_name=True)
     rows.append(("hyperparameters", "  ".join(f"{k}={v}" for k, v in sorted(hp.items()))))
     if job.HasField("latest_metrics"):
@@ -438,10 +486,12 @@ def _local(args: argparse.Namespace) -> int:
         elif isinstance(event, (PhaseEvent, LogEvent)):
             printer.line(getattr(event, "message", "") or getattr(event, "phase", ""))
 
+    from trainer.data import TrainEval
+
     try:
         config = from_arguments(TrainConfig, args)
         run = run_local(
-            args.data,
+            TrainEval(args.data, args.eval_data) if args.eval_data else args.data,
             name=args.name,
             config=config,
             base_model=args.model or None,
@@ -481,6 +531,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _add_training_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--data", required=required, help="JSONL dataset file")
+    parser.add_argument(
+        "--eval-data",
+        default="",
+        help="JSONL eval dataset file: the eval split instead of --eval-fraction's "
+        "(rows also in --data are removed from it)",
+    )
     parser.add_argument("--model", default="", help="base model (default: the default model)")
     # --method, --epochs, --learning-rate, --lora-r, ... come from TrainConfig.
     add_arguments(parser, TrainConfig)

@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import uuid
-from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
@@ -29,7 +28,13 @@ from common.model_store import validate_name
 from common.pb import finetune_pb2, finetune_pb2_grpc
 from common.validation import sweep_spec_from_pb
 from llmcluster.client import add_target_argument, non_negative_int, positive_seconds
-from llmcluster.finetune_cli import _METHODS, _add_training_flags, _stub, hyperparameters_from_args
+from llmcluster.finetune_cli import (
+    _METHODS,
+    _add_training_flags,
+    _stub,
+    hyperparameters_from_args,
+    read_datasets,
+)
 
 _STRATEGIES = {"grid": finetune_pb2.GRID, "random": finetune_pb2.RANDOM, "tpe": finetune_pb2.TPE}
 _COLUMNS = (  # (header, Hyperparameters field)
@@ -188,12 +193,13 @@ def _follow(stub: finetune_pb2_grpc.FineTuneStub, sweep_id: str, out: TextIO = s
 
 def _create(args: argparse.Namespace) -> int:
     try:
-        text = Path(args.data).read_text(encoding="utf-8")
+        text, eval_text = read_datasets(args)
     except OSError as exc:
-        print(f"error: cannot read {args.data}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         request = build_sweep_request(args, text)
+        request.base.eval_dataset_jsonl = eval_text
     except (InvalidArgument, ValueError) as exc:
         print(f"error: INVALID_ARGUMENT: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import pytest
 from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
 from tests.conftest import new_home
 from tests.procs import REPO_ROOT, Proc, start_worker
+from worker.jobs import JobManager, JobsConfig
 
 RECORDS = REPO_ROOT / "tests" / "data" / "finetune" / "records.jsonl"
 
@@ -169,6 +170,21 @@ BAD_REQUESTS = [
         "nproc 2 must divide hyperparameters.batch_size 3",
     ),
     ("unknown dataset name", dict(dataset_jsonl="", dataset_name="nope"), "dataset_name"),
+    (
+        "a bad eval dataset line",
+        dict(eval_dataset_jsonl='{"prompt": "a", "completion": " b"}\n{"prompt": "c"}\n'),
+        "eval dataset line 2: field 'completion' is missing",
+    ),
+    (
+        "two eval datasets",
+        dict(eval_dataset_jsonl='{"text": "a"}\n', eval_dataset_name="held-out"),
+        "eval dataset: set exactly one of eval_dataset_jsonl, eval_dataset_name",
+    ),
+    (
+        "unknown eval dataset name",
+        dict(eval_dataset_name="nope"),
+        "eval_dataset_name: no dataset 'nope'",
+    ),
 ]
 
 
@@ -370,6 +386,78 @@ def test_two_rank_job_through_the_worker(ft, finished_job, home: Path) -> None:
     assert "started 2 ranks" in log and "rank 1/2 joined (gloo on cpu)" in log
     got = ft.GetJob(finetune_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
     assert got.artifact.ref == "records-bot-2r@1"
+
+
+# ------------------------------------------------------------------ dataset report
+
+
+def test_dataset_report_and_eval_dataset_through_the_service(worker: Proc, ft, home: Path) -> None:
+    records = RECORDS.read_text().splitlines()
+    train = "\n".join([*records[:12], records[0], '{"prompt": "Text: -", "completion": ""}'])
+    held_out = "\n".join([records[3], *records[12:16]])  # records[3] leaks from training
+    request = finetune_pb2.CreateJobRequest(
+        output_name="report-bot",
+        dataset_jsonl=train + "\n",
+        eval_dataset_jsonl=held_out + "\n",
+        hyperparameters=small_hp(max_steps=1, drop_invalid=True, eval_fraction=0.5),
+    )
+    job = ft.CreateJob(request, timeout=60)
+    report = job.dataset_report
+    assert (report.rows, report.eval_rows, report.train, report.eval) == (14, 5, 12, 4)
+    assert (report.duplicates, report.empty, report.eval_leaked) == (1, 1, 1)
+    assert report.dropped_reasons == [
+        "line 14: field 'completion' is empty: the prompt has nothing to learn",
+        "eval dataset line 1: also in the training set (leakage)",
+    ]
+    assert (job.train_examples, job.eval_examples) == (12, 4)
+    assert (
+        0 < report.learned_tokens.min <= report.learned_tokens.median <= report.learned_tokens.max
+    )
+    assert report.total_tokens.max <= 48 and report.total_tokens.p95 >= report.total_tokens.median
+    assert report.completion_examples == 12 and report.distinct_completions == 12
+    assert not report.top_classes  # every record is its own completion
+
+    events = watch_all(ft, job.job_id)
+    assert states(events) == ["QUEUED", "RUNNING", "SUCCEEDED"], events[-1]
+    logs = [e.log for e in events if e.WhichOneof("event") == "log"]
+    kept = "kept 16 of 19 rows (14 training + 5 eval dataset rows; 12 train, 4 eval)"
+    assert any(line.startswith(f"dataset validated: {kept}") for line in logs), logs
+    # The training process read the same two files to the same report.
+    assert any(line.startswith(f"data: {kept}") for line in logs), logs
+    assert any(line.startswith("data: training set balance: learned tokens min") for line in logs)
+    assert any(e.WhichOneof("event") == "evaluation" for e in events)
+
+    got = ft.GetJob(finetune_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+    assert got.dataset_report == report
+    listed = ft.ListJobs(finetune_pb2.ListJobsRequest(), timeout=10).jobs
+    assert next(j for j in listed if j.job_id == job.job_id).dataset_report == report
+    # What a restarted worker reads back: the job's folder on disk.
+    assert (home / "jobs" / job.job_id / "eval.jsonl").read_text() == held_out + "\n"
+    manager = JobManager(JobsConfig(jobs_dir=home / "jobs", store_dir="", data_dir=home / "data"))
+    assert manager.to_pb(manager.get(job.job_id)).dataset_report == report
+
+    out = subprocess.run(
+        [sys.executable, "-m", "llmcluster", "finetune", "get", job.job_id]
+        + ["--target", worker.address],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert re.search(
+        r"^dataset +14 rows read \+ 5 eval dataset rows; kept 12 train / 4 eval$", out.stdout, re.M
+    ), out.stdout
+    assert re.search(
+        r"^dropped +1 empty, 0 invalid, 0 too short, 1 duplicates, 1 eval", out.stdout, re.M
+    )
+    assert re.search(
+        r"^dropped row +eval dataset line 1: also in the training set", out.stdout, re.M
+    )
+    assert re.search(
+        r"^learned tokens +min \d+ / median \d+ / p95 \d+ / max \d+$", out.stdout, re.M
+    )
+    assert re.search(r"^completions +12 distinct in 12$", out.stdout, re.M)
 
 
 # ------------------------------------------------------------------ crash recovery

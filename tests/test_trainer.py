@@ -360,3 +360,6 @@ def test_cli_entry(tiny_model, tmp_path: Path, capsys: pytest.CaptureFixture[str
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "p", "completion": 1}'])
     assert main(["--data", str(bad), "--model", tiny_model.path]) == 2
     assert "line 1: field 'completion' must be a string" in capsys.readouterr().err
+    argv = ["--data", str(data), "--eval-data", str(bad), "--model", tiny_model.path]
+    assert main(argv) == 2
+    assert "eval dataset line 1: field 'completion' must be a string" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import sys
 
 from common.config import add_arguments, from_arguments
 from trainer.config import TrainConfig
-from trainer.data import DatasetError
+from trainer.data import DatasetError, TrainEval
 from trainer.events import (
     CheckpointEvent,
     DoneEvent,
@@ -47,6 +47,9 @@ def _print_event(event: TrainEvent) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     parser.add_argument("--data", required=True, help="JSONL dataset")
+    parser.add_argument(
+        "--eval-data", help="JSONL eval dataset (instead of --eval-fraction's held-out split)"
+    )
     parser.add_argument("--name", help="publish the artifact to the model store under NAME")
     parser.add_argument("--model", help="base model (default: the default model)")
     parser.add_argument("--work-dir", help="checkpoints and artifact (default: a temp dir)")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = from_arguments(TrainConfig, args)
         run = run_local(
-            args.data,
+            TrainEval(args.data, args.eval_data) if args.eval_data else args.data,
             name=args.name,
             config=config,
             base_model=args.model,

@@ -47,7 +47,9 @@ class TrainConfig:
         default_factory=list, help="module names LoRA adapts; empty: chosen per architecture"
     )
     eval_fraction: float = field(0.1, help="fraction of examples held out for evaluation, [0, 0.5]")
-    seed: int = field(0, help="seed of the split, initialisation, shuffling and dropout")
+    seed: int = field(
+        0, help="seed of the train/eval split, each epoch's order, initialisation and dropout"
+    )
     checkpoint_every_steps: int = field(
         0, help="save a checkpoint every N optimizer steps (0: at the end of each epoch)"
     )

@@ -14,6 +14,13 @@ set: then it (and any other invalid row) is dropped and counted with its reason.
 needs at least :data:`MIN_TRAIN_EXAMPLES` training examples and, when ``eval_fraction``
 is above 0, at least one eval example (set ``eval_fraction`` 0 to train without one).
 
+The eval split is either held out of the training dataset (``eval_fraction``, shuffled
+with ``seed``) or a separate eval dataset (:class:`TrainEval`), cleaned the same way,
+whose rows identical to a training row are removed (leakage). :class:`DataStats` is the
+report of all this plus the training set's balance (token lengths, and the most
+frequent completions of a classification-like set): a job event and the job's
+``DatasetReport``.
+
 Parsing needs no torch (the worker validates a dataset up front, before a job starts);
 only :func:`collate` imports it.
 """
@@ -23,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +45,26 @@ ROLES = ("system", "user", "assistant", "tool")
 _SHAPE_FIELDS = ("prompt", "completion", "messages", "text")
 MIN_TRAIN_EXAMPLES = 2  # one example is memorised, not learned; the loss means nothing
 _DROPPED_SHOWN = 5  # reasons of dropped rows quoted in the summary
+TOP_CLASSES = 10  # most frequent completions in the balance summary
+_CLASS_CHARS = 80  # a class label is cut to this many characters
+EVAL_LABEL = "eval dataset"  # how rows and errors of the eval dataset are named
 
 
 class DatasetError(ValueError):
     """A malformed or unusable dataset; the message names the line (or example) and field."""
 
-    def __init__(self, message: str, *, line: int | None = None, field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
+        eval_dataset: bool = False,
+    ):
         super().__init__(message)
         self.line = line
         self.field = field
+        self.eval_dataset = eval_dataset  # about the separate eval dataset, not training's
 
 
 class NothingToLearn(DatasetError):
@@ -59,7 +79,19 @@ class JsonlText:
     text: str
 
 
-DatasetSource = str | Path | JsonlText | Sequence[Mapping[str, Any]]
+RowSource = str | Path | JsonlText | Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class TrainEval:
+    """A training dataset with a separate eval dataset: the eval split is ``eval`` (less
+    its rows identical to a training row) and ``eval_fraction`` is not used."""
+
+    train: RowSource
+    eval: RowSource
+
+
+DatasetSource = RowSource | TrainEval
 
 
 @dataclass(frozen=True)
@@ -86,24 +118,65 @@ class Example:
         return self.text
 
 
+@dataclass(frozen=True)
+class LengthSummary:
+    """min / median / p95 / max of per-example token counts (nearest-rank percentiles:
+    every value is one of the counts)."""
+
+    min: int = 0
+    median: int = 0
+    p95: int = 0
+    max: int = 0
+
+    @classmethod
+    def of(cls, values: Sequence[int]) -> LengthSummary:
+        if not values:
+            return cls()
+        ordered = sorted(values)
+        n = len(ordered)
+        return cls(
+            ordered[0], ordered[(n - 1) // 2], ordered[max(0, math.ceil(0.95 * n) - 1)], ordered[-1]
+        )
+
+    def text(self) -> str:
+        return f"min {self.min} / median {self.median} / p95 {self.p95} / max {self.max}"
+
+
 @dataclass
 class DataStats:
-    """What cleaning did, for the job's log and metadata."""
+    """What cleaning did and the training set's balance, for the job's events and
+    metadata (``DatasetReport``)."""
 
     rows: int = 0
+    eval_rows: int = 0  # rows of the separate eval dataset (0: eval held out of training's)
     empty: int = 0  # nothing to learn, dropped (only with drop_invalid)
     invalid: int = 0  # other invalid rows, dropped (only with drop_invalid)
     too_short: int = 0
     duplicates: int = 0
+    eval_leaked: int = 0  # eval rows identical to a training row, dropped from eval
     truncated: int = 0
     no_learned_tokens: int = 0
     train: int = 0
     eval: int = 0
     dropped_reasons: list[str] = field(default_factory=list)  # the first few, quoted
+    # Balance of the training set (after cleaning, truncation and the split).
+    learned_tokens: LengthSummary = field(default_factory=LengthSummary)
+    total_tokens: LengthSummary = field(default_factory=LengthSummary)
+    completion_examples: int = 0
+    distinct_completions: int = 0
+    # (completion, count), most frequent first; only when completions repeat.
+    top_classes: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def dropped(self) -> int:
-        return self.empty + self.invalid + self.too_short + self.duplicates + self.no_learned_tokens
+        return (
+            self.empty
+            + self.invalid
+            + self.too_short
+            + self.duplicates
+            + self.eval_leaked
+            + self.no_learned_tokens
+        )
 
     def drop(self, counter: str, reason: str) -> None:
         """Counts one dropped row under ``counter`` and keeps the first few reasons."""
@@ -113,18 +186,94 @@ class DataStats:
 
     def summary(self) -> str:
         """Rows kept, dropped and why: the job's dataset event."""
+        rows = f"{self.rows} rows ("
+        if self.eval_rows:
+            rows = f"{self.rows + self.eval_rows} rows ({self.rows} training + "
+            rows += f"{self.eval_rows} {EVAL_LABEL} rows; "
+        leaked = (
+            f"{self.eval_leaked} eval rows also in the training set (leakage), "
+            if self.eval_rows
+            else ""
+        )
         text = (
-            f"kept {self.train + self.eval} of {self.rows} rows ({self.train} train, "
+            f"kept {self.train + self.eval} of {rows}{self.train} train, "
             f"{self.eval} eval); dropped {self.dropped}: {self.empty} with nothing to learn, "
             f"{self.invalid} invalid, {self.too_short} too short, {self.duplicates} duplicates, "
-            f"{self.no_learned_tokens} with nothing left to learn after truncation; "
+            f"{leaked}{self.no_learned_tokens} with nothing left to learn after truncation; "
             f"{self.truncated} truncated"
         )
         if self.dropped_reasons:
-            more = self.empty + self.invalid + self.too_short - len(self.dropped_reasons)
+            quoted = self.empty + self.invalid + self.too_short + self.eval_leaked
+            more = quoted - len(self.dropped_reasons)
             text += "; " + "; ".join(self.dropped_reasons)
             text += f"; and {more} more" if more > 0 else ""
         return text
+
+    def balance_summary(self) -> str:
+        """The training set's balance: the job's second dataset event."""
+        text = (
+            f"training set balance: learned tokens {self.learned_tokens.text()}; "
+            f"total tokens {self.total_tokens.text()}"
+        )
+        if self.completion_examples:
+            text += (
+                f"; {self.distinct_completions} distinct completions in "
+                f"{self.completion_examples} prompt/completion examples"
+            )
+        if self.top_classes:
+            shown = ", ".join(
+                f"{label!r} {count} ({count / self.completion_examples:.0%})"
+                for label, count in self.top_classes
+            )
+            text += f"; top classes: {shown}"
+        return text
+
+    def measure_balance(self, train: Sequence[tuple[Example, TokenizedExample]]) -> None:
+        """Fills the balance fields from the final training set (deterministic: ties
+        between classes are broken by the completion's text)."""
+        self.learned_tokens = LengthSummary.of([tok.learned_tokens for _, tok in train])
+        self.total_tokens = LengthSummary.of([len(tok.input_ids) for _, tok in train])
+        classes = Counter(ex.completion.strip() for ex, _ in train if ex.kind == "completion")
+        self.completion_examples = sum(classes.values())
+        self.distinct_completions = len(classes)
+        self.top_classes = []
+        if self.distinct_completions < self.completion_examples:
+            ranked = sorted(classes.items(), key=lambda item: (-item[1], item[0]))
+            self.top_classes = [(label[:_CLASS_CHARS], n) for label, n in ranked[:TOP_CLASSES]]
+
+    def to_pb(self) -> Any:
+        """The ``llmcluster.v1.DatasetReport`` of these statistics."""
+        from common.pb import finetune_pb2
+
+        def lengths(summary: LengthSummary) -> Any:
+            return finetune_pb2.LengthSummary(
+                min=summary.min, median=summary.median, p95=summary.p95, max=summary.max
+            )
+
+        return finetune_pb2.DatasetReport(
+            rows=self.rows,
+            eval_rows=self.eval_rows,
+            train=self.train,
+            eval=self.eval,
+            empty=self.empty,
+            invalid=self.invalid,
+            too_short=self.too_short,
+            duplicates=self.duplicates,
+            eval_leaked=self.eval_leaked,
+            no_learned_tokens=self.no_learned_tokens,
+            truncated=self.truncated,
+            dropped_reasons=self.dropped_reasons,
+            learned_tokens=lengths(self.learned_tokens),
+            total_tokens=lengths(self.total_tokens),
+            completion_examples=self.completion_examples,
+            distinct_completions=self.distinct_completions,
+            top_classes=[
+                finetune_pb2.ClassCount(
+                    completion=label, count=n, share=n / self.completion_examples
+                )
+                for label, n in self.top_classes
+            ],
+        )
 
 
 @dataclass
@@ -314,12 +463,22 @@ def parse_jsonl_text(text: str) -> list[tuple[int, Any]]:
     return _parse_lines(text.splitlines())
 
 
+def _read_rows(source: RowSource) -> tuple[list[tuple[int, Any]], str]:
+    """The rows of a source and what its rows are called ("line" or "example")."""
+    if isinstance(source, (str, Path)):
+        return read_jsonl(source), "line"
+    if isinstance(source, JsonlText):
+        return parse_jsonl_text(source.text), "line"
+    return list(enumerate(source, start=1)), "example"
+
+
 def load_examples(
-    source: DatasetSource,
+    source: RowSource,
     *,
     min_chars: int = 1,
     stats: DataStats | None = None,
     drop_invalid: bool = False,
+    eval_dataset: bool = False,
 ) -> list[Example]:
     """Parses and cleans a dataset: a JSONL path, inline JSONL text, or a list of dicts
     (inline examples). Call it to validate a dataset before queueing a job.
@@ -328,18 +487,24 @@ def load_examples(
     index (lists) and the field, unless ``drop_invalid``: then it is dropped and counted.
     Cleaning drops rows whose learned part is shorter than ``min_chars`` characters and
     exact duplicates (the first copy is kept). Raises DatasetError if nothing is left.
+    With ``eval_dataset`` (a separate eval dataset) rows and errors are named
+    "eval dataset line N", errors carry ``eval_dataset``, and the rows count as
+    ``stats.eval_rows``.
     """
     stats = stats if stats is not None else DataStats()
-    if isinstance(source, (str, Path)):
-        rows = read_jsonl(source)
-        label = "line"
-    elif isinstance(source, JsonlText):
-        rows = parse_jsonl_text(source.text)
-        label = "line"
+    try:
+        rows, label = _read_rows(source)
+    except DatasetError as exc:
+        if not eval_dataset:
+            raise
+        raise DatasetError(
+            f"{EVAL_LABEL} {exc}", line=exc.line, field=exc.field, eval_dataset=True
+        ) from None
+    if eval_dataset:
+        label = f"{EVAL_LABEL} {label}"
+        stats.eval_rows = len(rows)
     else:
-        rows = list(enumerate(source, start=1))
-        label = "example"
-    stats.rows = len(rows)
+        stats.rows = len(rows)
     seen: set[str] = set()
     examples: list[Example] = []
     for index, row in rows:
@@ -347,6 +512,7 @@ def load_examples(
             example = parse_row(row, index, label)
         except DatasetError as exc:
             if not drop_invalid:
+                exc.eval_dataset = eval_dataset
                 raise
             stats.drop("empty" if isinstance(exc, NothingToLearn) else "invalid", str(exc))
             continue
@@ -360,8 +526,26 @@ def load_examples(
         seen.add(key)
         examples.append(example)
     if not examples:
-        raise DatasetError(f"dataset is empty after cleaning: {stats.summary()}")
+        name = EVAL_LABEL if eval_dataset else "dataset"
+        raise DatasetError(
+            f"{name} is empty after cleaning: {stats.summary()}", eval_dataset=eval_dataset
+        )
     return examples
+
+
+def drop_leaked(
+    train: Sequence[Example], evals: Sequence[Example], stats: DataStats
+) -> list[Example]:
+    """The eval examples that are not also training examples: a row in both would
+    measure memorisation, not generalisation. Each one removed counts as ``eval_leaked``."""
+    train_keys = {ex.key() for ex in train}
+    kept = []
+    for ex in evals:
+        if ex.key() in train_keys:
+            stats.drop("eval_leaked", f"{ex.where}: also in the training set (leakage)")
+        else:
+            kept.append(ex)
+    return kept
 
 
 def check_split_sizes(train: int, evals: int, eval_fraction: float, summary: str) -> None:
@@ -483,6 +667,16 @@ def tokenize_examples(
 ) -> list[TokenizedExample]:
     """Tokenises examples; drops those left with no learned token after truncation
     (a prompt longer than ``max_seq_length``)."""
+    return [tok for _, tok in _tokenize_kept(tokenizer, examples, max_seq_length, stats)]
+
+
+def _tokenize_kept(
+    tokenizer: Any,
+    examples: Iterable[Example],
+    max_seq_length: int,
+    stats: DataStats | None = None,
+) -> list[tuple[Example, TokenizedExample]]:
+    """:func:`tokenize_examples`, with each kept example beside its tokens."""
     stats = stats if stats is not None else DataStats()
     out = []
     for example in examples:
@@ -494,7 +688,7 @@ def tokenize_examples(
         if sum(1 for x in tok.labels[1:] if x != IGNORE_INDEX) == 0:
             stats.no_learned_tokens += 1
             continue
-        out.append(tok)
+        out.append((example, tok))
     return out
 
 
@@ -509,21 +703,56 @@ def prepare_data(
     drop_invalid: bool = False,
 ) -> PreparedData:
     """Load, clean, split with ``seed`` and tokenise: the whole data phase of a job.
+
+    With a :class:`TrainEval` source the eval split is its eval dataset less the rows
+    also in the training set, and ``eval_fraction`` is not used (the training examples
+    are still shuffled with ``seed``). ``stats`` ends with the training set's balance.
     Raises DatasetError for an invalid row (unless ``drop_invalid``) and for splits too
     small to train or evaluate on (:func:`check_split_sizes`)."""
     stats = DataStats()
-    examples = load_examples(source, min_chars=min_chars, stats=stats, drop_invalid=drop_invalid)
-    train_ex, eval_ex = split_examples(examples, eval_fraction, seed)
-    train = tokenize_examples(tokenizer, train_ex, max_seq_length, stats)
+    train_source = source.train if isinstance(source, TrainEval) else source
+    examples = load_examples(
+        train_source, min_chars=min_chars, stats=stats, drop_invalid=drop_invalid
+    )
+    if isinstance(source, TrainEval):
+        held_out = load_examples(
+            source.eval,
+            min_chars=min_chars,
+            stats=stats,
+            drop_invalid=drop_invalid,
+            eval_dataset=True,
+        )
+        train_ex, _ = split_examples(examples, 0.0, seed)
+        eval_ex = drop_leaked(train_ex, held_out, stats)
+        if not eval_ex:
+            raise DatasetError(
+                f"every {EVAL_LABEL} row is also in the training set ({stats.summary()})",
+                eval_dataset=True,
+            )
+    else:
+        train_ex, eval_ex = split_examples(examples, eval_fraction, seed)
+    train_kept = _tokenize_kept(tokenizer, train_ex, max_seq_length, stats)
     evals = tokenize_examples(tokenizer, eval_ex, max_seq_length, stats)
-    if not train:
+    if not train_kept:
         raise DatasetError(
             f"no training example has a learned token within max_seq_length={max_seq_length}"
         )
-    stats.train, stats.eval = len(train), len(evals)
-    check_split_sizes(stats.train, stats.eval, eval_fraction, stats.summary())
-    logger.info("prepared data: %s", stats.summary())
-    return PreparedData(train, evals, stats)
+    stats.train, stats.eval = len(train_kept), len(evals)
+    stats.measure_balance(train_kept)
+    if isinstance(source, TrainEval) and not evals:
+        raise DatasetError(
+            f"no {EVAL_LABEL} example has a learned token within "
+            f"max_seq_length={max_seq_length} ({stats.summary()})",
+            eval_dataset=True,
+        )
+    check_split_sizes(
+        stats.train,
+        stats.eval,
+        0.0 if isinstance(source, TrainEval) else eval_fraction,
+        stats.summary(),
+    )
+    logger.info("prepared data: %s; %s", stats.summary(), stats.balance_summary())
+    return PreparedData([tok for _, tok in train_kept], evals, stats)
 
 
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The training process of one worker job: ``python -m trainer.job_process --job-dir DIR``.
 
 The worker's job manager (worker/jobs.py) writes ``DIR/job.json`` and ``DIR/data.jsonl``
-and starts this process in its own session. It trains with :func:`trainer.train`,
-publishes the artifact to the model store, and reports everything as
+(and ``DIR/eval.jsonl`` when the job has a separate eval dataset) and starts this
+process in its own session. It trains with :func:`trainer.train` on
+:func:`job_dataset`, publishes the artifact to the model store, and reports everything as
 ``llmcluster.v1.JobEvent`` JSON lines appended to ``DIR/progress.jsonl`` (no sequence
 numbers: the manager numbers them). Its last line is a terminal ``state_change``.
 
@@ -54,6 +55,7 @@ from common.tracing import (
     shutdown_tracing,
 )
 from trainer.config import TrainConfig
+from trainer.data import DatasetSource, TrainEval
 from trainer.distributed import Ranks, launch
 from trainer.events import (
     CheckpointEvent,
@@ -68,6 +70,8 @@ from trainer.events import (
 logger = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.jsonl"
+DATA_FILE = "data.jsonl"
+EVAL_DATA_FILE = "eval.jsonl"  # present only when the job has a separate eval dataset
 CANCEL_FILE = "cancel"
 PUBLISHED_FILE = "published.json"
 WORK_DIR = "work"
@@ -75,6 +79,12 @@ EXIT_FAILED = 1
 EXIT_CANCELLED = 2
 EXIT_ORPHANED = 3
 EXIT_LEASE_LOST = 4
+
+
+def job_dataset(job_dir: Path) -> DatasetSource:
+    """The job's dataset: its training file, with its eval file when it has one."""
+    data, evals = job_dir / DATA_FILE, job_dir / EVAL_DATA_FILE
+    return TrainEval(str(data), str(evals)) if evals.exists() else str(data)
 
 
 class ProgressWriter:
@@ -318,7 +328,7 @@ def run_job(job_dir: Path, lease_epoch: int = 0, ranks: Ranks | None = None) -> 
             done = train(
                 config,
                 run.get("model") or None,
-                str(job_dir / "data.jsonl"),
+                job_dataset(job_dir),
                 job_dir / WORK_DIR,
                 on_event=on_event,
                 should_cancel=should_cancel,
@@ -381,7 +391,7 @@ def _run_peer(job_dir: Path, ranks: Ranks) -> int:
         train(
             TrainConfig.from_dict(run["config"]),
             run.get("model") or None,
-            str(job_dir / "data.jsonl"),
+            job_dataset(job_dir),
             job_dir / WORK_DIR,
             resume_from=run.get("resume_from") or None,
             device=run.get("device") or "auto",

@@ -430,6 +430,7 @@ def _train(
             drop_invalid=config.drop_invalid,
         )
     emit(LogEvent(f"data: {data.stats.summary()}"))
+    emit(LogEvent(f"data: {data.stats.balance_summary()}"))
     plan = _plan(config, len(data.train))
     fingerprint = data.fingerprint()
 

@@ -5,6 +5,7 @@ On disk, one folder per job under ``jobs_dir``::
 
     <job_id>/job.json       the Job (protobuf JSON), the request, the run spec, bookkeeping
     <job_id>/data.jsonl     the dataset, normalised to JSONL
+    <job_id>/eval.jsonl     the separate eval dataset, when the request has one
     <job_id>/events.jsonl   append-only JobEvents (protobuf JSON), sequence numbers from 1
     <job_id>/progress.jsonl what the training process reports (JobEvents without sequence)
     <job_id>/process.log    the training process's stdout/stderr
@@ -43,7 +44,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from google.protobuf import json_format
 
@@ -56,16 +57,15 @@ from common.tracing import context_from_dict, inject_to_dict, subprocess_env
 from common.validation import job_nproc
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import DatasetError, JsonlText, parse_jsonl_text, prepare_data
+from trainer.data import DatasetError, JsonlText, TrainEval, parse_jsonl_text, prepare_data
 from trainer.distributed import TORCHRUN_ENV
-from trainer.job_process import EXIT_LEASE_LOST
+from trainer.job_process import DATA_FILE, EVAL_DATA_FILE, EXIT_LEASE_LOST
 
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
 PROGRESS_FILE = "progress.jsonl"
-DATA_FILE = "data.jsonl"
 CANCEL_FILE = "cancel"
 PROCESS_LOG = "process.log"
 WORK_DIR = "work"
@@ -822,13 +822,11 @@ class JobManager:
         config = hyperparameters_to_config(method, request.hyperparameters)
         nproc = self.job_nproc(request.nproc, config.batch_size)
         dataset_text = self._dataset_text(request)
-        source_label = "example" if request.examples else "line"
+        eval_text = self._dataset_text(request, eval_dataset=True)
         # JSONL is prepared as text, so that errors and dropped rows name its lines.
-        rows: Any = (
-            JsonlText(dataset_text)
-            if source_label == "line"
-            else parse_dataset_rows(dataset_text, source_label)
-        )
+        rows: Any = _dataset_rows(dataset_text, bool(request.examples))
+        if eval_text is not None:
+            rows = TrainEval(rows, _dataset_rows(eval_text, bool(request.eval_examples)))
         try:
             prepared = await asyncio.to_thread(
                 lambda: prepare_data(
@@ -841,7 +839,8 @@ class JobManager:
                 )
             )
         except DatasetError as exc:
-            raise InvalidArgument(f"dataset: {exc}") from None
+            # An eval dataset's errors say so themselves ("eval dataset line 3: ...").
+            raise InvalidArgument(str(exc) if exc.eval_dataset else f"dataset: {exc}") from None
 
         async with self._create_lock:
             # A concurrent call with the same token may have won while we validated.
@@ -853,12 +852,16 @@ class JobManager:
             tmp.mkdir(parents=True)
             try:
                 (tmp / DATA_FILE).write_text(dataset_text, encoding="utf-8")
+                if eval_text is not None:
+                    (tmp / EVAL_DATA_FILE).write_text(eval_text, encoding="utf-8")
                 carrier = dict(trace_carrier or inject_to_dict())
                 traceparent = carrier.get("traceparent", "")
                 stored = finetune_pb2.CreateJobRequest()
                 stored.CopyFrom(request)
                 stored.ClearField("examples")
                 stored.dataset_jsonl = ""
+                stored.ClearField("eval_examples")
+                stored.eval_dataset_jsonl = ""
                 pb = finetune_pb2.Job(
                     job_id=job_id,
                     state=finetune_pb2.QUEUED,
@@ -872,6 +875,7 @@ class JobManager:
                     train_examples=prepared.stats.train,
                     eval_examples=prepared.stats.eval,
                     worker_id=self.config.worker_id,
+                    dataset_report=prepared.stats.to_pb(),
                 )
                 job = Job(
                     dir=job_dir,
@@ -899,6 +903,7 @@ class JobManager:
                 job.lease_epoch = 1
                 self._append(job, self._state_event(finetune_pb2.QUEUED, "queued"))
                 self._append(job, self._log_event(f"dataset validated: {prepared.stats.summary()}"))
+                self._append(job, self._log_event(f"dataset: {prepared.stats.balance_summary()}"))
                 self._append(
                     job,
                     self._log_event(
@@ -942,35 +947,56 @@ class JobManager:
             available = len(os.sched_getaffinity(0))
         return job_nproc(requested, self.config.nproc, available, batch_size)
 
-    def _dataset_text(self, request: finetune_pb2.CreateJobRequest) -> str:
-        """The dataset as JSONL text, from whichever of the three sources is set."""
+    @overload
+    def _dataset_text(
+        self, request: finetune_pb2.CreateJobRequest, eval_dataset: Literal[False] = False
+    ) -> str: ...
+
+    @overload
+    def _dataset_text(
+        self, request: finetune_pb2.CreateJobRequest, eval_dataset: bool
+    ) -> str | None: ...
+
+    def _dataset_text(
+        self, request: finetune_pb2.CreateJobRequest, eval_dataset: bool = False
+    ) -> str | None:
+        """The dataset (or with ``eval_dataset`` the optional eval dataset, None when
+        not given) as JSONL text, from whichever of its three sources is set."""
+        prefix, what = ("eval_", "eval dataset") if eval_dataset else ("", "dataset")
+        examples = request.eval_examples if eval_dataset else request.examples
+        jsonl = request.eval_dataset_jsonl if eval_dataset else request.dataset_jsonl
+        dataset_name = request.eval_dataset_name if eval_dataset else request.dataset_name
         given = [
             name
             for name, present in (
-                ("examples", len(request.examples) > 0),
-                ("dataset_jsonl", bool(request.dataset_jsonl.strip())),
-                ("dataset_name", bool(request.dataset_name)),
+                (f"{prefix}examples", len(examples) > 0),
+                (f"{prefix}dataset_jsonl", bool(jsonl.strip())),
+                (f"{prefix}dataset_name", bool(dataset_name)),
             )
             if present
         ]
         if not given:
+            if eval_dataset:
+                return None
             raise InvalidArgument(
                 "dataset: empty; set one of examples, dataset_jsonl or dataset_name"
             )
         if len(given) > 1:
-            raise InvalidArgument(f"dataset: set exactly one of {', '.join(given)}")
-        if given[0] == "examples":
-            return "".join(json.dumps(r) + "\n" for r in examples_to_rows(request.examples))
-        if given[0] == "dataset_jsonl":
-            return request.dataset_jsonl
-        name = request.dataset_name.removesuffix(".jsonl")
+            raise InvalidArgument(f"{what}: set exactly one of {', '.join(given)}")
+        if given[0].endswith("examples"):
+            return "".join(json.dumps(r) + "\n" for r in examples_to_rows(examples))
+        if given[0].endswith("dataset_jsonl"):
+            return jsonl
+        name = dataset_name.removesuffix(".jsonl")
         try:
             validate_name(name)
         except InvalidArgument as exc:
-            raise InvalidArgument(f"dataset_name: {exc}") from None
+            raise InvalidArgument(f"{prefix}dataset_name: {exc}") from None
         path = self.config.data_dir / f"{name}.jsonl"
         if not path.is_file():
-            raise InvalidArgument(f"dataset_name: no dataset {name!r} in {self.config.data_dir}")
+            raise InvalidArgument(
+                f"{prefix}dataset_name: no dataset {name!r} in {self.config.data_dir}"
+            )
         return path.read_text(encoding="utf-8")
 
     async def cancel(self, job_id: str, owner: str | None = None) -> Job:
@@ -1023,6 +1049,12 @@ async def follow_events(
         async with cond:
             if next_index >= len(record.events) and not record.terminal:
                 await cond.wait()
+
+
+def _dataset_rows(text: str, inline_examples: bool) -> Any:
+    """What prepare_data reads for a dataset's JSONL text: the text itself (errors name
+    its lines), or for inline examples their rows (errors name "example N")."""
+    return parse_dataset_rows(text, "example") if inline_examples else JsonlText(text)
 
 
 def parse_dataset_rows(text: str, source: str) -> list[Any]:

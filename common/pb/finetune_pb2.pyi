@@ -98,7 +98,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., eval_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., max_steps: _Optional[int] = ..., drop_invalid: _Optional[bool] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("base_model", "method", "output_name", "examples", "dataset_name", "dataset_jsonl", "hyperparameters", "client_token", "nproc")
+    __slots__ = ("base_model", "method", "output_name", "examples", "dataset_name", "dataset_jsonl", "hyperparameters", "client_token", "nproc", "eval_examples", "eval_dataset_name", "eval_dataset_jsonl")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,9 @@ class CreateJobRequest(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NPROC_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_DATASET_NAME_FIELD_NUMBER: _ClassVar[int]
+    EVAL_DATASET_JSONL_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     method: Method
     output_name: str
@@ -117,7 +120,10 @@ class CreateJobRequest(_message.Message):
     hyperparameters: Hyperparameters
     client_token: str
     nproc: int
-    def __init__(self, base_model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., output_name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., dataset_name: _Optional[str] = ..., dataset_jsonl: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., client_token: _Optional[str] = ..., nproc: _Optional[int] = ...) -> None: ...
+    eval_examples: _containers.RepeatedCompositeFieldContainer[Example]
+    eval_dataset_name: str
+    eval_dataset_jsonl: str
+    def __init__(self, base_model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., output_name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., dataset_name: _Optional[str] = ..., dataset_jsonl: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., client_token: _Optional[str] = ..., nproc: _Optional[int] = ..., eval_examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., eval_dataset_name: _Optional[str] = ..., eval_dataset_jsonl: _Optional[str] = ...) -> None: ...
 
 class EvalResult(_message.Message):
     __slots__ = ("stage", "eval_loss", "perplexity", "step")
@@ -176,7 +182,7 @@ class StateChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "base_model", "method", "output_name", "hyperparameters", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "error", "artifact", "latest_metrics", "eval_before", "eval_after", "worker_id", "client_token", "trace_id", "train_examples", "eval_examples")
+    __slots__ = ("job_id", "state", "base_model", "method", "output_name", "hyperparameters", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "error", "artifact", "latest_metrics", "eval_before", "eval_after", "worker_id", "client_token", "trace_id", "train_examples", "eval_examples", "dataset_report")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +202,7 @@ class Job(_message.Message):
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_REPORT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     base_model: str
@@ -215,7 +222,68 @@ class Job(_message.Message):
     trace_id: str
     train_examples: int
     eval_examples: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., base_model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., output_name: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., error: _Optional[str] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., latest_metrics: _Optional[_Union[TrainMetrics, _Mapping]] = ..., eval_before: _Optional[_Union[EvalResult, _Mapping]] = ..., eval_after: _Optional[_Union[EvalResult, _Mapping]] = ..., worker_id: _Optional[str] = ..., client_token: _Optional[str] = ..., trace_id: _Optional[str] = ..., train_examples: _Optional[int] = ..., eval_examples: _Optional[int] = ...) -> None: ...
+    dataset_report: DatasetReport
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., base_model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., output_name: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., error: _Optional[str] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., latest_metrics: _Optional[_Union[TrainMetrics, _Mapping]] = ..., eval_before: _Optional[_Union[EvalResult, _Mapping]] = ..., eval_after: _Optional[_Union[EvalResult, _Mapping]] = ..., worker_id: _Optional[str] = ..., client_token: _Optional[str] = ..., trace_id: _Optional[str] = ..., train_examples: _Optional[int] = ..., eval_examples: _Optional[int] = ..., dataset_report: _Optional[_Union[DatasetReport, _Mapping]] = ...) -> None: ...
+
+class LengthSummary(_message.Message):
+    __slots__ = ("min", "median", "p95", "max")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    P95_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    min: int
+    median: int
+    p95: int
+    max: int
+    def __init__(self, min: _Optional[int] = ..., median: _Optional[int] = ..., p95: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
+
+class ClassCount(_message.Message):
+    __slots__ = ("completion", "count", "share")
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    completion: str
+    count: int
+    share: float
+    def __init__(self, completion: _Optional[str] = ..., count: _Optional[int] = ..., share: _Optional[float] = ...) -> None: ...
+
+class DatasetReport(_message.Message):
+    __slots__ = ("rows", "eval_rows", "train", "eval", "empty", "invalid", "too_short", "duplicates", "eval_leaked", "no_learned_tokens", "truncated", "dropped_reasons", "learned_tokens", "total_tokens", "completion_examples", "distinct_completions", "top_classes")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_FIELD_NUMBER: _ClassVar[int]
+    INVALID_FIELD_NUMBER: _ClassVar[int]
+    TOO_SHORT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LEAKED_FIELD_NUMBER: _ClassVar[int]
+    NO_LEARNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_REASONS_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    TOP_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    eval_rows: int
+    train: int
+    eval: int
+    empty: int
+    invalid: int
+    too_short: int
+    duplicates: int
+    eval_leaked: int
+    no_learned_tokens: int
+    truncated: int
+    dropped_reasons: _containers.RepeatedScalarFieldContainer[str]
+    learned_tokens: LengthSummary
+    total_tokens: LengthSummary
+    completion_examples: int
+    distinct_completions: int
+    top_classes: _containers.RepeatedCompositeFieldContainer[ClassCount]
+    def __init__(self, rows: _Optional[int] = ..., eval_rows: _Optional[int] = ..., train: _Optional[int] = ..., eval: _Optional[int] = ..., empty: _Optional[int] = ..., invalid: _Optional[int] = ..., too_short: _Optional[int] = ..., duplicates: _Optional[int] = ..., eval_leaked: _Optional[int] = ..., no_learned_tokens: _Optional[int] = ..., truncated: _Optional[int] = ..., dropped_reasons: _Optional[_Iterable[str]] = ..., learned_tokens: _Optional[_Union[LengthSummary, _Mapping]] = ..., total_tokens: _Optional[_Union[LengthSummary, _Mapping]] = ..., completion_examples: _Optional[int] = ..., distinct_completions: _Optional[int] = ..., top_classes: _Optional[_Iterable[_Union[ClassCount, _Mapping]]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -37,14 +37,16 @@ def _free_port(start: int = 52051) -> int:
     return port
 
 
-def _stream(address: str, i: int, tokens: int) -> int:
+def _stream(address: str, i: int, tokens: int) -> tuple[int, str]:
+    """Streams one request; its token count and the worker that served it."""
     request = generate_pb2.GenerateRequest(
         prompt=f"Question {i}: name a river in country number {i}. Answer:",
         params=generate_pb2.SamplingParams(max_new_tokens=tokens, ignore_eos=True),
     )
     with grpc.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GenerateStub(channel)
-        return sum(len(m.tokens) for m in stub.GenerateStream(request, timeout=600))
+        messages = list(stub.GenerateStream(request, timeout=600))
+        return sum(len(m.tokens) for m in messages), messages[-1].usage.worker_id
 
 
 def measure(
@@ -73,6 +75,7 @@ def measure(
         _stream(address, -1, 4)  # warm the router's links
         times: list[float] = []
         errors: list[str] = []
+        served_by: dict[str, int] = {}
         for _ in range(rounds):
             start = time.perf_counter()
             try:
@@ -82,13 +85,16 @@ def measure(
                 errors.append(f"{exc.code().name}: {exc.details()}")
                 continue
             times.append(round(time.perf_counter() - start, 2))
-            assert all(n == tokens for n in got), got
+            assert all(n == tokens for n, _ in got), got
+            for _, worker in got:
+                served_by[worker] = served_by.get(worker, 0) + 1
         return {
             "workers": workers,
-            "cores": "pinned shares" if pin_cores else "shared in turns",
+            "cores": "pinned shares" if pin_cores else "all, in turns" if workers > 1 else "all",
             "streams": streams,
             "tokens": tokens,
             "seconds": times,
+            "served_by": served_by,
             "errors": errors,
             "loadavg": os.getloadavg()[0],
         }

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import safetensors.torch
+import torch
 
+from common.model_store import ModelStore
 from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb2_grpc
 from tests.conftest import new_home
 from tests.procs import REPO_ROOT, Proc, start_worker
@@ -282,7 +285,31 @@ def test_new_adapter_is_served_on_the_same_worker(channel, finished_job) -> None
     )
     assert reply.usage.completion_tokens > 0
     listed = gen.ListModels(generate_pb2.ListModelsRequest(), timeout=10)
-    assert any(m.name == "records-bot" and m.version == "1" for m in listed.models)
+    assert any(
+        m.name == "records-bot" and m.version == "1" and m.method == "lora" for m in listed.models
+    )
+
+
+def test_list_models_shows_only_what_the_worker_can_serve(
+    channel, home: Path, tmp_path: Path
+) -> None:
+    """A prompt-tuning artifact in the store is not advertised (this worker serves LoRA
+    per request only); asking for it is INVALID_ARGUMENT saying why."""
+    src = tmp_path / "virtual-tokens"
+    src.mkdir()
+    safetensors.torch.save_file(
+        {"prompt_embeddings": torch.zeros(4, 8)}, str(src / "adapter_model.safetensors")
+    )
+    ModelStore(home / "store").publish(
+        "prompt-bot", src, {"base_model": "SmolLM2-135M-Instruct", "method": "prompt_tuning"}
+    )
+    gen = generate_pb2_grpc.GenerateStub(channel)
+    listed = gen.ListModels(generate_pb2.ListModelsRequest(), timeout=10)
+    assert "prompt-bot" not in {m.name for m in listed.models}
+    with pytest.raises(grpc.RpcError) as err:
+        gen.Generate(generate_pb2.GenerateRequest(prompt="Hi", adapter="prompt-bot@1"), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt_tuning" in (err.value.details() or "")
 
 
 def test_list_jobs_and_cli(worker: Proc, ft, finished_job) -> None:

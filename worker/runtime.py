@@ -15,7 +15,7 @@ from common.metrics import WorkerMetrics
 from common.model_store import ModelStore
 from common.models import ModelSource, load_model, load_tokenizer, resolve_model
 from common.validation import GenerationLimits, GenerationSpec, SamplingParams
-from worker.adapters import AdapterSet
+from worker.adapters import SERVABLE_METHODS, AdapterSet
 from worker.config import WorkerConfig
 from worker.constraints import ConstraintCompiler
 from worker.cores import serving_threads
@@ -176,15 +176,16 @@ class ModelRuntime:
         ]
         for ref in self.adapters.store.list():
             base = ref.metadata.get("base_model", "")
-            if base and base != self.source.name:
-                continue
+            method = str(ref.metadata.get("method", "lora")).lower()
+            if (base and base != self.source.name) or method not in SERVABLE_METHODS:
+                continue  # advertise only what a request here can use
             entries.append(
                 generate_pb2.ModelEntry(
                     name=ref.name,
                     version=str(ref.version),
                     kind=generate_pb2.ADAPTER,
                     base_model=base or self.source.name,
-                    method=str(ref.metadata.get("method", "")),
+                    method=method,
                     created_unix_ms=int(ref.metadata.get("created_unix_ms", 0)),
                     supports_constraints=self.supports_constraints,
                 )

@@ -1,10 +1,13 @@
-"""LoRA adapters served from the model store, several at once in one batch.
+"""Adapters served from the model store, several at once in one batch: LoRA (peft's
+per-row ``adapter_names``) and prompt tuning (the artifact's virtual-token embeddings,
+prepended to the row's prompt by the packed forward; the base weights are unchanged, so
+the row runs as a base row otherwise).
 
 Resolution (``name`` / ``name@latest`` / ``name@3`` → a stored version) happens on the
 request path; loading, LRU eviction and the per-row ``adapter_names`` happen on the
 engine thread, the only thread that touches the model. Adapters are keyed inside peft by
 the sha256 of their weights, so a new version can never be served with old weights, and
-two names for the same weights share one copy.
+two names for the same weights share one copy. Both kinds share one LRU bound.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from common.errors import InvalidArgument, NotFound
 from common.model_store import ArtifactRef, ModelStore
@@ -21,17 +27,34 @@ from worker.weights import keep_adapter_precision
 logger = logging.getLogger(__name__)
 
 BASE_ROW = "__base__"  # peft's name for rows that use no adapter in a mixed batch
-SERVABLE_METHODS = ("lora",)
+SERVABLE_METHODS = ("lora", "prompt_tuning")
+PROMPT_EMBEDDINGS = "prompt_embeddings"  # peft's key for a prompt-tuning artifact's tensor
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def method_of(ref: ArtifactRef) -> str:
+    return str(ref.metadata.get("method", "lora")).lower()
 
 
 class AdapterSet:
     """The adapters loaded into one base model (LRU, bounded)."""
 
-    def __init__(self, store: ModelStore, base_model_name: str, max_loaded: int = 8) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        base_model_name: str,
+        max_loaded: int = 8,
+        hidden_size: int | None = None,
+    ) -> None:
         self.store = store
         self.base_model_name = base_model_name
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, ArtifactRef] = OrderedDict()  # peft key → ref (LRU)
+        self.hidden_size = hidden_size  # the base's embedding width (prompt tuning must match)
+        self._loaded: OrderedDict[str, ArtifactRef] = OrderedDict()  # key → ref (LRU)
+        # Prompt-tuning artifacts loaded (key → [virtual tokens, hidden]); engine thread only.
+        self._prompts: dict[str, torch.Tensor] = {}
+        # Virtual-token counts of resolved prompt-tuning artifacts (key → n), any thread.
+        self._virtual: dict[str, int] = {}
         # The engine thread reorders and edits _loaded while the event loop reports it
         # (Load messages): mutations and snapshots take this lock, nobody iterates live.
         self._lock = threading.Lock()
@@ -54,13 +77,63 @@ class AdapterSet:
                 f"adapter {ref.ref} was trained on {base!r}; this worker serves "
                 f"{self.base_model_name!r}"
             )
-        method = str(ref.metadata.get("method", "lora")).lower()
+        method = method_of(ref)
         if method not in SERVABLE_METHODS:
             raise InvalidArgument(
-                f"adapter {ref.ref} was trained with method {method!r}; only LoRA adapters "
-                "are served per request (serve a full fine-tune with --model on its folder)"
+                f"adapter {ref.ref} was trained with method {method!r}; only LoRA and "
+                "prompt-tuning adapters are served per request (serve a full fine-tune "
+                "with --model on its folder)"
             )
+        if method == "prompt_tuning":
+            self._check_prompt(ref)
         return ref
+
+    def _check_prompt(self, ref: ArtifactRef) -> None:
+        """A prompt-tuning artifact must hold one ``[n, hidden]`` tensor of this base's
+        width; reads the safetensors header only (the request path)."""
+        from safetensors import safe_open
+
+        key = self.key_of(ref)
+        if key in self._virtual:
+            return
+        path = ref.path / ADAPTER_WEIGHTS
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shape = list(f.get_slice(PROMPT_EMBEDDINGS).get_shape())
+        except Exception as exc:  # missing file or key, or not safetensors
+            raise InvalidArgument(
+                f"adapter {ref.ref}: no {PROMPT_EMBEDDINGS} tensor in {ADAPTER_WEIGHTS} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        if len(shape) != 2 or shape[0] < 1:
+            raise InvalidArgument(
+                f"adapter {ref.ref}: {PROMPT_EMBEDDINGS} has shape {shape}; expected "
+                "[virtual tokens, hidden size]"
+            )
+        if self.hidden_size is not None and shape[1] != self.hidden_size:
+            raise InvalidArgument(
+                f"adapter {ref.ref}: its virtual tokens are {shape[1]}-wide; "
+                f"{self.base_model_name!r} embeds tokens in {self.hidden_size}"
+            )
+        self._virtual[key] = int(shape[0])
+
+    def virtual_tokens(self, ref: ArtifactRef | None) -> int:
+        """Positions a request with ``ref`` has before its prompt (0 unless prompt tuning)."""
+        if ref is None or method_of(ref) != "prompt_tuning":
+            return 0
+        self._check_prompt(ref)
+        return self._virtual[self.key_of(ref)]
+
+    def lora_key(self, ref: ArtifactRef | None) -> str | None:
+        """The peft adapter name of a LoRA row; None for base and prompt-tuned rows (they
+        run the base weights)."""
+        if ref is None or method_of(ref) != "lora":
+            return None
+        return self.key_of(ref)
+
+    def prompt_embeddings(self, ref: ArtifactRef) -> torch.Tensor:
+        """The loaded virtual-token embeddings of ``ref`` (after :meth:`activate`)."""
+        return self._prompts[self.key_of(ref)]
 
     def loaded_refs(self) -> list[str]:
         with self._lock:
@@ -79,10 +152,15 @@ class AdapterSet:
             if victim is None:
                 break  # all in use: exceed the bound rather than fail a running batch
             logger.info("unloading adapter %s (LRU)", self._loaded[victim].ref)
-            model.delete_adapter(victim)
+            if victim in self._prompts:
+                del self._prompts[victim]
+            else:
+                model.delete_adapter(victim)
             with self._lock:
                 del self._loaded[victim]
-        if not self.wrapped:
+        if method_of(ref) == "prompt_tuning":
+            self._load_prompt(model, ref, key, path)
+        elif not self.wrapped:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(
@@ -92,12 +170,22 @@ class AdapterSet:
             self.wrapped = True
         else:
             model.load_adapter(str(path), adapter_name=key, is_trainable=False)
-        # On a bf16/int8 base (--weights) the delta keeps the model's compute precision.
-        keep_adapter_precision(model, key, model.get_input_embeddings().weight.dtype)
+        if method_of(ref) == "lora":
+            # On a bf16/int8 base (--weights) the delta keeps the model's compute precision.
+            keep_adapter_precision(model, key, model.get_input_embeddings().weight.dtype)
         with self._lock:
             self._loaded[key] = ref
         logger.info("loaded adapter %s (%s)", ref.ref, key)
         return model
+
+    def _load_prompt(self, model: Any, ref: ArtifactRef, key: str, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self._check_prompt(ref)
+        table = model.get_input_embeddings().weight
+        embeddings = load_file(str(path / ADAPTER_WEIGHTS))[PROMPT_EMBEDDINGS]
+        # As peft does: the virtual tokens enter in the embeddings' dtype (the model's).
+        self._prompts[key] = embeddings.to(device=table.device, dtype=table.dtype)
 
     def forward_kwargs(self, adapter_keys: list[str | None]) -> dict[str, Any]:
         """Per-row adapter selection for one forward pass."""

@@ -191,10 +191,28 @@ class EngineRequest:
     on_admitted: Callable[[], None] | None = None
     # params.constraint compiled (worker.constraints.ConstraintCompiler), or None.
     constraint: Any = None
+    # A prompt-tuning adapter's virtual tokens: positions 0 .. n-1 of the sequence, before
+    # prompt_ids (peft prepends them to the whole input), whose input embeddings are the
+    # artifact's. They take KV and context like prompt tokens; prompt_ids stays what the
+    # client's text became (usage.prompt_tokens, the repetition penalty's history).
+    virtual_tokens: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        """Positions prefilled before the first generated token (virtual ones included)."""
+        return self.virtual_tokens + len(self.prompt_ids)
+
+    def prompt_slice(self, start: int, end: int) -> list[int]:
+        """Input ids of prompt positions ``[start, end)``; a virtual position's id is a
+        placeholder (0) whose embedding the forward replaces."""
+        n = self.virtual_tokens
+        return [0] * max(0, min(end, n) - start) + self.prompt_ids[
+            max(0, start - n) : max(0, end - n)
+        ]
 
     @property
     def kv_tokens(self) -> int:
-        return len(self.prompt_ids) + self.params.max_new_tokens
+        return self.prompt_len + self.params.max_new_tokens
 
 
 def attention_break_even(model: Any) -> float:
@@ -246,7 +264,7 @@ class _Sequence:
 
     @property
     def length(self) -> int:
-        return len(self.req.prompt_ids) + len(self.generated)
+        return self.req.prompt_len + len(self.generated)
 
 
 def _row_error(exc: BaseException) -> RequestError:
@@ -340,7 +358,7 @@ class Engine:
         queue is full and InvalidArgument when it can never fit the KV budget."""
         if req.kv_tokens > self.config.max_kv_tokens:
             raise InvalidArgument(
-                f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens "
+                f"prompt ({req.prompt_len} tokens) + max_new_tokens "
                 f"({req.params.max_new_tokens}) exceeds the KV budget of {self.config.max_kv_tokens}"
             )
         if self.fatal_error is not None or self._stopping.is_set():
@@ -531,7 +549,7 @@ class Engine:
         plan: list[tuple[_Sequence, int]] = []
         whole: list[_Sequence] = []  # admitted this iteration, prompt prefilled in one go
         while self._head_admissible(len(whole)):
-            prompt_len = len(self._waiting[0].prompt_ids)
+            prompt_len = self._waiting[0].prompt_len
             cost = self._prefill_cost(0, prompt_len)
             if cost > budget:
                 break
@@ -541,7 +559,7 @@ class Engine:
                 whole.append(seq)
                 plan.append((seq, prompt_len))
         for i, seq in enumerate(self._prefilling):
-            n = self._chunk_within(seq.prefilled, len(seq.req.prompt_ids), budget)
+            n = self._chunk_within(seq.prefilled, seq.req.prompt_len, budget)
             if n == 0 and i == 0:
                 n = 1
             if n == 0:
@@ -549,7 +567,7 @@ class Engine:
             budget -= self._prefill_cost(seq.prefilled, n)
             plan.append((seq, n))
         while budget >= 1 and self._head_admissible(len(whole)):
-            n = self._chunk_within(0, len(self._waiting[0].prompt_ids), budget)
+            n = self._chunk_within(0, self._waiting[0].prompt_len, budget)
             seq = self._admit_head(whole, outputs, sinks)
             if seq is not None:
                 budget -= self._prefill_cost(0, n)
@@ -616,7 +634,7 @@ class Engine:
         """Counts a chunk of ``n`` prompt tokens as prefilled; True once the whole prompt
         is (the sequence then leaves ``_prefilling``: the caller merges it into the batch)."""
         seq.prefilled += n
-        if seq.prefilled < len(seq.req.prompt_ids):
+        if seq.prefilled < seq.req.prompt_len:
             return False
         if seq in self._prefilling:
             self._prefilling.remove(seq)
@@ -658,14 +676,19 @@ class Engine:
         new_caches: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         logits_rows = []
         for seq, n in plan:
-            chunk = seq.req.prompt_ids[seq.prefilled : seq.prefilled + n]
+            chunk = seq.req.prompt_slice(seq.prefilled, seq.prefilled + n)
             ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
             if seq.prompt_cache is None:
                 seq.prompt_cache = DynamicCache()
             # The cache's length gives the chunk's positions and its causal offset.
-            out = self._forward(
-                ids, past_key_values=seq.prompt_cache, **self._adapter_kwargs([seq])
-            )
+            kwargs = {"past_key_values": seq.prompt_cache, **self._adapter_kwargs([seq])}
+            virtual = self._virtual_embeddings(seq, n)
+            if virtual is not None:
+                embeds = self.model.get_input_embeddings()(ids)
+                embeds[0, : virtual.shape[0]] = virtual
+                out = self.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **kwargs)
+            else:
+                out = self._forward(ids, **kwargs)
             if self._prompt_done(seq, n):
                 layers = seq.prompt_cache.layers
                 new_caches.append(
@@ -695,12 +718,13 @@ class Engine:
         chunks = [
             PromptChunk(
                 torch.tensor(
-                    seq.req.prompt_ids[seq.prefilled : seq.prefilled + n],
+                    seq.req.prompt_slice(seq.prefilled, seq.prefilled + n),
                     dtype=torch.long,
                     device=self.device,
                 ),
                 seq.prefilled,
                 seq.prompt_cache,
+                self._virtual_embeddings(seq, n),
             )
             for seq, n in plan
         ]
@@ -717,7 +741,7 @@ class Engine:
             if not self._prompt_done(seq, n):
                 if first_chunk:  # room for the whole prompt: later chunks write in place
                     keys, values = out.prompt_kv[j]
-                    rest = len(seq.req.prompt_ids) - seq.prefilled
+                    rest = seq.req.prompt_len - seq.prefilled
                     seq.prompt_cache = slab_cache(keys, values, headroom=rest)
                 continue
             new_caches.append(out.prompt_kv[j] if first_chunk else cache_views(seq.prompt_cache))
@@ -736,7 +760,7 @@ class Engine:
         new_caches: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
     ) -> None:
         """Appends prefilled rows to the batch cache, left-padding so all rows end together."""
-        lengths = [len(s.req.prompt_ids) for s in admitted]
+        lengths = [s.req.prompt_len for s in admitted]
         current = self._mask.shape[1] if self._mask is not None else 0
         target = max([current, *lengths])
         parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
@@ -785,8 +809,17 @@ class Engine:
     def _adapter_kwargs(self, rows: list[_Sequence]) -> dict[str, Any]:
         if self.adapters is None:
             return {}
-        keys = [self.adapters.key_of(s.req.adapter) if s.req.adapter else None for s in rows]
+        keys = [self.adapters.lora_key(s.req.adapter) for s in rows]
         return dict(self.adapters.forward_kwargs(keys))
+
+    def _virtual_embeddings(self, seq: _Sequence, n: int) -> torch.Tensor | None:
+        """The artifact's embeddings of the virtual positions among the sequence's next
+        ``n`` prompt positions (``[k, hidden]``, a chunk's first k), or None."""
+        start, virtual = seq.prefilled, seq.req.virtual_tokens
+        if start >= virtual:
+            return None
+        embeddings = self.adapters.prompt_embeddings(seq.req.adapter)
+        return embeddings[start : min(start + n, virtual)]
 
     def _emit(
         self,

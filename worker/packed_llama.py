@@ -53,11 +53,15 @@ def supports_packed(model: Any) -> bool:
 class PromptChunk:
     """Prompt tokens ``[start, start + len(ids))`` of one sequence. ``cache`` holds the
     keys/values of its tokens before ``start`` (a batch-1 cache that grows in place by
-    this chunk); None for a first chunk (``start`` 0)."""
+    this chunk); None for a first chunk (``start`` 0). ``virtual``: the input embeddings
+    of the chunk's first k positions when they are a prompt-tuning artifact's virtual
+    tokens (``[k, hidden]``, replacing the embeddings of their placeholder ids), else None:
+    only such rows pay for the override."""
 
     ids: torch.Tensor  # 1-D
     start: int = 0
     cache: Any = None
+    virtual: torch.Tensor | None = None
 
 
 @dataclass
@@ -130,6 +134,11 @@ class PackedLlama:
                 token_names += [name] * n
 
         x = inner.embed_tokens(ids)  # [N, hidden]
+        offset = rows
+        for p, n in zip(prompts, lengths, strict=True):
+            if p.virtual is not None:
+                x[offset : offset + p.virtual.shape[0]] = p.virtual
+            offset += n
         cos, sin = inner.rotary_emb(x[None], position_ids=positions[None])
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, head_dim]
         decode_mask = None

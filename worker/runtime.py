@@ -51,8 +51,12 @@ class ModelRuntime:
             max_new_tokens_limit=config.max_new_tokens_limit,
             max_context_tokens=min(context, model_limit),
         )
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
         self.adapters = AdapterSet(
-            ModelStore(config.store_dir or None), self.source.name, config.max_loaded_adapters
+            ModelStore(config.store_dir or None),
+            self.source.name,
+            config.max_loaded_adapters,
+            hidden_size=hidden,
         )
         self.engine = self._new_engine()
         # Structured output (params.constraint); None on the null engine, which has no
@@ -133,10 +137,16 @@ class ModelRuntime:
         if not ids:  # the engine needs at least one position to predict from
             raise InvalidArgument("prompt has no tokens after tokenisation")
         context = self.limits.max_context_tokens
-        if len(ids) >= context:
-            raise InvalidArgument(f"prompt has {len(ids)} tokens; the model's context is {context}")
+        virtual = self.adapters.virtual_tokens(adapter)  # prompt tuning: they take context too
+        if virtual + len(ids) >= context:
+            with_virtual = (
+                f" + {virtual} virtual tokens of {adapter.ref}" if adapter and virtual else ""
+            )
+            raise InvalidArgument(
+                f"prompt has {len(ids)} tokens{with_virtual}; the model's context is {context}"
+            )
         params = spec.params
-        room = context - len(ids)
+        room = context - virtual - len(ids)
         if params.max_new_tokens > room:  # the context ends first: finish with LENGTH there
             params = SamplingParams(**{**params.__dict__, "max_new_tokens": room})
         constraint = None
@@ -155,6 +165,7 @@ class ModelRuntime:
             arrival_monotonic=time.monotonic(),
             on_admitted=on_admitted,
             adapter=adapter,
+            virtual_tokens=virtual,
         )
 
     @property

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -290,26 +291,70 @@ def test_new_adapter_is_served_on_the_same_worker(channel, finished_job) -> None
     )
 
 
+def _greedy(gen, prompt: str, adapter: str = "") -> list[int]:
+    reply = gen.Generate(
+        generate_pb2.GenerateRequest(
+            prompt=prompt,
+            adapter=adapter,
+            params=generate_pb2.SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=1),
+        ),
+        timeout=120,
+    )
+    assert reply.usage.adapter == adapter
+    return [t.id for t in reply.tokens]
+
+
 def test_list_models_shows_only_what_the_worker_can_serve(
-    channel, home: Path, tmp_path: Path
+    channel, ft, finished_job, home: Path, tmp_path: Path
 ) -> None:
-    """A prompt-tuning artifact in the store is not advertised (this worker serves LoRA
-    per request only); asking for it is INVALID_ARGUMENT saying why."""
-    src = tmp_path / "virtual-tokens"
+    """A prompt-tuning job's artifact is advertised with its method and answers per
+    request, in one batch with base and LoRA requests, each token-identical to running
+    alone; a prompt-tuning artifact of another width and a full fine-tune are not
+    advertised, and asking for the first is INVALID_ARGUMENT saying why."""
+    job = ft.CreateJob(
+        finetune_pb2.CreateJobRequest(
+            method=finetune_pb2.PROMPT_TUNING,
+            output_name="soft-bot",
+            dataset_jsonl=small_jsonl(),
+            hyperparameters=small_hp(num_virtual_tokens=4),
+        ),
+        timeout=60,
+    )
+    assert states(watch_all(ft, job.job_id))[-1] == "SUCCEEDED"
+    store = ModelStore(home / "store")
+    src = tmp_path / "narrow-tokens"
     src.mkdir()
     safetensors.torch.save_file(
         {"prompt_embeddings": torch.zeros(4, 8)}, str(src / "adapter_model.safetensors")
     )
-    ModelStore(home / "store").publish(
-        "prompt-bot", src, {"base_model": "SmolLM2-135M-Instruct", "method": "prompt_tuning"}
+    store.publish(
+        "narrow-bot", src, {"base_model": "SmolLM2-135M-Instruct", "method": "prompt_tuning"}
     )
+    full = tmp_path / "full-model"
+    full.mkdir()
+    safetensors.torch.save_file({"w": torch.zeros(2)}, str(full / "model.safetensors"))
+    store.publish("full-bot", full, {"base_model": "SmolLM2-135M-Instruct", "method": "full"})
+
     gen = generate_pb2_grpc.GenerateStub(channel)
-    listed = gen.ListModels(generate_pb2.ListModelsRequest(), timeout=10)
-    assert "prompt-bot" not in {m.name for m in listed.models}
+    listed = {
+        m.name: m for m in gen.ListModels(generate_pb2.ListModelsRequest(), timeout=10).models
+    }
+    assert listed["soft-bot"].method == "prompt_tuning" and listed["soft-bot"].version == "1"
+    assert listed["records-bot"].method == "lora"
+    assert "narrow-bot" not in listed and "full-bot" not in listed
+
+    prompt = "Text: Kofi (45) works in Lagos.\nRecord:"
+    adapters = ["", "records-bot@1", "soft-bot@1"]
+    alone = [_greedy(gen, prompt, a) for a in adapters]
+    assert alone[2] != alone[0]  # the virtual tokens change the answer
+    with ThreadPoolExecutor(len(adapters) * 2) as pool:
+        together = list(pool.map(lambda a: _greedy(gen, prompt, a), adapters * 2))
+    assert together == alone * 2
+
     with pytest.raises(grpc.RpcError) as err:
-        gen.Generate(generate_pb2.GenerateRequest(prompt="Hi", adapter="prompt-bot@1"), timeout=60)
+        gen.Generate(generate_pb2.GenerateRequest(prompt="Hi", adapter="narrow-bot@1"), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "prompt_tuning" in (err.value.details() or "")
+    assert "8-wide" in (err.value.details() or "")
 
 
 def test_list_jobs_and_cli(worker: Proc, ft, finished_job) -> None:

@@ -71,6 +71,12 @@ class AdapterSet:
             ref = self.store.resolve(spec, split_key)
         except NotFound as exc:
             raise NotFound(f"adapter {spec}: {exc.args[0]}") from exc  # args: no KeyError quotes
+        self._check(ref)
+        return ref
+
+    def _check(self, ref: ArtifactRef) -> None:
+        """Raises InvalidArgument unless ``ref`` was trained on this base with a method
+        served per request, and fits it."""
         base = ref.metadata.get("base_model", "")
         if base and base != self.base_model_name:
             raise InvalidArgument(
@@ -86,7 +92,6 @@ class AdapterSet:
             )
         if method == "prompt_tuning":
             self._check_prompt(ref)
-        return ref
 
     def _check_prompt(self, ref: ArtifactRef) -> None:
         """A prompt-tuning artifact must hold one ``[n, hidden]`` tensor of this base's
@@ -116,6 +121,14 @@ class AdapterSet:
                 f"{self.base_model_name!r} embeds tokens in {self.hidden_size}"
             )
         self._virtual[key] = int(shape[0])
+
+    def servable(self, ref: ArtifactRef) -> bool:
+        """Whether a request here could use ``ref`` (what ListModels advertises)."""
+        try:
+            self._check(ref)
+        except InvalidArgument:
+            return False
+        return True
 
     def virtual_tokens(self, ref: ArtifactRef | None) -> int:
         """Positions a request with ``ref`` has before its prompt (0 unless prompt tuning)."""

@@ -15,7 +15,7 @@ from common.metrics import WorkerMetrics
 from common.model_store import ModelStore
 from common.models import ModelSource, load_model, load_tokenizer, resolve_model
 from common.validation import GenerationLimits, GenerationSpec, SamplingParams
-from worker.adapters import SERVABLE_METHODS, AdapterSet
+from worker.adapters import AdapterSet, method_of
 from worker.config import WorkerConfig
 from worker.constraints import ConstraintCompiler
 from worker.cores import serving_threads
@@ -186,10 +186,10 @@ class ModelRuntime:
             )
         ]
         for ref in self.adapters.store.list():
-            base = ref.metadata.get("base_model", "")
-            method = str(ref.metadata.get("method", "lora")).lower()
-            if (base and base != self.source.name) or method not in SERVABLE_METHODS:
+            if not self.adapters.servable(ref):
                 continue  # advertise only what a request here can use
+            base = ref.metadata.get("base_model", "")
+            method = method_of(ref)
             entries.append(
                 generate_pb2.ModelEntry(
                     name=ref.name,

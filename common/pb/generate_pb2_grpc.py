@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class GenerateStub:
-    """Generate streams or returns text from a base model or a LoRA adapter.
+    """Generate streams or returns text from a base model or an adapter (LoRA, prompt tuning).
     """
 
     def __init__(self, channel):
@@ -58,7 +58,7 @@ class GenerateStub:
 
 
 class GenerateServicer:
-    """Generate streams or returns text from a base model or a LoRA adapter.
+    """Generate streams or returns text from a base model or an adapter (LoRA, prompt tuning).
     """
 
     def Generate(self, request, context):
@@ -124,7 +124,7 @@ def add_GenerateServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generate:
-    """Generate streams or returns text from a base model or a LoRA adapter.
+    """Generate streams or returns text from a base model or an adapter (LoRA, prompt tuning).
     """
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -209,3 +210,42 @@ def test_a_fresh_router_finds_jobs_by_asking_the_workers(workers, job_story) -> 
             assert tail[0].sequence == 2 and states(tail)[-1] == "SUCCEEDED"
     finally:
         fresh.stop()
+
+
+def test_prompt_tuning_job_is_served_through_the_router_beside_base_and_lora(
+    channel, ft, job_story
+) -> None:
+    """A prompt-tuning job's artifact answers through the router; requests for the base
+    model, the LoRA adapter and the prompt-tuned one sent together each give the tokens
+    they give alone (greedy)."""
+    job = ft.CreateJob(
+        finetune_pb2.CreateJobRequest(
+            method=finetune_pb2.PROMPT_TUNING,
+            output_name="routed-soft",
+            dataset_jsonl=small_jsonl(),
+            hyperparameters=small_hp(max_steps=2, checkpoint_every_steps=0, num_virtual_tokens=4),
+        ),
+        timeout=60,
+    )
+    events = list(ft.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300))
+    assert states(events)[-1] == "SUCCEEDED", events[-1]
+    gen = generate_pb2_grpc.GenerateStub(channel)
+
+    def greedy(adapter: str) -> list[int]:
+        reply = gen.Generate(
+            generate_pb2.GenerateRequest(
+                prompt="Text: Kofi (45) works in Lagos.\nRecord:",
+                adapter=adapter,
+                params=generate_pb2.SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=1),
+            ),
+            timeout=120,
+        )
+        assert reply.usage.adapter == adapter
+        return [t.id for t in reply.tokens]
+
+    adapters = ["", "routed-bot@1", "routed-soft@1"]
+    alone = [greedy(a) for a in adapters]
+    assert alone[2] != alone[0]
+    with ThreadPoolExecutor(len(adapters) * 2) as pool:
+        together = list(pool.map(greedy, adapters * 2))
+    assert together == alone * 2

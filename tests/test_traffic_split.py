@@ -10,6 +10,8 @@ split, and the worker's per-version Prometheus series count them.
 
 from __future__ import annotations
 
+import math
+import random
 import re
 import signal
 import subprocess
@@ -28,6 +30,8 @@ from common.pb import finetune_pb2, finetune_pb2_grpc, generate_pb2, generate_pb
 from tests.conftest import new_home
 from tests.procs import REPO_ROOT, Proc, free_port, start_router, start_worker
 from tests.test_adapters import make_lora
+from tests.test_fuzz import CLIENT_ERRORS
+from tests.test_fuzz import NAMES as FUZZ_NAMES
 from worker.adapters import AdapterSet
 
 NAME = "support-bot"
@@ -264,3 +268,69 @@ def test_cli_sets_shows_and_clears(cluster: tuple[Proc, Proc, int, int]) -> None
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr, missing.stderr
     cleared = cli(NAME, "--clear")
     assert cleared.returncode == 0 and "no split" in cleared.stdout, cleared
+
+
+def test_hostile_split_feedback_and_sweep_calls_get_client_errors(
+    cluster: tuple[Proc, Proc, int, int], channel: grpc.Channel, home: Path
+) -> None:
+    """Seeded hostile SetTrafficSplit / GetTrafficSplit / RecordFeedback and sweep-id
+    calls through the router: each ends OK or with a client-error status (never INTERNAL
+    or UNKNOWN), path-like names reach no file, and the worker stays SERVING."""
+    rng = random.Random(21)
+    ft = finetune_pb2_grpc.FineTuneStub(channel)
+    gen = generate_pb2_grpc.GenerateStub(channel)
+    weights_pool = [0, 1, 10, 50, 90, 100, 101, 2**31, 2**32 - 1]
+    versions_pool = [0, 1, 2, 3, 2**31, 2**32 - 1]
+    scores = [0.0, 1.0, -1.0, 1e308, -1e308, math.inf, -math.inf, math.nan, 5e-324]
+    calls = []
+    for _ in range(120):
+        name = rng.choice([*FUZZ_NAMES, NAME])
+        kind = rng.randrange(7)
+        if kind == 0:
+            weights = {rng.choice(versions_pool): rng.choice(weights_pool) for _ in range(3)}
+            request = finetune_pb2.SetTrafficSplitRequest(adapter=name, weights=weights)
+            calls.append(lambda r=request: ft.SetTrafficSplit(r, timeout=30))
+        elif kind == 1:
+            many = {v: 1 for v in range(1, rng.choice([2, 101, 5000]))}
+            request = finetune_pb2.SetTrafficSplitRequest(adapter=name, weights=many)
+            calls.append(lambda r=request: ft.SetTrafficSplit(r, timeout=30))
+        elif kind == 2:
+            request = finetune_pb2.SetTrafficSplitRequest(adapter=name, clear=True)
+            calls.append(lambda r=request: ft.SetTrafficSplit(r, timeout=30))
+        elif kind == 3:
+            request = finetune_pb2.GetTrafficSplitRequest(adapter=name)
+            calls.append(lambda r=request: ft.GetTrafficSplit(r, timeout=30))
+        elif kind == 4:
+            request = generate_pb2.RecordFeedbackRequest(
+                request_id=rng.choice(FUZZ_NAMES), score=rng.choice(scores)
+            )
+            calls.append(lambda r=request: gen.RecordFeedback(r, timeout=30))
+        elif kind == 5:
+            sweep_id = rng.choice(FUZZ_NAMES)
+            calls.append(
+                lambda s=sweep_id: ft.GetSweep(finetune_pb2.GetSweepRequest(sweep_id=s), timeout=30)
+            )
+            calls.append(
+                lambda s=sweep_id: ft.CancelSweep(
+                    finetune_pb2.CancelSweepRequest(sweep_id=s), timeout=30
+                )
+            )
+        else:
+            sweep_id = rng.choice(FUZZ_NAMES)
+            request = finetune_pb2.WatchSweepRequest(
+                sweep_id=sweep_id, from_sequence=rng.choice([0, 2**64 - 1])
+            )
+            calls.append(lambda r=request: list(ft.WatchSweep(r, timeout=30)))
+    codes: Counter[grpc.StatusCode] = Counter()
+    for call in calls:
+        try:
+            call()
+            codes[grpc.StatusCode.OK] += 1
+        except grpc.RpcError as exc:
+            assert exc.code() in CLIENT_ERRORS, (exc.code(), exc.details())
+            codes[exc.code()] += 1
+    assert codes[grpc.StatusCode.INVALID_ARGUMENT] > 0 and codes[grpc.StatusCode.NOT_FOUND] > 0
+    # Hostile names made nothing in the store: it still holds the one adapter.
+    assert [p.name for p in (home / "store").iterdir()] == [NAME]
+    cluster[1].wait_healthy(timeout_s=30)
+    ft.SetTrafficSplit(finetune_pb2.SetTrafficSplitRequest(adapter=NAME, clear=True), timeout=30)

@@ -40,6 +40,7 @@ _METHODS = {
     "lora": finetune_pb2.LORA,
     "full": finetune_pb2.FULL,
     "prompt_tuning": finetune_pb2.PROMPT_TUNING,
+    "bottleneck": finetune_pb2.BOTTLENECK,
 }
 # TrainConfig fields that Hyperparameters carries (the CLI flags come from TrainConfig).
 _HP_FIELDS = tuple(

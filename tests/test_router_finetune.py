@@ -212,26 +212,33 @@ def test_a_fresh_router_finds_jobs_by_asking_the_workers(workers, job_story) -> 
         fresh.stop()
 
 
-def test_prompt_tuning_job_is_served_through_the_router_beside_base_and_lora(
+def test_prompt_tuning_and_bottleneck_jobs_are_served_through_the_router_beside_base_and_lora(
     channel, ft, job_story
 ) -> None:
-    """A prompt-tuning job's artifact answers through the router; requests for the base
-    model, the LoRA adapter and the prompt-tuned one sent together each give the tokens
-    they give alone (greedy)."""
-    job = ft.CreateJob(
-        finetune_pb2.CreateJobRequest(
-            method=finetune_pb2.PROMPT_TUNING,
-            output_name="routed-soft",
-            dataset_jsonl=small_jsonl(),
-            hyperparameters=small_hp(max_steps=2, checkpoint_every_steps=0, num_virtual_tokens=4),
-        ),
-        timeout=60,
-    )
-    events = list(ft.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300))
-    assert states(events)[-1] == "SUCCEEDED", events[-1]
+    """A prompt-tuning job's and a bottleneck job's artifacts answer through the router;
+    requests for the base model, the LoRA adapter, the prompt-tuned and the bottleneck
+    one sent together each give the tokens they give alone (greedy)."""
+    jobs = [
+        ft.CreateJob(
+            finetune_pb2.CreateJobRequest(
+                method=method,
+                output_name=name,
+                dataset_jsonl=small_jsonl(),
+                hyperparameters=small_hp(max_steps=2, checkpoint_every_steps=0, **extra),
+            ),
+            timeout=60,
+        )
+        for method, name, extra in (
+            (finetune_pb2.PROMPT_TUNING, "routed-soft", {"num_virtual_tokens": 4}),
+            (finetune_pb2.BOTTLENECK, "routed-neck", {"bottleneck_size": 16}),
+        )
+    ]
+    for job in jobs:
+        events = list(ft.WatchJob(finetune_pb2.WatchJobRequest(job_id=job.job_id), timeout=300))
+        assert states(events)[-1] == "SUCCEEDED", events[-1]
     gen = generate_pb2_grpc.GenerateStub(channel)
 
-    def greedy(adapter: str) -> list[int]:
+    def greedy(adapter: str) -> tuple[list[int], list[float]]:
         reply = gen.Generate(
             generate_pb2.GenerateRequest(
                 prompt="Text: Kofi (45) works in Lagos.\nRecord:",
@@ -241,11 +248,13 @@ def test_prompt_tuning_job_is_served_through_the_router_beside_base_and_lora(
             timeout=120,
         )
         assert reply.usage.adapter == adapter
-        return [t.id for t in reply.tokens]
+        return [t.id for t in reply.tokens], [round(t.logprob, 4) for t in reply.tokens]
 
-    adapters = ["", "routed-bot@1", "routed-soft@1"]
+    adapters = ["", "routed-bot@1", "routed-soft@1", "routed-neck@1"]
     alone = [greedy(a) for a in adapters]
-    assert alone[2] != alone[0]
+    assert alone[2][0] != alone[0][0]
+    # Two steps move a zero-initialised bottleneck a little: its logprobs differ from base.
+    assert alone[3][1][0] != alone[0][1][0]
     with ThreadPoolExecutor(len(adapters) * 2) as pool:
         together = list(pool.map(greedy, adapters * 2))
-    assert together == alone * 2
+    assert [ids for ids, _ in together] == [ids for ids, _ in alone] * 2

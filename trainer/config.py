@@ -12,15 +12,18 @@ import math
 import re
 from typing import Any
 
+from common.bottleneck import PLACEMENTS
 from common.config import field
 
-METHODS = ("lora", "full", "prompt_tuning")
+METHODS = ("lora", "full", "prompt_tuning", "bottleneck")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 
 # Peak learning rates that learn a small dataset in a few dozen steps without diverging.
 # LoRA and prompt tuning follow common practice (QLoRA 2e-4, Lester et al. ~3e-2 with
 # Adafactor; AdamW needs less); full fine-tuning of every weight needs ~10x less than LoRA.
-DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5, "prompt_tuning": 3e-2}
+# Bottleneck adapters start at the identity (zero up-projection) and train like LoRA at
+# a few times its rate (Houlsby et al. 2019 swept 3e-5 .. 3e-3).
+DEFAULT_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5, "prompt_tuning": 3e-2, "bottleneck": 1e-3}
 
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
@@ -29,10 +32,12 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 class TrainConfig:
     """Hyperparameters of a fine-tuning run; invalid values raise ValueError naming the field."""
 
-    method: str = field("lora", help="training method: lora, full or prompt_tuning")
+    method: str = field("lora", help="training method: lora, full, prompt_tuning or bottleneck")
     epochs: int = field(3, help="passes over the training set")
     learning_rate: float | None = field(
-        None, help="peak learning rate; unset: 2e-4 (lora), 2e-5 (full), 3e-2 (prompt_tuning)"
+        None,
+        help="peak learning rate; unset: 2e-4 (lora), 2e-5 (full), 3e-2 (prompt_tuning), "
+        "1e-3 (bottleneck)",
     )
     lr_scheduler: str = field("linear", help="schedule after warmup: linear, cosine or constant")
     warmup_ratio: float = field(0.05, help="fraction of optimizer steps of linear warmup, [0, 1)")
@@ -54,6 +59,10 @@ class TrainConfig:
         0, help="save a checkpoint every N optimizer steps (0: at the end of each epoch)"
     )
     num_virtual_tokens: int = field(20, help="virtual tokens of prompt tuning")
+    bottleneck_size: int = field(64, help="width of each bottleneck adapter (> 0)")
+    bottleneck_placement: str = field(
+        "both", help="where bottleneck adapters go: both, attention or mlp (after that block)"
+    )
     max_steps: int = field(0, help="stop after this many optimizer steps (0: no limit)")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0: no clipping)")
     drop_invalid: bool = field(
@@ -65,6 +74,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
         self.lr_scheduler = str(self.lr_scheduler).lower()
+        self.bottleneck_placement = str(self.bottleneck_placement).lower()
         self.lora_target_modules = list(self.lora_target_modules or [])
         if self.learning_rate is None and self.method in DEFAULT_LEARNING_RATES:
             self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
@@ -76,6 +86,8 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise bad("method", f"one of {', '.join(METHODS)}")
+        if self.bottleneck_placement not in PLACEMENTS:
+            raise bad("bottleneck_placement", f"one of {', '.join(PLACEMENTS)}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise bad("lr_scheduler", f"one of {', '.join(LR_SCHEDULERS)}")
         positive_ints = (
@@ -85,6 +97,7 @@ class TrainConfig:
             "max_seq_length",
             "lora_r",
             "num_virtual_tokens",
+            "bottleneck_size",
         )
         for name in positive_ints:
             value = getattr(self, name)

@@ -249,6 +249,14 @@ def _apply_method(model: Any, config: TrainConfig) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if config.method == "bottleneck":
+        from common import bottleneck
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        spec = bottleneck.spec_for(model, config.bottleneck_size, config.bottleneck_placement)
+        bottleneck.attach(model, bottleneck.BottleneckSet(spec))  # trainable: only these
+        return model
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
     if config.method == "lora":
@@ -289,6 +297,10 @@ def _export(
         if config.method == "full":
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+        elif config.method == "bottleneck":
+            from common import bottleneck
+
+            bottleneck.save(model.bottleneck, tmp, source.name)
         else:
             # save_embedding_layers=False: embeddings never train here, and "auto" makes
             # peft look the base model up on the hub.

@@ -1,7 +1,8 @@
 """Adapters served from the model store, several at once in one batch: LoRA (peft's
-per-row ``adapter_names``) and prompt tuning (the artifact's virtual-token embeddings,
+per-row ``adapter_names``), prompt tuning (the artifact's virtual-token embeddings,
 prepended to the row's prompt by the packed forward; the base weights are unchanged, so
-the row runs as a base row otherwise).
+the row runs as a base row otherwise) and bottleneck adapters (``common.bottleneck``:
+the packed forward adds the row's own bottleneck outputs to its tokens only).
 
 Resolution (``name`` / ``name@latest`` / ``name@3`` → a stored version) happens on the
 request path; loading, LRU eviction and the per-row ``adapter_names`` happen on the
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from common import bottleneck
 from common.errors import InvalidArgument, NotFound
 from common.model_store import ArtifactRef, ModelStore
 from worker.weights import keep_adapter_precision
@@ -27,7 +29,7 @@ from worker.weights import keep_adapter_precision
 logger = logging.getLogger(__name__)
 
 BASE_ROW = "__base__"  # peft's name for rows that use no adapter in a mixed batch
-SERVABLE_METHODS = ("lora", "prompt_tuning")
+SERVABLE_METHODS = ("lora", "prompt_tuning", "bottleneck")
 PROMPT_EMBEDDINGS = "prompt_embeddings"  # peft's key for a prompt-tuning artifact's tensor
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -55,6 +57,8 @@ class AdapterSet:
         self._prompts: dict[str, torch.Tensor] = {}
         # Virtual-token counts of resolved prompt-tuning artifacts (key → n), any thread.
         self._virtual: dict[str, int] = {}
+        # Bottleneck artifacts loaded (key → their modules); engine thread only.
+        self._bottlenecks: dict[str, bottleneck.BottleneckSet] = {}
         # The engine thread reorders and edits _loaded while the event loop reports it
         # (Load messages): mutations and snapshots take this lock, nobody iterates live.
         self._lock = threading.Lock()
@@ -86,12 +90,27 @@ class AdapterSet:
         method = method_of(ref)
         if method not in SERVABLE_METHODS:
             raise InvalidArgument(
-                f"adapter {ref.ref} was trained with method {method!r}; only LoRA and "
-                "prompt-tuning adapters are served per request (serve a full fine-tune "
-                "with --model on its folder)"
+                f"adapter {ref.ref} was trained with method {method!r}; only LoRA, "
+                "prompt-tuning and bottleneck adapters are served per request (serve a "
+                "full fine-tune with --model on its folder)"
             )
         if method == "prompt_tuning":
             self._check_prompt(ref)
+        if method == "bottleneck":
+            self._check_bottleneck(ref)
+
+    def _check_bottleneck(self, ref: ArtifactRef) -> None:
+        """A bottleneck artifact's config must fit this base's width (request path: reads
+        the small config file only)."""
+        try:
+            spec = bottleneck.read_spec(ref.path)
+        except ValueError as exc:
+            raise InvalidArgument(f"adapter {ref.ref}: {exc}") from None
+        if self.hidden_size is not None and spec.hidden_size != self.hidden_size:
+            raise InvalidArgument(
+                f"adapter {ref.ref}: its bottlenecks are {spec.hidden_size}-wide; "
+                f"this base model's hidden size is {self.hidden_size}"
+            )
 
     def _check_prompt(self, ref: ArtifactRef) -> None:
         """A prompt-tuning artifact must hold one ``[n, hidden]`` tensor of this base's
@@ -144,6 +163,12 @@ class AdapterSet:
             return None
         return self.key_of(ref)
 
+    def bottleneck_set(self, ref: ArtifactRef | None) -> bottleneck.BottleneckSet | None:
+        """The loaded bottlenecks of a bottleneck row (after :meth:`activate`), else None."""
+        if ref is None or method_of(ref) != "bottleneck":
+            return None
+        return self._bottlenecks[self.key_of(ref)]
+
     def prompt_embeddings(self, ref: ArtifactRef) -> torch.Tensor:
         """The loaded virtual-token embeddings of ``ref`` (after :meth:`activate`)."""
         return self._prompts[self.key_of(ref)]
@@ -167,12 +192,19 @@ class AdapterSet:
             logger.info("unloading adapter %s (LRU)", self._loaded[victim].ref)
             if victim in self._prompts:
                 del self._prompts[victim]
+            elif victim in self._bottlenecks:
+                del self._bottlenecks[victim]
             else:
                 model.delete_adapter(victim)
             with self._lock:
                 del self._loaded[victim]
         if method_of(ref) == "prompt_tuning":
             self._load_prompt(model, ref, key, path)
+        elif method_of(ref) == "bottleneck":
+            self._check_bottleneck(ref)
+            table = model.get_input_embeddings().weight
+            # The model's compute dtype (fp32 on CPU) also on a bf16/int8 --weights base.
+            self._bottlenecks[key] = bottleneck.load(path, table.device, table.dtype)
         elif not self.wrapped:
             from peft import PeftModel
 

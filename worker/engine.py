@@ -46,12 +46,14 @@ import torch
 from common.errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     RequestError,
     ResourceExhausted,
     Unavailable,
 )
 from common.validation import SamplingParams
+from worker.adapters import method_of
 from worker.config import WorkerConfig
 from worker.constraints import RowMatcher, mask_rows
 from worker.cores import ComputeLock
@@ -651,6 +653,12 @@ class Engine:
             for s in [*self._rows, *admitted]
             if s.req.adapter is not None
         }
+        if self._packed is None and method_of(req.adapter) == "bottleneck":
+            return FailedPrecondition(
+                f"adapter {req.adapter.ref} is a bottleneck adapter; this worker's model runs "
+                "the generic path (not Llama-architecture, or packed steps off), which does "
+                "not serve them"
+            )
         try:
             self.model = self.adapters.activate(self.model, req.adapter, in_use)
         except RequestError as exc:
@@ -728,8 +736,14 @@ class Engine:
             )
             for seq, n in plan
         ]
-        names = self._adapter_kwargs([*running, *(seq for seq, _ in plan)]).get("adapter_names")
-        out = self._packed.forward(decode_ids, positions, self._cache, self._mask, chunks, names)
+        batch = [*running, *(seq for seq, _ in plan)]
+        names = self._adapter_kwargs(batch).get("adapter_names")
+        bottlenecks = None
+        if self.adapters is not None:
+            bottlenecks = [self.adapters.bottleneck_set(s.req.adapter) for s in batch]
+        out = self._packed.forward(
+            decode_ids, positions, self._cache, self._mask, chunks, names, bottlenecks
+        )
         if running:
             assert out.decode_logits is not None
             self._emit(running, out.decode_logits, outputs, sinks)

@@ -77,9 +77,11 @@ METHOD_NAMES = {
     finetune_pb2.LORA: "lora",
     finetune_pb2.FULL: "full",
     finetune_pb2.PROMPT_TUNING: "prompt_tuning",
+    finetune_pb2.BOTTLENECK: "bottleneck",
 }
 _METHOD_ENUMS = {"lora": finetune_pb2.LORA, "full": finetune_pb2.FULL}
 _METHOD_ENUMS["prompt_tuning"] = finetune_pb2.PROMPT_TUNING
+_METHOD_ENUMS["bottleneck"] = finetune_pb2.BOTTLENECK
 # Scalar Hyperparameters fields that map one to one onto TrainConfig fields.
 _HP_SCALARS = (
     "epochs",
@@ -96,6 +98,7 @@ _HP_SCALARS = (
     "seed",
     "checkpoint_every_steps",
     "num_virtual_tokens",
+    "bottleneck_size",
     "max_steps",
     "drop_invalid",
 )
@@ -142,6 +145,8 @@ def hyperparameters_to_config(method: str, hp: finetune_pb2.Hyperparameters) -> 
             values[name] = getattr(hp, name)
     if hp.lr_scheduler:
         values["lr_scheduler"] = hp.lr_scheduler
+    if hp.bottleneck_placement:
+        values["bottleneck_placement"] = hp.bottleneck_placement
     if hp.lora_target_modules:
         values["lora_target_modules"] = list(hp.lora_target_modules)
     try:
@@ -153,7 +158,9 @@ def hyperparameters_to_config(method: str, hp: finetune_pb2.Hyperparameters) -> 
 def config_to_hyperparameters(config: TrainConfig) -> finetune_pb2.Hyperparameters:
     """The effective hyperparameters, every field filled (Job.hyperparameters)."""
     hp = finetune_pb2.Hyperparameters(
-        lr_scheduler=config.lr_scheduler, lora_target_modules=config.lora_target_modules
+        lr_scheduler=config.lr_scheduler,
+        lora_target_modules=config.lora_target_modules,
+        bottleneck_placement=config.bottleneck_placement,
     )
     for name in _HP_SCALARS:
         setattr(hp, name, getattr(config, name))

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common.bottleneck import BottleneckSet
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
@@ -87,6 +89,31 @@ def _project(module: Any, x: torch.Tensor, adapter_names: list[str] | None) -> t
     return module(x)
 
 
+def _bottleneck_groups(
+    bottlenecks: list[BottleneckSet | None] | None,
+    rows: int,
+    lengths: list[int],
+    device: Any,
+) -> list[tuple[BottleneckSet, torch.Tensor]]:
+    """The packed token indices of each bottleneck adapter's rows (decode rows take one
+    token each, prompts their chunk's tokens), so each adapter touches its rows only."""
+    if not bottlenecks or all(b is None for b in bottlenecks):
+        return []
+    spans = [(i, 1) for i in range(rows)]
+    offset = rows
+    for n in lengths:
+        spans.append((offset, n))
+        offset += n
+    by_adapter: dict[int, tuple[BottleneckSet, list[int]]] = {}
+    for adapter, (start, n) in zip(bottlenecks, spans, strict=True):
+        if adapter is not None:
+            by_adapter.setdefault(id(adapter), (adapter, []))[1].extend(range(start, start + n))
+    return [
+        (adapter, torch.tensor(indices, dtype=torch.long, device=device))
+        for adapter, indices in by_adapter.values()
+    ]
+
+
 class PackedLlama:
     """Runs decode rows and prompts of one iteration as one packed forward."""
 
@@ -107,12 +134,14 @@ class PackedLlama:
         cache_mask: torch.Tensor | None,
         prompts: list[PromptChunk],
         adapter_names: list[str] | None = None,
+        bottlenecks: list[BottleneckSet | None] | None = None,
     ) -> PackedOutput:
         """``decode_ids``/``decode_positions``: ``[rows]`` last token and its position per
         running row; ``cache``: their batched KV cache (grows in place by one column);
         ``cache_mask``: ``[rows, columns]`` incl. the new column (1 = real token);
         ``prompts``: the prompt chunks of this iteration; ``adapter_names``: one per
-        decode row then one per prompt (peft names), or None when no adapter is loaded."""
+        decode row then one per prompt (peft names), or None when no adapter is loaded;
+        ``bottlenecks``: in the same order, each row's bottleneck adapters or None."""
         inner = self.base.model
         device = inner.embed_tokens.weight.device
         lengths = [int(p.ids.shape[0]) for p in prompts]
@@ -133,6 +162,7 @@ class PackedLlama:
             for name, n in zip(adapter_names[rows:], lengths, strict=True):
                 token_names += [name] * n
 
+        groups = _bottleneck_groups(bottlenecks, rows, lengths, device)
         x = inner.embed_tokens(ids)  # [N, hidden]
         offset = rows
         for p, n in zip(prompts, lengths, strict=True):
@@ -202,12 +232,18 @@ class PackedLlama:
                     )
                 outs.append(op[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + _project(attn.o_proj, o, token_names)
+            attn_out = _project(attn.o_proj, o, token_names)
+            for adapter, token_rows in groups:
+                adapter.add_to(index, "attention", attn_out, token_rows)
+            x = x + attn_out
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
             gate = _project(mlp.gate_proj, h, token_names)
             up = _project(mlp.up_proj, h, token_names)
-            x = x + _project(mlp.down_proj, mlp.act_fn(gate) * up, token_names)
+            mlp_out = _project(mlp.down_proj, mlp.act_fn(gate) * up, token_names)
+            for adapter, token_rows in groups:
+                adapter.add_to(index, "mlp", mlp_out, token_rows)
+            x = x + mlp_out
 
         last = list(range(rows)) + [s + n - 1 for s, n in zip(starts, lengths, strict=True)]
         index_t = torch.tensor(last, dtype=torch.long, device=device)

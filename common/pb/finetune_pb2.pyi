@@ -14,6 +14,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LORA: _ClassVar[Method]
     FULL: _ClassVar[Method]
     PROMPT_TUNING: _ClassVar[Method]
+    BOTTLENECK: _ClassVar[Method]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ METHOD_UNSPECIFIED: Method
 LORA: Method
 FULL: Method
 PROMPT_TUNING: Method
+BOTTLENECK: Method
 JOB_STATE_UNSPECIFIED: JobState
 QUEUED: JobState
 RUNNING: JobState
@@ -58,7 +60,7 @@ class Example(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generate_pb2.ChatMessage, _Mapping]]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "eval_fraction", "seed", "checkpoint_every_steps", "num_virtual_tokens", "max_steps", "drop_invalid")
+    __slots__ = ("epochs", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "eval_fraction", "seed", "checkpoint_every_steps", "num_virtual_tokens", "max_steps", "drop_invalid", "bottleneck_size", "bottleneck_placement")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,8 @@ class Hyperparameters(_message.Message):
     NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     DROP_INVALID_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     learning_rate: float
     lr_scheduler: str
@@ -95,7 +99,9 @@ class Hyperparameters(_message.Message):
     num_virtual_tokens: int
     max_steps: int
     drop_invalid: bool
-    def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., eval_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., max_steps: _Optional[int] = ..., drop_invalid: _Optional[bool] = ...) -> None: ...
+    bottleneck_size: int
+    bottleneck_placement: str
+    def __init__(self, epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., warmup_ratio: _Optional[float] = ..., weight_decay: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_target_modules: _Optional[_Iterable[str]] = ..., eval_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint_every_steps: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., max_steps: _Optional[int] = ..., drop_invalid: _Optional[bool] = ..., bottleneck_size: _Optional[int] = ..., bottleneck_placement: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("base_model", "method", "output_name", "examples", "dataset_name", "dataset_jsonl", "hyperparameters", "client_token", "nproc", "eval_examples", "eval_dataset_name", "eval_dataset_jsonl")

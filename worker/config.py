@@ -30,8 +30,8 @@ class WorkerConfig(ServerTlsFields):
     )
     weights: str = field(
         "auto",
-        help=f"storage of the projection and MLP matrices, one of {WEIGHTS}: bf16 or int8 "
-        "(weight-only, per-channel scales) cut the bytes a decode step reads; activations, "
+        help=f"storage of the projection and MLP matrices, one of {WEIGHTS}: bf16, int8 "
+        "(weight-only, per-channel scales) or int4 (scale and zero per 32 columns) cut the bytes a decode step reads; activations, "
         "KV cache and LM head stay in --dtype; auto = as loaded (fp32 on CPU). "
         "benchmarks/precision.py measures speed and quality of each",
     )

@@ -144,7 +144,7 @@ def engine_levels(model: Any, tokenizer: Any, prompts: list[str], levels: list[i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", nargs="+", default=["fp32", "bf16", "int8"])
+    parser.add_argument("--weights", nargs="+", default=["fp32", "bf16", "int8", "int4"])
     parser.add_argument("--prompts", type=int, default=32, help="greedy-agreement prompts")
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     parser.add_argument("--concurrency", default="1,8,32", help="engine levels ('' = none)")

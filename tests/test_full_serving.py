@@ -182,3 +182,17 @@ def test_full_finetune_through_the_router(worker: Proc, gen, full_ref: str, home
     finally:
         router.stop()
     assert via_router == greedy(gen, full_ref)
+
+
+def test_router_policy_prefers_the_worker_with_the_full_finetune_loaded() -> None:
+    from router.policy import WorkerState, eligible
+
+    a = WorkerState("a:1", healthy=True, models=("base",), queued_tokens=0)
+    b = WorkerState(
+        "b:1", healthy=True, models=("base",), queued_tokens=999,
+        loaded_adapters=frozenset({"full-bot@2"}),
+    )  # fmt: skip
+    assert a.serves("full-bot@2") and not a.serves("other-base")
+    assert eligible("full-bot@2", "", [a, b]) == [b]
+    assert eligible("full-bot@latest", "", [a, b]) == [b]
+    assert eligible("full-bot@3", "", [a, b]) == [a, b]  # nobody has it: any may load it

@@ -196,3 +196,30 @@ def test_router_policy_prefers_the_worker_with_the_full_finetune_loaded() -> Non
     assert eligible("full-bot@2", "", [a, b]) == [b]
     assert eligible("full-bot@latest", "", [a, b]) == [b]
     assert eligible("full-bot@3", "", [a, b]) == [a, b]  # nobody has it: any may load it
+
+
+def test_loading_more_than_free_memory_is_resource_exhausted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory check runs before any weight is read: a load that needs more than the
+    host has free is refused with how much it needs and how much there is."""
+    import types
+
+    from common.errors import ResourceExhausted
+    from worker import full_models
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    safetensors.torch.save_file({"w": torch.zeros(1024)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    store = ModelStore(tmp_path / "store")
+    ref = store.publish("big-bot", folder, {"base_model": "base", "method": "full"})
+    assert full_models.weights_bytes(ref.path) > 4096
+    free = full_models.available_memory_bytes("cpu")
+    assert free > 0
+    monkeypatch.setattr(full_models, "MEMORY_HEADROOM_BYTES", 2 * free)
+    base = types.SimpleNamespace(device="cpu", source=types.SimpleNamespace(name="base"))
+    models = full_models.FullModels(base, store, 1)  # type: ignore[arg-type]
+    assert models.resolve("big-bot@latest") == ref
+    with pytest.raises(ResourceExhausted, match="MiB free"):
+        models._load_sync(ref)

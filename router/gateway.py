@@ -390,6 +390,8 @@ class ModelCatalog:
         if not versions:
             return None
         entry = max(versions, key=lambda e: int(e.version) if e.version.isdigit() else 0)
+        if entry.method == "full":  # a model of its own, named by its store ref
+            return f"{entry.name}@{entry.version}", ""
         # Route by the adapter's base model when a worker serves it under that name.
         base = entry.base_model if entry.base_model in bases else ""
         return base, f"{entry.name}@{entry.version}"

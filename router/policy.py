@@ -47,8 +47,11 @@ class WorkerState:
         return self.queued_tokens + self.running_tokens + self.router_tokens
 
     def serves(self, model: str) -> bool:
-        """True if the worker serves ``model`` ("" = any worker's default)."""
-        return not model or model in self.models
+        """True if the worker serves ``model`` ("" = any worker's default). A store
+        artifact spec (``name@version`` / ``name@latest``, a full fine-tune) may be
+        served by any worker: the worker checks it was trained on its base model (the
+        router has no store to look the base up in)."""
+        return not model or model in self.models or "@" in model
 
     def has_adapter(self, adapter: str) -> bool:
         """True if ``adapter`` (``name``, ``name@latest`` or ``name@version``) is loaded.
@@ -74,6 +77,9 @@ def eligible(model: str, adapter: str, workers: Sequence[WorkerState]) -> list[W
     if not candidates:
         served = sorted({m for w in healthy for m in w.models})
         raise Unavailable(f"model {model!r} is not served by any healthy worker (served: {served})")
+    if "@" in model:  # a full fine-tune: prefer workers that have it loaded
+        with_model = [w for w in candidates if w.has_adapter(model)]
+        candidates = with_model or candidates
     if adapter:
         with_adapter = [w for w in candidates if w.has_adapter(adapter)]
         candidates = with_adapter or candidates

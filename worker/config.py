@@ -68,6 +68,10 @@ class WorkerConfig(ServerTlsFields):
     null_step_ms: float = field(5.0, help="with --engine null: time one iteration takes")
     store_dir: str = field("", help="model store folder (default: $LLMCLUSTER_HOME/store)")
     max_loaded_adapters: int = field(8, help="adapters kept loaded (least recently used leave)")
+    max_loaded_models: int = field(
+        2,
+        help="full fine-tunes (model=name@version) kept loaded beside the base, each with its own engine (the least recently used idle one leaves)",
+    )
     jobs_dir: str = field("", help="fine-tuning jobs folder (default: $LLMCLUSTER_HOME/jobs)")
     data_dir: str = field("", help="datasets CreateJob names (default: $LLMCLUSTER_HOME/data)")
     max_concurrent_jobs: int = field(1, help="fine-tuning jobs training at once; more wait QUEUED")
@@ -127,6 +131,7 @@ class WorkerConfig(ServerTlsFields):
             "max_concurrent_jobs",
             "job_threads",
             "nproc",
+            "max_loaded_models",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -198,6 +198,9 @@ class EngineRequest:
     # artifact's. They take KV and context like prompt tokens; prompt_ids stays what the
     # client's text became (usage.prompt_tokens, the repetition penalty's history).
     virtual_tokens: int = 0
+    # The engine EngineFront.submit queues this on: a full fine-tune's (worker.full_models);
+    # None = the base model's current engine.
+    served_by: Any = None
 
     @property
     def prompt_len(self) -> int:

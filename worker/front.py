@@ -18,6 +18,7 @@ Everything here runs on the event loop except what it hands to the prep executor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import grpc
 from common.errors import RequestError, Unavailable, status_of
 from common.validation import GenerationSpec, SamplingParams
 from worker.engine import Engine, EngineRequest, SeqOutput
+from worker.full_models import is_artifact_spec
 from worker.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
@@ -108,15 +110,31 @@ class EngineFront:
         deadline_monotonic: float | None,
     ) -> EngineRequest:
         """Chat template, tokenisation, context checks and adapter resolution, off the
-        event loop; raises the RequestError a client should see."""
-        return await self.loop.run_in_executor(
-            self._prep, self.runtime.build_request, spec, stream, deadline_monotonic
+        event loop; raises the RequestError a client should see.
+
+        The one place ``spec.model`` picks the model: a base name (or "") → the base
+        runtime; ``name@version`` / ``name@latest`` → that full fine-tune's runtime,
+        loaded here on first use (worker.full_models)."""
+        runtime = self.runtime
+        full = runtime.full_models
+        if is_artifact_spec(spec.model) and full is not None:
+            ref = await self.loop.run_in_executor(self._prep, full.resolve, spec.model)
+            runtime = await full.runtime_for(ref, self._busy)
+            spec = dataclasses.replace(spec, model="")
+        req = await self.loop.run_in_executor(
+            self._prep, runtime.build_request, spec, stream, deadline_monotonic
         )
+        if runtime is not self.runtime:
+            req.served_by = runtime.engine
+        return req
+
+    def _busy(self, engine: Engine) -> bool:
+        return any(entry.engine is engine for entry in self._in_flight.values())
 
     def submit(self, req: EngineRequest) -> int:
         """Queues a prepared request on the current engine; returns its process-unique id.
         Raises ResourceExhausted / InvalidArgument / Unavailable from the engine."""
-        engine = self.engine
+        engine = req.served_by or self.engine
         request_id = engine.submit(req)
         assert isinstance(req.sink, FrontStream)
         self._in_flight[request_id] = _InFlight(engine, req.sink)

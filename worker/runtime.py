@@ -20,6 +20,7 @@ from worker.config import WorkerConfig
 from worker.constraints import ConstraintCompiler
 from worker.cores import serving_threads
 from worker.engine import Engine, EngineConfig, EngineRequest
+from worker.full_models import FULL_METHOD, FullModels
 from worker.weights import cpu_features_line, prepare_for_serving
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 class ModelRuntime:
     """One base model and its engine."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, serve_full_models: bool = True) -> None:
         self.config = config
         self.source: ModelSource = resolve_model(config.model or None)
         if config.engine == "null":
@@ -59,6 +60,11 @@ class ModelRuntime:
             hidden_size=hidden,
         )
         self.engine = self._new_engine()
+        # model="name@version": full fine-tunes of this base, loaded beside it on demand
+        # (None in a full fine-tune's own runtime, and on the null engine).
+        self.full_models: FullModels | None = None
+        if serve_full_models and self.model is not None:
+            self.full_models = FullModels(self, self.adapters.store, config.max_loaded_models)
         # Structured output (params.constraint); None on the null engine, which has no
         # logits to mask.
         self.constraints: ConstraintCompiler | None = None
@@ -185,11 +191,15 @@ class ModelRuntime:
                 supports_constraints=self.supports_constraints,
             )
         ]
+        full = self.full_models
         for ref in self.adapters.store.list():
-            if not self.adapters.servable(ref):
+            method = method_of(ref)
+            if method == FULL_METHOD:
+                if full is None or not full.servable(ref):
+                    continue
+            elif not self.adapters.servable(ref):
                 continue  # advertise only what a request here can use
             base = ref.metadata.get("base_model", "")
-            method = method_of(ref)
             entries.append(
                 generate_pb2.ModelEntry(
                     name=ref.name,
@@ -204,7 +214,10 @@ class ModelRuntime:
         return entries
 
     def loaded_adapters(self) -> list[str]:
-        return self.adapters.loaded_refs()
+        """Adapters and full fine-tunes in memory (``name@version``): the router prefers
+        a worker that has what a request names."""
+        full = self.full_models.loaded_refs() if self.full_models is not None else []
+        return self.adapters.loaded_refs() + full
 
 
 class WorkerState:

@@ -242,6 +242,8 @@ class WorkerServer:
         await self.server.stop(grace=2.0)
         if runtime is not None:
             runtime.engine.stop()
+            if runtime.full_models is not None:
+                await runtime.full_models.stop()
         self.registry.close()
 
     async def serve_forever(self) -> None:

@@ -78,6 +78,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             observer.finish(Cancelled("client cancelled"))
 
         context.add_done_callback(on_rpc_done)
+        if method == "GenerateStream":
+            # Headers once queued: a streaming client knows its request was accepted
+            # before the first token (and a test can order steps on it).
+            await context.send_initial_metadata(())
         while True:
             for out in await queue.get():
                 observer.on_output(out)

@@ -18,49 +18,12 @@ worker never runs HF's forward on the packed path; what we need is two matrices 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-PLACEMENTS = ("both", "attention", "mlp")
-WEIGHTS_FILE = "bottleneck.safetensors"
-CONFIG_FILE = "bottleneck_config.json"
-
-
-@dataclass(frozen=True)
-class BottleneckSpec:
-    size: int  # width of the bottleneck
-    placement: str  # "both", "attention" or "mlp"
-    hidden_size: int
-    num_layers: int
-
-    @property
-    def blocks(self) -> tuple[str, ...]:
-        return ("attention", "mlp") if self.placement == "both" else (self.placement,)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "method": "bottleneck",
-            "size": self.size,
-            "placement": self.placement,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "activation": "silu",
-        }
-
-    @classmethod
-    def from_json(cls, values: dict[str, Any]) -> BottleneckSpec:
-        spec = cls(
-            size=int(values["size"]),
-            placement=str(values["placement"]),
-            hidden_size=int(values["hidden_size"]),
-            num_layers=int(values["num_layers"]),
-        )
-        if spec.placement not in PLACEMENTS or min(spec.size, spec.hidden_size) < 1:
-            raise ValueError(f"bad bottleneck config {values}")
-        return spec
+from common.bottleneck_spec import CONFIG_FILE, WEIGHTS_FILE, BottleneckSpec, read_spec
 
 
 class Bottleneck(torch.nn.Module):
@@ -157,15 +120,6 @@ def save(adapter: BottleneckSet, folder: Path, base_model: str) -> None:
     save_file(tensors, str(folder / WEIGHTS_FILE))
     config = {**adapter.spec.to_json(), "base_model_name_or_path": base_model}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def read_spec(folder: Path) -> BottleneckSpec:
-    """The artifact's config (request path: small file only); ValueError if unusable."""
-    try:
-        values = json.loads((folder / CONFIG_FILE).read_text())
-        return BottleneckSpec.from_json(values)
-    except (OSError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"no usable {CONFIG_FILE}: {type(exc).__name__}: {exc}") from None
 
 
 def load(folder: Path, device: Any, dtype: torch.dtype) -> BottleneckSet:

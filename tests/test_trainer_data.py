@@ -331,7 +331,10 @@ def test_collate_pads_right_and_ignores_padding_not_eos(tokenizer) -> None:
         ({"lora_r": 0}, "lora_r must be a positive integer, got 0"),
         ({"learning_rate": 0.0}, "learning_rate must be a finite number > 0, got 0.0"),
         ({"learning_rate": -1e-4}, "learning_rate must be a finite number > 0, got -0.0001"),
-        ({"method": "qlora"}, "method must be one of lora, full, prompt_tuning, got 'qlora'"),
+        (
+            {"method": "qlora"},
+            "method must be one of lora, full, prompt_tuning, bottleneck, got 'qlora'",
+        ),
         ({"lr_scheduler": "step"}, "lr_scheduler must be one of"),
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"batch_size": -2}, "batch_size must be a positive integer, got -2"),

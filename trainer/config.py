@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from common.bottleneck import PLACEMENTS
+from common.bottleneck_spec import PLACEMENTS
 from common.config import field
 
 METHODS = ("lora", "full", "prompt_tuning", "bottleneck")

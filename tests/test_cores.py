@@ -97,3 +97,44 @@ def test_the_compute_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
     finally:
         lock.close()
     assert (held.returncode, free.returncode) == (3, 0)
+
+
+_POOL_PROBE = """
+import os, threading, torch
+from worker.cores import release_openmp_workers
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def work():
+    torch.set_num_threads(2)
+    a = torch.randn(400_000)
+    for _ in range(50):
+        a + a  # a parallel region: this thread's OpenMP pool gets its worker
+    busy = tasks()
+    released = release_openmp_workers()
+    print(busy, tasks(), released, release_openmp_workers())
+    (a + a).sum()  # the pool comes back for the next parallel region
+    print(tasks())
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+"""
+
+
+def test_release_openmp_workers_ends_the_calling_threads_pool_and_it_comes_back() -> None:
+    # In a child: the test process's own thread settings stay untouched.
+    result = subprocess.run(
+        [sys.executable, "-c", _POOL_PROBE],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    first, second = result.stdout.split("\n")[:2]
+    busy, after, released, again = first.split()
+    assert released == "True" and again == "True", result.stdout
+    assert int(after) == int(busy) - 1  # the one worker of a 2-thread pool ended
+    assert int(second) == int(busy)  # and a later parallel region made it again

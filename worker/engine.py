@@ -56,7 +56,7 @@ from common.validation import SamplingParams
 from worker.adapters import method_of
 from worker.config import WorkerConfig
 from worker.constraints import RowMatcher, mask_rows
-from worker.cores import ComputeLock
+from worker.cores import ComputeLock, release_openmp_workers
 from worker.detokenizer import IncrementalDetokenizer
 from worker.kv_cache import cache_views, slab_cache, stacked_cache
 from worker.packed_llama import PackedLlama, PromptChunk, base_causal_lm, supports_packed
@@ -327,6 +327,8 @@ class Engine:
         self.on_fatal: Callable[[BaseException], None] | None = None
         self.on_step: Callable[[int, int], None] | None = None  # (batch size, new tokens)
         self.compute_threads: int | None = None  # set_compute_threads' last value, if any
+        # Computed since going idle: the engine thread's OpenMP pool may be alive.
+        self._holds_openmp_workers = False
 
     def _init_device(self, model: Any) -> torch.device:
         return next(model.parameters()).device
@@ -345,6 +347,7 @@ class Engine:
     # ----- thread-safe API -------------------------------------------------------------
 
     def start(self) -> None:
+        release_openmp_workers()  # the loading thread's pool would slow the engine's
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -452,6 +455,8 @@ class Engine:
         while self.fault_file and os.path.exists(self.fault_file) and not self._stopping.is_set():
             time.sleep(0.05)  # simulated wedge: no iteration, no heartbeat
         idle = not self._rows and not self._waiting
+        if idle and self._holds_openmp_workers:
+            self._holds_openmp_workers = not release_openmp_workers()
         cancels = self._drain_control(block=idle)
         self.last_step_monotonic = time.monotonic()
         outputs: dict[int, SeqOutput] = {}
@@ -492,6 +497,7 @@ class Engine:
         self._remove_rows(drop)
         decoding = bool(self._rows)
         has_work = self._rows or self._waiting or self._prefilling
+        self._holds_openmp_workers |= bool(has_work)
         with (self.compute_lock if has_work else None) or contextlib.nullcontext():
             started = time.perf_counter()
             chunks, cost = self._compute(outputs, sinks)

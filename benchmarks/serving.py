@@ -62,6 +62,7 @@ from benchmarks.clients import GrpcStreamClient, OpenAIStreamClient, run_closed_
 from benchmarks.metrics import RequestRecord, cpu_seconds, summarize
 from benchmarks.procs import ProcessRegistry, ServerProc, free_port, llmcluster_argv, stop_all
 from benchmarks.workload import Workload, build_workload, load_tokenizer
+from common.models import WEIGHTS
 
 logger = logging.getLogger("benchmarks.serving")
 
@@ -111,6 +112,8 @@ class Settings:
     smoke: bool = False
     concurrency: tuple[int, ...] = (1, 8, 32, 64)
     dtype: str = "float32"
+    # The worker's (and limit's) --weights: the precision of the projection/MLP matrices.
+    weights: str = "auto"
     systems: tuple[str, ...] = ALL_SYSTEMS
     json_path: str | None = None
     num_prompts: int = 64
@@ -152,6 +155,8 @@ class Settings:
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.rounds < 1 or self.naive_rounds < 1 or self.llamacpp_rounds < 1:
             raise ValueError(
                 f"rounds, naive rounds and llama.cpp rounds must be >= 1, got {self.rounds}, "
@@ -383,6 +388,8 @@ class LimitRunner:
             str(workload_path),
             "--dtype",
             settings.dtype,
+            "--weights",
+            settings.weights,
             "--max-running",
             str(settings.max_running),
             "--ready",
@@ -531,6 +538,8 @@ class ModelPhase(Phase):
             str(port),
             "--dtype",
             self.settings.dtype,
+            "--weights",
+            self.settings.weights,
             "--device",
             "cpu",
             "--worker-id",
@@ -1220,7 +1229,8 @@ def format_report(report: dict) -> str:
     m = report["machine"]
     w = report["workload"]
     lines.append(
-        f"serving benchmark ({report['mode']}, {report['settings']['dtype']}): "
+        f"serving benchmark ({report['mode']}, {report['settings']['dtype']}, "
+        f"weights {report['settings'].get('weights', 'auto')}): "
         f"{w['num_prompts']} prompts of {w['prompt_tokens']['min']}-{w['prompt_tokens']['max']} "
         f"tokens, {w['max_new_tokens']} new tokens each, greedy, EOS ignored; "
         f"{m['cpus']} cpus, load avg {m['load_avg_start']} -> {m['load_avg_end']}"
@@ -1323,6 +1333,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="model dtype")
     parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        help="our workers' (and limit's) --weights: fp32, bf16, int8 or int4 matrices",
+    )
+    parser.add_argument(
         "--systems",
         type=_str_list,
         help=f"systems to run, comma-separated (default all: {ALL_SYSTEMS})",
@@ -1408,6 +1423,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for name in (
         "concurrency",
         "dtype",
+        "weights",
         "systems",
         "json_path",
         "num_prompts",

@@ -440,3 +440,19 @@ def test_fleet_benchmark_tiny_reports_per_token_router_cost(tmp_path):
         assert r["offered_tokens_per_s"] == 8 * 1000 / 20.0
         assert r["tokens_per_s"] > 0 and r["router_us_per_token"] is not None
         assert set(r["cpu_s"]) >= {f"router-{i}" for i in range(r["routers"])}
+
+
+def test_weights_reach_our_workers_and_limit_and_bad_values_are_refused():
+    import argparse
+
+    from benchmarks.serving import Settings, add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--weights", "int4", "--concurrency", "1"]))
+    assert settings.weights == "int4"
+    assert Settings().weights == "auto"
+    with pytest.raises(ValueError, match="weights must be one of auto, fp32, bf16, int8, int4"):
+        Settings(weights="int3")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--weights", "int3"])

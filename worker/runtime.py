@@ -18,7 +18,7 @@ from common.validation import GenerationLimits, GenerationSpec, SamplingParams
 from worker.adapters import AdapterSet, method_of
 from worker.config import WorkerConfig
 from worker.constraints import ConstraintCompiler
-from worker.cores import serving_threads
+from worker.cores import release_openmp_workers, serving_threads
 from worker.engine import Engine, EngineConfig, EngineRequest
 from worker.full_models import FULL_METHOD, FullModels
 from worker.weights import cpu_features_line, prepare_for_serving
@@ -74,6 +74,9 @@ class ModelRuntime:
                 vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
                 stop_token_ids=sorted(Engine._eos_ids(self.model, self.tokenizer)),
             )
+        # Loaded on this thread (a worker's executor thread): its OpenMP pool would slow
+        # every parallel region of the engine thread (worker/cores.py).
+        release_openmp_workers()
 
     def _new_engine(self) -> Engine:
         config = EngineConfig(

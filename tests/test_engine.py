@@ -668,6 +668,33 @@ def test_stall_bound_shrinks_prompt_chunks_only_while_rows_decode(tiny_model):
     assert steps >= chunk_count(eng, len(long_ids), 20) > 2 * chunk_count(eng, len(long_ids))
 
 
+def test_a_lone_prompt_prefills_chunk_after_chunk_without_waiting_for_work(tiny_model):
+    """Mid-prefill, the engine has work: it must not block on its control queue between
+    chunks (it did, 0.5 s per chunk after the first: the TTFT of every prompt longer than
+    one chunk on an otherwise idle worker)."""
+    eng = tiny_engine(tiny_model, max_prefill_tokens_per_step=16, max_prefill_stall=0)
+    blocked_while_prefilling: list[int] = []
+    drain = eng._drain_control
+
+    def watched_drain(block: bool):
+        if block and eng._prefilling:
+            blocked_while_prefilling.append(len(eng._prefilling))
+        return drain(block)
+
+    eng._drain_control = watched_drain  # type: ignore[method-assign]
+    sink = StepSink()
+    long_ids = list(range(100, 200))
+    assert chunk_count(eng, len(long_ids)) > 4
+    eng.start()
+    try:
+        key = eng.submit(EngineRequest(long_ids, SamplingParams(max_new_tokens=2), sink))
+        sink.wait_done([key])
+    finally:
+        eng.stop()
+    assert len(sink.tokens[key]) == 2
+    assert blocked_while_prefilling == []
+
+
 def test_short_request_overtakes_a_long_prefill_and_a_cancel_frees_it(tiny_model, tmp_path):
     """A short prompt admitted while a long one is mid-prefill gets its first token before
     the long one does (one iteration, not the rest of the prefill: the self-test probe

@@ -454,7 +454,9 @@ class Engine:
     def _iteration(self) -> None:
         while self.fault_file and os.path.exists(self.fault_file) and not self._stopping.is_set():
             time.sleep(0.05)  # simulated wedge: no iteration, no heartbeat
-        idle = not self._rows and not self._waiting
+        # A prompt part-way through its chunks is work too: blocking on the control queue
+        # here stalled every chunk after the first by the 0.5 s timeout.
+        idle = not self._rows and not self._waiting and not self._prefilling
         if idle and self._holds_openmp_workers:
             self._holds_openmp_workers = not release_openmp_workers()
         cancels = self._drain_control(block=idle)

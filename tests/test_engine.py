@@ -623,6 +623,18 @@ def test_step_clock_bounds_the_prompt_budget_by_measured_step_times():
     assert 0.040 < clock.decode_s < 0.080
 
 
+def test_step_clock_learns_the_prompt_unit_only_from_steps_with_enough_prompt_work():
+    """A few prompt tokens carry a chunk's fixed cost: learning from them inflated the unit
+    cost, shrank the budget and kept every later chunk small."""
+    clock = StepClock()
+    clock.observe(0.040, decoding=True, prefill_cost=0)
+    clock.observe(0.040 + 64 * 0.002, decoding=True, prefill_cost=64)
+    for _ in range(20):  # 16-unit chunks whose steps took 40 ms more than a decode step
+        clock.observe(0.080, decoding=True, prefill_cost=StepClock.MIN_BUDGET)
+    assert clock.prefill_unit_s == pytest.approx(0.002)
+    assert clock.budget(2.0, 128) == pytest.approx(20)
+
+
 def tiny_engine(tiny_model, **config) -> Engine:
     """An engine on the tiny random model that never stops at EOS (4 running rows)."""
     model, tokenizer = tiny_model

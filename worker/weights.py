@@ -127,9 +127,10 @@ def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``w ≈ (q - 8) * scale + zero``, ``q`` in 0..15.
 
     Why two parts: the kernel takes bf16 scales, and rounding them cost greedy agreement
-    with fp32 (64 prompts, first 16 tokens: 89% with bf16 scales, 95% with high + low,
-    whose second matmul over the input's rows costs half the first; measured on the
-    2-core VM). The zeros round too, but matter less: fixing them alone kept 88%."""
+    with fp32 (``benchmarks.precision --prompts 64``, first 16 tokens: 89% with bf16
+    scales, 97% with high + low, whose second matmul over the input's rows costs half
+    the first; 2-core VM). The zeros round too, but matter less: fixing them alone kept
+    88%."""
     out_features, in_features = weight.shape
     groups = weight.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
